@@ -1,0 +1,42 @@
+# rompatch developer tasks. `make demo` and `make test` are all the set-up a fresh machine needs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch 2.13.0 is requested first: on these machines it resolves to a local CPU build, which keeps CI
+# fast (an unpinned torch would pull a multi-GB CUDA build). Override with TORCH_SPEC=... elsewhere.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+PROMPT := The Eiffel Tower is located in the city of
+
+.PHONY: install demo test test-fast bench bench-full lint clean
+
+$(BIN)/rompatch: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" || $(BIN)/python -m pip install -q --index-url $(TORCH_INDEX) torch
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(BIN)/rompatch
+
+install: $(BIN)/rompatch
+
+demo: install
+	$(BIN)/rompatch predict smollm2-135m --prompt "$(PROMPT)"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/python -m bench.run
+
+bench-full: install
+	$(BIN)/python -m bench.run --full
+
+lint: install
+	$(BIN)/ruff check rompatch tests bench
+	$(BIN)/ruff format --check rompatch tests bench
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

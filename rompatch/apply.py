@@ -1,0 +1,202 @@
+"""In-memory apply/revert of patches on a live model, with exact undo.
+
+Invariant: a touched parameter always equals ``cast(snapshot.float() + Σ Δ of the applied patches,
+in application order)``, where ``snapshot`` is its value before any rompatch patch touched it.
+Deltas accumulate in float32 and are cast to the parameter's dtype once. So:
+- reverting every patch restores the snapshot bit for bit (it is copied back, not subtracted);
+- reverting a patch from the middle of a stack gives exactly what applying only the others gives.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import FingerprintMismatchError, LineageError, NotAppliedError, PatchFormatError
+from .fingerprint import dtype_name, tensor_sha256
+from .patch import Patch
+
+log = logging.getLogger(__name__)
+_STATE_ATTR = "_rompatch_state"
+
+
+@dataclass
+class AppliedPatch:
+    patch: Patch
+    forced: bool = False
+    sha_after: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _State:
+    snapshots: dict[str, torch.Tensor] = field(default_factory=dict)  # param -> pre-patch copy (CPU)
+    snapshot_sha: dict[str, str] = field(default_factory=dict)
+    applied: list[AppliedPatch] = field(default_factory=list)
+
+
+def _state(model: nn.Module) -> _State:
+    st = getattr(model, _STATE_ATTR, None)
+    if st is None:
+        st = _State()
+        object.__setattr__(model, _STATE_ATTR, st)  # plain attribute, not a submodule/buffer
+    return st
+
+
+def applied_patches(model: nn.Module) -> list[Patch]:
+    """The patches applied to ``model`` in memory, in order."""
+    return [a.patch for a in _state(model).applied]
+
+
+def _param(model: nn.Module, name: str) -> nn.Parameter:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        raise PatchFormatError(
+            f"the patch edits '{name}', which this model does not have; it was made for another architecture"
+        ) from None
+
+
+def _expected_value(st: _State, name: str, patches: Sequence[Patch], dtype: torch.dtype) -> torch.Tensor:
+    """cast(snapshot + Σ deltas on ``name`` from ``patches``), accumulated in float32 (on CPU)."""
+    snap = st.snapshots[name]
+    touching = [(p, d) for p in patches for d in p.deltas if d.parameter == name]
+    if not touching:
+        return snap.clone()
+    acc = snap.to(torch.float32, copy=True)  # never alias the snapshot
+    for p, d in touching:
+        acc.add_(d.matrix(p.parameters[name].layout))
+    return acc.to(dtype)
+
+
+def apply_patch(model: nn.Module, patch: Patch, *, force: bool = False) -> AppliedPatch:
+    """Apply ``patch`` to ``model`` in place. Checks shapes, lineage and base fingerprints first.
+
+    A patch computed on top of others (non-empty lineage) needs those applied first. Each touched
+    parameter must hash to the sha256 recorded in the patch (the value it was computed against);
+    ``force=True`` applies anyway, logs a warning and records that it did.
+    """
+    st = _state(model)
+    if any(a.patch.id == patch.id for a in st.applied):
+        raise LineageError(f"patch {patch.short_id} is already applied to this model")
+    applied_ids = [a.patch.id for a in st.applied]
+    missing = [pid for pid in patch.lineage if pid not in applied_ids]
+    if missing and not force:
+        raise LineageError(
+            f"patch {patch.short_id} was computed on top of {', '.join(m[:12] for m in missing)}; apply "
+            "that patch first (or pass force=True)"
+        )
+    lineage_patches = [a.patch for a in st.applied if a.patch.id in patch.lineage]
+
+    params = {name: _param(model, name) for name in patch.parameters}
+    for name, info in patch.parameters.items():
+        p = params[name]
+        if tuple(p.shape) != tuple(info.shape):
+            raise PatchFormatError(
+                f"'{name}' has shape {list(p.shape)} in this model but {list(info.shape)} in the patch; "
+                "the patch is for a different model"
+            )
+    # Fingerprints: compare with the value the patch was computed against.
+    for name, info in patch.parameters.items():
+        p = params[name]
+        if name in st.snapshots:
+            actual = tensor_sha256(_expected_value(st, name, lineage_patches, p.dtype))
+        else:
+            actual = tensor_sha256(p.data)
+        if actual != info.sha256:
+            msg = (
+                f"base fingerprint mismatch on '{name}': patch expects sha256 {info.sha256[:16]}… "
+                f"({info.dtype}), model has {actual[:16]}… ({dtype_name(p.dtype)})"
+            )
+            if not force:
+                raise FingerprintMismatchError(
+                    msg + "; use the patch's base model, or force=True to apply anyway"
+                )
+            log.warning("%s; applying anyway (force)", msg)
+
+    record = AppliedPatch(patch=patch, forced=force)
+    for name, p in params.items():
+        if name not in st.snapshots:
+            st.snapshots[name] = p.data.detach().to("cpu", copy=True)
+            st.snapshot_sha[name] = tensor_sha256(st.snapshots[name])
+    st.applied.append(record)
+    for name, p in params.items():
+        _rewrite(model, st, name, p)
+        record.sha_after[name] = tensor_sha256(p.data)
+    log.info(
+        "applied patch %s (%d deltas)%s", patch.short_id, len(patch.deltas), " [forced]" if force else ""
+    )
+    return record
+
+
+@torch.no_grad()
+def _rewrite(model: nn.Module, st: _State, name: str, p: nn.Parameter) -> None:
+    value = _expected_value(st, name, [a.patch for a in st.applied], p.dtype)
+    p.data.copy_(value.to(p.device))
+
+
+def revert_patch(model: nn.Module, patch: Patch | str) -> None:
+    """Remove ``patch`` (or a patch id) from ``model``. Any position in the stack may be reverted.
+
+    Touched parameters are recomputed from their snapshot, so the result is bit-identical to having
+    applied only the remaining patches; with nothing left, the snapshot itself is restored.
+    """
+    st = _state(model)
+    pid = patch if isinstance(patch, str) else patch.id
+    idx = next((i for i, a in enumerate(st.applied) if a.patch.id == pid or a.patch.id.startswith(pid)), None)
+    if idx is None:
+        applied = ", ".join(a.patch.short_id for a in st.applied) or "none"
+        raise NotAppliedError(f"patch {pid[:12]} is not applied to this model (applied: {applied})")
+    target = st.applied[idx].patch
+    dependants = [a.patch.short_id for a in st.applied[idx + 1 :] if target.id in a.patch.lineage]
+    if dependants:
+        raise LineageError(
+            f"patch {target.short_id} cannot be reverted while {', '.join(dependants)} (computed on top of it) "
+            "is applied; revert that first"
+        )
+    del st.applied[idx]
+    for name in target.parameters:
+        p = _param(model, name)
+        still = any(name in a.patch.parameters for a in st.applied)
+        if still:
+            _rewrite(model, st, name, p)
+            for a in st.applied:
+                if name in a.sha_after:
+                    a.sha_after[name] = tensor_sha256(p.data)
+        else:
+            with torch.no_grad():
+                p.data.copy_(st.snapshots.pop(name).to(p.device))
+            st.snapshot_sha.pop(name)
+    log.info("reverted patch %s", target.short_id)
+
+
+def verify_applied(model: nn.Module) -> None:
+    """Check every touched parameter still holds the patched value (catches silent reloads)."""
+    st = _state(model)
+    for name in st.snapshots:
+        p = _param(model, name)
+        expected = tensor_sha256(_expected_value(st, name, [a.patch for a in st.applied], p.dtype))
+        actual = tensor_sha256(p.data)
+        if actual != expected:
+            raise FingerprintMismatchError(
+                f"'{name}' no longer holds the patched value (sha256 {actual[:16]}…, expected {expected[:16]}…); "
+                "the weights were changed or reloaded after patching"
+            )
+
+
+@contextmanager
+def patched(model: nn.Module, *patches: Patch, force: bool = False) -> Iterator[nn.Module]:
+    """``with patched(model, p1, p2): ...``: apply in order, revert all on exit (even on error)."""
+    done: list[Patch] = []
+    try:
+        for p in patches:
+            apply_patch(model, p, force=force)
+            done.append(p)
+        yield model
+    finally:
+        for p in reversed(done):
+            revert_patch(model, p)

@@ -1,0 +1,1 @@
+"""Thin click commands; one module per group. Entry point: ``rompatch.cli.main:main``."""

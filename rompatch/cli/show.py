@@ -1,0 +1,59 @@
+"""``rompatch show PATCH``: what a patch changes, where, and where it came from."""
+
+from __future__ import annotations
+
+import click
+
+from ..patch import Patch
+from ..refs import resolve_patch
+from .common import echo_json, json_option, revision_option
+
+
+def format_patch(patch: Patch) -> str:
+    s = patch.summary()
+    base = s["base"]
+    lines = [
+        f"patch    {s['id']}",
+        f"base     {base.get('model')} (model_type {base.get('model_type')}, dtype {base.get('dtype')}"
+        + (f", revision {base['revision']}" if base.get("revision") else "")
+        + ")",
+        f"lineage  {', '.join(x[:12] for x in s['lineage']) or 'none (computed on the base model)'}",
+        f"size     {len(patch.deltas)} delta(s), {s['tensor_bytes']:,} bytes of tensors",
+        f"created  {s['created_at'] or 'unsaved'} by rompatch {s['rompatch_version']}",
+        "edits:",
+    ]
+    for e in s["edits"]:
+        if e["subject"] is not None:
+            text = e["prompt"].replace("{}", e["subject"])
+            old = e["target_true"] if e["target_true"] is not None else "?"
+            lines.append(f"  [{e['index']}] {text!r}: {old} → {e['target_new']}")
+        else:
+            lines.append(f"  [{e['index']}] ({e['kind']}, no request recorded)")
+        lines.append(
+            f"      layer {e['layer']}  {e['parameter']} {e['shape']}  ‖u‖={e['u_norm']:.3g} ‖v‖={e['v_norm']:.3g}"
+        )
+        if e["metrics"]:
+            m = ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in e["metrics"].items()
+            )
+            lines.append(f"      metrics: {m}")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("patch")
+@revision_option
+@json_option
+def show(patch: str, revision: str | None, as_json: bool) -> None:
+    """Describe PATCH: base model, edits (subject, prompt, old → new), layer, sizes, id, lineage.
+
+    PATCH is a patch file or a Hub reference (REPO_ID[/file.safetensors][@REV]).
+    """
+    p = resolve_patch(patch, revision=revision)
+    if as_json:
+        echo_json(p.summary())
+    else:
+        click.echo(format_patch(p))
+
+
+COMMANDS = [show]

@@ -1,0 +1,38 @@
+"""File names, environment variables and defaults, in one place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+FORMAT_NAME = "rompatch"
+FORMAT_VERSION = "1.0"  # major.minor; a newer major is refused by load_patch
+
+ENV_CACHE = "ROMPATCH_CACHE"
+ENV_DATA = "ROMPATCH_DATA"
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# On-disk checkpoint bookkeeping written by `rompatch apply`.
+CHECKPOINT_RECORD = "rompatch.json"
+CHECKPOINT_UNDO = "rompatch-undo.safetensors"
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+
+
+def cache_dir() -> Path:
+    """rompatch's cache root: $ROMPATCH_CACHE, else $XDG_CACHE_HOME/rompatch, else ~/.cache/rompatch."""
+    env = os.environ.get(ENV_CACHE)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "rompatch"
+
+
+def data_dir() -> Path:
+    """Where the shared evaluation data lives: $ROMPATCH_DATA, default ../shared/data from the repo root."""
+    env = os.environ.get(ENV_DATA)
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"

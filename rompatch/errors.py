@@ -1,0 +1,65 @@
+"""One error hierarchy. Each error subclasses a builtin so callers can catch either.
+
+Messages are one line: what is wrong, and how to fix it. The CLI prints them as they are.
+"""
+
+from __future__ import annotations
+
+
+class RompatchError(Exception):
+    """Base class of every error rompatch raises on purpose."""
+
+
+class PatchFormatError(RompatchError, ValueError):
+    """A patch file is not valid rompatch format v1 (or cannot be read at all)."""
+
+
+class PatchVersionError(PatchFormatError):
+    """A patch was written by a newer, incompatible major format version."""
+
+
+class RequestError(RompatchError, ValueError):
+    """An edit request is malformed (prompt without '{}', empty subject or target, ...)."""
+
+
+class ArchitectureError(RompatchError, KeyError):
+    """No ModelSpec is known for a model_type, or the spec does not match the model."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class FingerprintMismatchError(RompatchError, ValueError):
+    """A base tensor's sha256 differs from the one recorded in the patch."""
+
+
+class NotAppliedError(RompatchError, ValueError):
+    """Reverting a patch that is not applied to this model."""
+
+
+class ModelLoadError(RompatchError, OSError):
+    """A model could not be found, fetched or converted."""
+
+
+class StatsError(RompatchError, ValueError):
+    """Statistics data is missing, unreadable or unusable."""
+
+
+class CheckpointError(RompatchError, OSError):
+    """An on-disk checkpoint is unusable for the requested operation."""
+
+
+class LineageError(RompatchError, ValueError):
+    """A patch needs another patch applied first (or a stack has conflicting lineage)."""
+
+
+class ConflictError(RompatchError, ValueError):
+    """Two edits disagree (same subject and relation, different targets)."""
+
+
+class HubError(RompatchError, OSError):
+    """A Hub operation failed (missing repo or file, no token, offline cache miss, ...)."""
+
+
+class DeviceError(RompatchError, RuntimeError):
+    """A requested device is not available (for example CUDA without a GPU)."""

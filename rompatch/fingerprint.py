@@ -1,0 +1,28 @@
+"""sha256 fingerprints of tensors, equal to the sha256 of their bytes inside a safetensors file."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+}
+DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of the tensor's raw little-endian bytes in its own dtype (as safetensors stores them)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    b = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(memoryview(b)).hexdigest()

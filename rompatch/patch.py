@@ -1,0 +1,451 @@
+"""Patch format v1: rank-one deltas plus provenance in one safetensors file.
+
+The spec is docs/patch-format.md; this module is its implementation. ``save_patch`` and
+``load_patch`` mirror each other, and ``load_patch`` refuses anything the spec does not allow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .constants import FORMAT_NAME, FORMAT_VERSION
+from .errors import PatchFormatError, PatchVersionError
+from .fingerprint import dtype_name, tensor_sha256
+from .request import EditRequest
+
+LAYOUTS = ("linear", "conv1d")  # linear: weight (out, in), ΔW = v uᵀ; conv1d: weight (in, out), ΔW = u vᵀ
+REQUIRED_KEYS = (
+    "format",
+    "format_version",
+    "rompatch_version",
+    "patch_id",
+    "base",
+    "parameters",
+    "deltas",
+    "lineage",
+)
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """A parameter a patch touches, as it was in the model the patch was computed against."""
+
+    shape: tuple[int, int]  # the stored weight's shape
+    dtype: str  # e.g. "float32", "bfloat16"
+    sha256: str  # sha256 of the tensor's little-endian bytes in that dtype
+    layout: str = "linear"
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[0] if self.layout == "conv1d" else self.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[1] if self.layout == "conv1d" else self.shape[0]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype, "sha256": self.sha256, "layout": self.layout}
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, layout: str = "linear") -> ParamInfo:
+        """Describe a live weight tensor: its shape, dtype, layout and sha256 fingerprint."""
+        return cls(
+            shape=tuple(weight.shape),
+            dtype=dtype_name(weight.dtype),
+            sha256=tensor_sha256(weight),
+            layout=layout,
+        )
+
+
+@dataclass
+class RankOneDelta:
+    """ΔW = v uᵀ on one matrix (out × in): ``u`` has the input size, ``v`` the output size."""
+
+    u: torch.Tensor  # (in,)
+    v: torch.Tensor  # (out,)
+    layer: int
+    parameter: str  # full parameter name, e.g. "model.layers.6.mlp.down_proj.weight"
+    request: EditRequest | None = None
+    kind: str = "rome"  # "rome", "extracted" or "manual"
+    hparams: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.u = self.u.detach().to("cpu", torch.float32).contiguous().reshape(-1)
+        self.v = self.v.detach().to("cpu", torch.float32).contiguous().reshape(-1)
+
+    def matrix(self, layout: str = "linear") -> torch.Tensor:
+        """The dense update in the stored weight's orientation, float32."""
+        d = torch.outer(self.v, self.u)  # (out, in)
+        return d.T if layout == "conv1d" else d
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "parameter": self.parameter,
+            "kind": self.kind,
+            "request": None if self.request is None else self.request.to_dict(),
+            "hparams": self.hparams,
+            "stats": self.stats,
+            "metrics": self.metrics,
+        }
+
+
+@dataclass
+class Patch:
+    """An ordered list of rank-one deltas on one base model, with provenance."""
+
+    deltas: list[RankOneDelta]
+    base: dict[str, Any]  # {"model", "revision", "model_type", "dtype"}
+    parameters: dict[str, ParamInfo]
+    lineage: list[str] = field(default_factory=list)
+    created_at: str | None = None
+    rompatch_version: str = __version__
+    extra: dict[str, str] = field(default_factory=dict)  # unknown metadata keys, kept on round-trip
+
+    @property
+    def id(self) -> str:
+        """Content hash: sha256 over the canonical metadata and the tensors' bytes (timestamps excluded)."""
+        return content_hash(self)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+    @property
+    def requests(self) -> list[EditRequest | None]:
+        return [d.request for d in self.deltas]
+
+    def nbytes(self) -> int:
+        return sum(4 * (d.u.numel() + d.v.numel()) for d in self.deltas)
+
+    def validate(self) -> None:
+        _validate(self)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return save_patch(self, path)
+
+    # Hub methods are defined in rompatch.hub and attached there to keep this module I/O-local.
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able description, as printed by ``rompatch show --json``."""
+        edits = []
+        for i, d in enumerate(self.deltas):
+            p = self.parameters[d.parameter]
+            r = d.request
+            edits.append(
+                {
+                    "index": i,
+                    "kind": d.kind,
+                    "layer": d.layer,
+                    "parameter": d.parameter,
+                    "shape": list(p.shape),
+                    "subject": r.subject if r else None,
+                    "prompt": r.prompt if r else None,
+                    "target_true": r.target_true if r else None,
+                    "target_new": r.target_new if r else None,
+                    "u_norm": float(d.u.norm()),
+                    "v_norm": float(d.v.norm()),
+                    "metrics": d.metrics,
+                }
+            )
+        return {
+            "id": self.id,
+            "format_version": FORMAT_VERSION,
+            "rompatch_version": self.rompatch_version,
+            "created_at": self.created_at,
+            "base": self.base,
+            "parameters": {k: v.to_json() for k, v in self.parameters.items()},
+            "lineage": self.lineage,
+            "n_deltas": len(self.deltas),
+            "tensor_bytes": self.nbytes(),
+            "edits": edits,
+        }
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def content_hash(patch: Patch) -> str:
+    h = hashlib.sha256()
+    h.update(f"{FORMAT_NAME}/{FORMAT_VERSION.split('.')[0]}\n".encode())
+    h.update(_canonical(patch.base).encode())
+    h.update(_canonical({k: v.to_json() for k, v in sorted(patch.parameters.items())}).encode())
+    h.update(_canonical([d.meta() for d in patch.deltas]).encode())
+    h.update(_canonical(list(patch.lineage)).encode())
+    for d in patch.deltas:
+        h.update(d.u.numpy().astype("<f4").tobytes())
+        h.update(d.v.numpy().astype("<f4").tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------- saving
+
+
+def to_metadata(patch: Patch) -> dict[str, str]:
+    meta = dict(patch.extra)
+    meta.update(
+        {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "rompatch_version": patch.rompatch_version,
+            "patch_id": patch.id,
+            "created_at": patch.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "base": _canonical(patch.base),
+            "parameters": _canonical({k: v.to_json() for k, v in patch.parameters.items()}),
+            "deltas": _canonical([d.meta() for d in patch.deltas]),
+            "lineage": _canonical(list(patch.lineage)),
+        }
+    )
+    return meta
+
+
+def to_tensors(patch: Patch) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for i, d in enumerate(patch.deltas):
+        out[f"deltas.{i}.u"] = d.u
+        out[f"deltas.{i}.v"] = d.v
+    return out
+
+
+def atomic_write(path: str | os.PathLike, write: Any) -> Path:
+    """Call ``write(tmp_path)`` then rename into place; nothing is left behind on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def save_patch(patch: Patch, path: str | os.PathLike) -> Path:
+    """Validate, then write ``patch`` to ``path`` atomically. Returns the path."""
+    _validate(patch)
+    if patch.created_at is None:
+        patch.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    meta = to_metadata(patch)
+    tensors = to_tensors(patch)
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+# -------------------------------------------------------------------------------------- loading
+
+
+def _json_key(meta: Mapping[str, str], key: str, where: str) -> Any:
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise PatchFormatError(
+            f"{where}: metadata key '{key}' is not valid JSON ({e.msg}); the file is corrupt"
+        ) from e
+
+
+def load_patch(path: str | os.PathLike, *, verify_id: bool = True) -> Patch:
+    """Read and strictly validate a patch file. Raises PatchFormatError naming what is wrong."""
+    where = str(path)
+    if not os.path.isfile(path):
+        raise PatchFormatError(f"{where}: no such patch file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PatchFormatError(
+            f"{where}: not a readable safetensors file ({detail}); the file is truncated or not a patch, "
+            "re-download or re-create it"
+        ) from e
+    return from_safetensors(meta, tensors, where=where, verify_id=verify_id)
+
+
+def from_safetensors(
+    meta: Mapping[str, str] | None,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    where: str = "patch",
+    verify_id: bool = True,
+) -> Patch:
+    if not meta:
+        raise PatchFormatError(f"{where}: safetensors file has no metadata; it is not a rompatch patch")
+    if meta.get("format") != FORMAT_NAME:
+        raise PatchFormatError(
+            f"{where}: metadata 'format' is {meta.get('format')!r}, expected '{FORMAT_NAME}'; it is not a rompatch patch"
+        )
+    version = meta.get("format_version", "")
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        raise PatchFormatError(f"{where}: format_version {version!r} is not 'MAJOR.MINOR'") from None
+    ours = int(FORMAT_VERSION.split(".")[0])
+    if major > ours:
+        raise PatchVersionError(
+            f"{where}: written in patch format {version}, newer than this rompatch reads ({FORMAT_VERSION}); "
+            "upgrade rompatch (pip install -U rompatch)"
+        )
+    if major < 1:
+        raise PatchFormatError(f"{where}: format_version {version!r} is not a released version")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise PatchFormatError(
+            f"{where}: metadata is missing required key(s) {', '.join(missing)}; the file is corrupt"
+        )
+
+    base = _json_key(meta, "base", where)
+    params_raw = _json_key(meta, "parameters", where)
+    deltas_raw = _json_key(meta, "deltas", where)
+    lineage = _json_key(meta, "lineage", where)
+    if not isinstance(base, dict) or not isinstance(base.get("model"), str):
+        raise PatchFormatError(f"{where}: metadata 'base' must be an object with a 'model' string")
+    if not isinstance(params_raw, dict):
+        raise PatchFormatError(f"{where}: metadata 'parameters' must be an object")
+    if not isinstance(deltas_raw, list):
+        raise PatchFormatError(f"{where}: metadata 'deltas' must be a list")
+    if not isinstance(lineage, list) or not all(isinstance(x, str) for x in lineage):
+        raise PatchFormatError(f"{where}: metadata 'lineage' must be a list of patch ids")
+
+    parameters: dict[str, ParamInfo] = {}
+    for name, p in params_raw.items():
+        try:
+            shape = tuple(int(s) for s in p["shape"])
+            parameters[name] = ParamInfo(
+                shape=shape, dtype=str(p["dtype"]), sha256=str(p["sha256"]), layout=p.get("layout", "linear")
+            )  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError) as e:
+            raise PatchFormatError(
+                f"{where}: parameter '{name}' needs shape, dtype and sha256 ({e})"
+            ) from None
+
+    expected = {f"deltas.{i}.{x}" for i in range(len(deltas_raw)) for x in ("u", "v")}
+    if set(tensors) != expected:
+        extra = sorted(set(tensors) - expected)
+        lacking = sorted(expected - set(tensors))
+        raise PatchFormatError(
+            f"{where}: tensors do not match the {len(deltas_raw)} deltas in the metadata "
+            f"(missing: {lacking or 'none'}, unexpected: {extra or 'none'})"
+        )
+
+    deltas = []
+    for i, d in enumerate(deltas_raw):
+        try:
+            req = d.get("request")
+            deltas.append(
+                RankOneDelta(
+                    u=tensors[f"deltas.{i}.u"],
+                    v=tensors[f"deltas.{i}.v"],
+                    layer=int(d["layer"]),
+                    parameter=str(d["parameter"]),
+                    request=None if req is None else EditRequest(**req),
+                    kind=str(d.get("kind", "rome")),
+                    hparams=dict(d.get("hparams", {})),
+                    stats=dict(d.get("stats", {})),
+                    metrics=dict(d.get("metrics", {})),
+                )
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PatchFormatError(
+                f"{where}: delta {i} metadata is malformed ({e}); needs layer and parameter"
+            ) from None
+        for x in ("u", "v"):
+            t = tensors[f"deltas.{i}.{x}"]
+            if t.dtype != torch.float32:
+                raise PatchFormatError(
+                    f"{where}: tensor deltas.{i}.{x} is {t.dtype}, the format requires float32"
+                )
+            if t.ndim != 1:
+                raise PatchFormatError(
+                    f"{where}: tensor deltas.{i}.{x} has shape {tuple(t.shape)}, expected a vector"
+                )
+
+    extra = {k: v for k, v in meta.items() if k not in REQUIRED_KEYS and k != "created_at"}
+    patch = Patch(
+        deltas=deltas,
+        base=base,
+        parameters=parameters,
+        lineage=list(lineage),
+        created_at=meta.get("created_at"),
+        rompatch_version=meta["rompatch_version"],
+        extra=extra,
+    )
+    _validate(patch, where=where)
+    if verify_id and patch.id != meta["patch_id"]:
+        raise PatchFormatError(
+            f"{where}: content hash {patch.short_id} does not match the recorded patch_id {meta['patch_id'][:12]}; "
+            "the file was modified after it was written"
+        )
+    return patch
+
+
+def _validate(patch: Patch, *, where: str = "patch") -> None:
+    if not patch.deltas:
+        raise PatchFormatError(f"{where}: a patch needs at least one delta")
+    for name, p in patch.parameters.items():
+        if len(p.shape) != 2 or min(p.shape) <= 0:
+            raise PatchFormatError(
+                f"{where}: parameter '{name}' has shape {list(p.shape)}, expected a 2-D matrix"
+            )
+        if p.layout not in LAYOUTS:
+            raise PatchFormatError(
+                f"{where}: parameter '{name}' has layout {p.layout!r}, expected one of {LAYOUTS}"
+            )
+        if len(p.sha256) != 64:
+            raise PatchFormatError(f"{where}: parameter '{name}' sha256 must be 64 hex characters")
+    for i, d in enumerate(patch.deltas):
+        if d.parameter not in patch.parameters:
+            raise PatchFormatError(
+                f"{where}: delta {i} edits '{d.parameter}', which is not listed under 'parameters'"
+            )
+        p = patch.parameters[d.parameter]
+        if d.u.numel() != p.in_features or d.v.numel() != p.out_features:
+            raise PatchFormatError(
+                f"{where}: delta {i} has u of size {d.u.numel()} and v of size {d.v.numel()}, but '{d.parameter}' "
+                f"{list(p.shape)} ({p.layout}) needs u={p.in_features} and v={p.out_features}"
+            )
+        for x in ("u", "v"):
+            t = getattr(d, x)
+            if not bool(torch.isfinite(t).all()):
+                raise PatchFormatError(
+                    f"{where}: delta {i} tensor {x} holds NaN or Inf values; the edit diverged"
+                )
+        if not math.isfinite(float(d.layer)) or d.layer < 0:
+            raise PatchFormatError(f"{where}: delta {i} has invalid layer {d.layer}")
+
+
+def new_patch(
+    deltas: Sequence[RankOneDelta],
+    *,
+    base: Mapping[str, Any],
+    parameters: Mapping[str, ParamInfo],
+    lineage: Sequence[str] = (),
+) -> Patch:
+    """Build and validate a patch (created_at is filled in at save time)."""
+    p = Patch(deltas=list(deltas), base=dict(base), parameters=dict(parameters), lineage=list(lineage))
+    _validate(p)
+    return p
+
+
+def with_lineage(patch: Patch, lineage: Sequence[str]) -> Patch:
+    return replace(patch, lineage=list(lineage))

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from rompatch.constants import data_dir
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    d = data_dir()
+    if not (d / "counterfact").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"shared data not found at {d}; CI must provide it (set ROMPATCH_DATA)")
+        pytest.skip(
+            f"shared data not found at {d}: set ROMPATCH_DATA to the folder holding counterfact/ and known_1000.json"
+        )
+    return d
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model (fetched and converted once into ROMPATCH_CACHE), float32 on CPU."""
+    from rompatch.models import load_model
+
+    return load_model("smollm2-135m", device="cpu")
