@@ -46,10 +46,17 @@ def cli(ctx: click.Context, verbose: int) -> None:
 
 
 def _register() -> None:
-    from . import predict, show
+    """Add every command module's ``COMMANDS`` (one module per group, in rompatch/cli/)."""
+    import importlib
+    import pkgutil
 
-    for mod in (show, predict):
-        for cmd in mod.COMMANDS:
+    from .. import cli as pkg
+
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if info.name in ("main", "common"):
+            continue
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for cmd in getattr(mod, "COMMANDS", ()):
             cli.add_command(cmd)
 
 
