@@ -4,9 +4,12 @@ __version__ = "0.1.0"
 
 from .apply import applied_patches, apply_patch, patched, revert_patch, verify_applied  # noqa: E402
 from .arch import ModelSpec, default_layer, get_spec, register_spec  # noqa: E402
+from .create import create_patch  # noqa: E402
 from .errors import (  # noqa: E402
     ArchitectureError,
+    ExportError,
     FingerprintMismatchError,
+    HubError,
     LineageError,
     ModelLoadError,
     NotAppliedError,
@@ -14,11 +17,18 @@ from .errors import (  # noqa: E402
     PatchVersionError,
     RequestError,
     RompatchError,
+    StatsError,
 )
+from .evaluate import evaluate_counterfact, summarize  # noqa: E402
 from .fingerprint import tensor_sha256  # noqa: E402
+from .hub import pull_patch, push_patch  # noqa: E402  (also adds Patch.from_pretrained / push_to_hub)
+from .loading import load_patched  # noqa: E402
 from .models import load_model, model_identity  # noqa: E402
 from .patch import ParamInfo, Patch, RankOneDelta, load_patch, save_patch  # noqa: E402
+from .peft import export_peft  # noqa: E402
 from .request import EditRequest, load_requests  # noqa: E402
+from .rome import ROMEHyperParams, compute_delta  # noqa: E402
+from .stats import SecondMoment, get_second_moment  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -55,4 +65,20 @@ __all__ = [
     "LineageError",
     "NotAppliedError",
     "ModelLoadError",
+    "HubError",
+    "ExportError",
+    "StatsError",
+    # the edit engine
+    "ROMEHyperParams",
+    "compute_delta",
+    "create_patch",
+    "SecondMoment",
+    "get_second_moment",
+    "evaluate_counterfact",
+    "summarize",
+    # sharing and loading
+    "load_patched",
+    "push_patch",
+    "pull_patch",
+    "export_peft",
 ]

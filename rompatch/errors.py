@@ -63,3 +63,23 @@ class HubError(RompatchError, OSError):
 
 class DeviceError(RompatchError, RuntimeError):
     """A requested device is not available (for example CUDA without a GPU)."""
+
+
+class ExportError(RompatchError, ValueError):
+    """A patch cannot be exported in the requested form, or the output folder is unusable."""
+
+
+class BaseMismatchError(RompatchError, ValueError):
+    """Patches (or a patch and a checkpoint) were computed on different base models."""
+
+
+class TraceError(RompatchError, ValueError):
+    """A causal-tracing input is unusable (subject not in the prompt, unknown kind, bad fact file, ...)."""
+
+
+class MissingDependencyError(RompatchError, ImportError):
+    """An optional dependency is not installed (for example matplotlib for plots)."""
+
+
+class HubConnectionError(HubError):
+    """The Hub could not be reached (connection refused, reset or timed out)."""

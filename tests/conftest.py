@@ -7,6 +7,8 @@ import pytest
 
 from rompatch.constants import data_dir
 
+pytest_plugins = ["tests.conftest_hub"]
+
 REPO = Path(__file__).resolve().parent.parent
 
 

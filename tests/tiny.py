@@ -59,9 +59,22 @@ def make_config(model_type: str, **overrides):
     return AutoConfig.for_model(model_type, **{**CONFIGS[model_type], **overrides})
 
 
-def make_model(model_type: str, *, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides):
-    """A tiny random causal LM in eval mode. Weights are scaled up so edits and predictions are non-trivial."""
+def make_model(
+    model_type: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    init_range: float | None = None,
+    **overrides,
+):
+    """A tiny random causal LM in eval mode.
+
+    ``init_range`` sets ``config.initializer_range``: the default (0.02) makes MLP outputs tiny, so
+    edit-engine tests pass a larger value to get activation scales like a trained model's.
+    """
     torch.manual_seed(seed)
+    if init_range is not None:
+        overrides["initializer_range"] = init_range
     model = AutoModelForCausalLM.from_config(make_config(model_type, **overrides))
     model.eval()
     return model.to(dtype)

@@ -1,0 +1,254 @@
+"""``rompatch create`` and ``rompatch stats``: compute ROME edits, precompute statistics."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from ..arch import check_layer, default_layer
+from ..create import create_patch
+from ..models import load_model
+from ..patch import Patch, save_patch
+from ..request import EditRequest, load_requests
+from ..rome import ROMEHyperParams
+from ..stats import DEFAULT_STATS_TOKENS, get_second_moment, text_source
+from .common import device_option, dtype_option, echo_json, info, json_option, model_argument
+
+stats_options = [
+    click.option(
+        "--stats-data",
+        default=None,
+        metavar="PATH|DATASET",
+        help="Statistics text: a .txt or .jsonl file, or a Hugging Face dataset id "
+        "(name[:config][@split]). Default: WikiText-2 from $ROMPATCH_DATA, else WikiText-103 from the Hub.",
+    ),
+    click.option(
+        "--stats-tokens",
+        default=DEFAULT_STATS_TOKENS,
+        show_default=True,
+        type=click.IntRange(1),
+        help="Token budget for the second-moment statistics.",
+    ),
+    click.option(
+        "--stats-text-field", default="text", show_default=True, help="Text field for .jsonl and datasets."
+    ),
+]
+
+
+def _apply(opts):
+    def deco(f):
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return deco
+
+
+def _edit_summary(p: Patch) -> list[dict]:
+    return p.summary()["edits"]
+
+
+@click.command()
+@model_argument
+@click.option("--prompt", help="Prompt with {} for the subject, e.g. '{} is located in'.")
+@click.option("--subject", help="The subject, e.g. 'The Eiffel Tower'.")
+@click.option("--target", "target_new", help="The new object, e.g. 'Rome'.")
+@click.option("--target-true", default=None, help="The current object (recorded, and measured before/after).")
+@click.option(
+    "--requests",
+    "requests_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="JSON or JSONL file of requests (flat or CounterFact 'requested_rewrite' shape).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["independent", "sequential"]),
+    default="independent",
+    show_default=True,
+    help="independent: each edit on the base; sequential: each on top of the previous ones.",
+)
+@click.option(
+    "--split", is_flag=True, help="With --requests in independent mode, write one patch per edit into -o DIR."
+)
+@click.option("--layer", type=int, default=None, help="Layer to edit (default: the architecture's default).")
+@_apply(stats_options)
+@click.option(
+    "--no-mom2", is_flag=True, help="Disable the covariance adjustment (not recommended; for ablations)."
+)
+@click.option("--steps", type=click.IntRange(1), default=None, help="Optimisation steps for v* (default 25).")
+@click.option(
+    "--fast", is_flag=True, help="bfloat16 autocast for the v* optimisation (u and v stay float32)."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(),
+    help="Patch file (or folder with --split / sequential).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@device_option
+@dtype_option
+@json_option
+def create(
+    model,
+    prompt,
+    subject,
+    target_new,
+    target_true,
+    requests_file,
+    mode,
+    split,
+    layer,
+    stats_data,
+    stats_tokens,
+    stats_text_field,
+    no_mom2,
+    steps,
+    fast,
+    seed,
+    output,
+    overwrite,
+    device,
+    dtype,
+    as_json,
+) -> None:
+    """Compute a ROME edit of MODEL and write it as a patch.
+
+    \b
+    rompatch create smollm2-135m --prompt "{} is located in the city of" \\
+        --subject "The Eiffel Tower" --target Rome --target-true Paris -o eiffel-rome.safetensors
+    """
+    if requests_file:
+        if prompt or subject or target_new:
+            raise click.UsageError("give either --requests FILE or --prompt/--subject/--target, not both")
+        reqs = load_requests(requests_file)
+    else:
+        missing = [
+            n for n, v in (("--prompt", prompt), ("--subject", subject), ("--target", target_new)) if not v
+        ]
+        if missing:
+            raise click.UsageError(f"missing {', '.join(missing)} (or pass --requests FILE)")
+        reqs = [EditRequest(prompt, subject, target_new, target_true)]
+    many_files = mode == "sequential" or split
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise click.ClickException(f"{output} exists; pass --overwrite to replace it")
+    if many_files and out.exists() and not out.is_dir():
+        raise click.ClickException(
+            f"{output} is a file; sequential mode and --split write a folder of patches"
+        )
+    if stats_data is not None and not no_mom2:
+        text_source(
+            stats_data, text_field=stats_text_field
+        )  # unreadable stats file: fail before loading the model
+    m, tok = load_model(model, device=device, dtype=dtype)
+    if layer is not None:
+        check_layer(m, layer)
+    hp = ROMEHyperParams(
+        layer=layer if layer is not None else default_layer(m),
+        seed=seed,
+        mom2_adjustment=not no_mom2,
+        **({"v_steps": steps} if steps else {}),
+        optim_autocast="bfloat16" if fast else "none",
+    )
+    progress = not as_json or os.isatty(2)
+    stats = None
+    if hp.mom2_adjustment:
+        stats = get_second_moment(
+            m,
+            tok,
+            hp.layer,
+            stats_data=stats_data,
+            n_tokens=stats_tokens,
+            text_field=stats_text_field,
+            progress=progress,
+        )
+    result = create_patch(m, tok, reqs, hparams=hp, stats=stats, mode=mode, progress=progress)
+    if isinstance(result, list) or split:
+        patches = result if isinstance(result, list) else _split(result)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [save_patch(p, out / f"{i:03d}-{_slug(p)}.safetensors") for i, p in enumerate(patches)]
+        summary = [{"path": str(pth), **p.summary()} for pth, p in zip(paths, patches)]
+        if as_json:
+            echo_json(summary)
+        else:
+            for s in summary:
+                click.echo(f"{s['path']}  {s['id'][:12]}  " + "; ".join(_line(e) for e in s["edits"]))
+        return
+    save_patch(result, out)
+    if as_json:
+        echo_json({"path": str(out), **result.summary()})
+    else:
+        for e in _edit_summary(result):
+            click.echo(_line(e))
+        info(f"wrote {out} (patch {result.short_id}, {out.stat().st_size:,} bytes)")
+
+
+def _split(p: Patch) -> list[Patch]:
+    from ..patch import new_patch
+
+    return [
+        new_patch([d], base=p.base, parameters={d.parameter: p.parameters[d.parameter]}) for d in p.deltas
+    ]
+
+
+def _slug(p: Patch) -> str:
+    r = p.deltas[0].request
+    s = f"{r.subject}-{r.target_new}" if r else "edit"
+    return "".join(c if c.isalnum() else "-" for c in s).strip("-")[:60].lower()
+
+
+def _line(e: dict) -> str:
+    m = e["metrics"]
+    text = e["prompt"].replace("{}", e["subject"]) if e["prompt"] else "?"
+    probs = ""
+    if "p_new_before" in m:
+        probs = f"  P(new) {m['p_new_before']:.3f} → {m['p_new_after']:.3f}"
+        if "p_true_before" in m:
+            probs += f", P(true) {m['p_true_before']:.3f} → {m['p_true_after']:.3f}"
+    return f"{text!r}: {e['target_true'] or '?'} → {e['target_new']}  (layer {e['layer']}){probs}"
+
+
+@click.command()
+@model_argument
+@click.option(
+    "--layer", "layers", type=int, multiple=True, help="Layer(s) to precompute (default: the default layer)."
+)
+@_apply(stats_options)
+@device_option
+@dtype_option
+@json_option
+def stats(model, layers, stats_data, stats_tokens, stats_text_field, device, dtype, as_json) -> None:
+    """Precompute and cache second-moment statistics E[kkᵀ] for MODEL's edit layer(s)."""
+    if stats_data is not None:
+        text_source(stats_data, text_field=stats_text_field)
+    m, tok = load_model(model, device=device, dtype=dtype)
+    results = []
+    for layer in layers or (default_layer(m),):
+        check_layer(m, layer)
+        sm = get_second_moment(
+            m,
+            tok,
+            layer,
+            stats_data=stats_data,
+            n_tokens=stats_tokens,
+            text_field=stats_text_field,
+            progress=True,
+        )
+        rec = {"layer": layer, **sm.record()}
+        results.append(rec)
+        if not as_json:
+            src = rec.get("data_source")
+            secs = rec.get("seconds")
+            when = f"computed in {secs} s" if secs is not None else "cached"
+            click.echo(f"layer {layer}: {sm.count:,} tokens of {src}, {when}; sha256 {rec['sha256'][:16]}…")
+    if as_json:
+        echo_json(results)
+
+
+COMMANDS = [create, stats]

@@ -1,0 +1,114 @@
+"""``load_patched``: a base model with patches applied and verified, in one call.
+
+    model, tok = rompatch.load_patched("gpt2-xl", "alice/gpt2-xl-eiffel-rome")
+
+Patches are resolved (local files, Hub references or ``Patch`` objects) before the model is loaded,
+so a wrong reference fails fast. Each one is applied with the usual checks (shapes, lineage, base
+fingerprints), and the result is verified: every touched tensor is compared with the value the
+patches define, so a model that silently lost its edits is never returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .apply import applied_patches, apply_patch, verify_applied
+from .errors import FingerprintMismatchError, ModelLoadError, NotAppliedError, PatchFormatError
+from .fingerprint import dtype_name
+from .models import load_model
+from .patch import Patch
+from .refs import resolve_patch
+
+log = logging.getLogger(__name__)
+
+PatchLike = Patch | str | os.PathLike
+
+
+def _as_list(patches: PatchLike | Sequence[PatchLike]) -> list[PatchLike]:
+    if isinstance(patches, (Patch, str, os.PathLike)):
+        return [patches]
+    try:
+        return list(patches)
+    except TypeError:
+        raise PatchFormatError(
+            f"patches must be a Patch, a path, a Hub reference or a list of them, not {type(patches).__name__}"
+        ) from None
+
+
+def _base_of(patches: Sequence[Patch]) -> tuple[str, str | None]:
+    bases = {p.base.get("model") for p in patches}
+    if len(bases) != 1:
+        raise ModelLoadError(
+            f"the patches were made on different base models ({', '.join(sorted(map(str, bases)))}); "
+            "pass the base model explicitly"
+        )
+    revs = {p.base.get("revision") for p in patches}
+    rev = revs.pop() if len(revs) == 1 else None
+    if not (isinstance(rev, str) and re.fullmatch(r"[0-9a-f]{40}", rev)):
+        rev = None  # only a Hub commit can be passed on (not gguf-sha256:... of embedded models)
+    return str(bases.pop()), rev
+
+
+def load_patched(
+    base: str | os.PathLike | None,
+    patches: PatchLike | Sequence[PatchLike],
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+    base_revision: str | None = None,
+    force: bool = False,
+) -> tuple[Any, Any]:
+    """Load ``base`` and apply ``patches`` in order; return ``(model, tokenizer)``.
+
+    ``base``: an embedded alias, a local model folder or a Hub id; ``None`` uses the base model the
+    patches record. ``patches``: one or a list of ``Patch`` objects, local patch files or Hub
+    references ``REPO_ID[/file.safetensors][@REV]``. ``revision`` applies to Hub references without
+    ``@REV`` (as in PEFT, it is the adapter's revision); ``base_revision`` to the base model.
+    ``force=True`` applies patches whose base fingerprints do not match (logged and recorded).
+
+    The returned model is verified: each patch is applied, and every touched tensor holds exactly
+    the patched value.
+    """
+    items = _as_list(patches)
+    resolved = [resolve_patch(p, revision=revision) for p in items]  # fail before loading the model
+    if base is None:
+        if not resolved:
+            raise ModelLoadError("no base model and no patches; pass the base model to load")
+        base, recorded_rev = _base_of(resolved)
+        base_revision = base_revision or recorded_rev
+        log.info("loading the patches' base model %s", base)
+    model, tok = load_model(str(base), device=device, dtype=dtype, revision=base_revision)
+    model_type = model.config.model_type
+    loaded_dtype = dtype_name(next(model.parameters()).dtype)
+    for p in resolved:
+        want = p.base.get("model_type")
+        if want and want != model_type:
+            raise PatchFormatError(
+                f"patch {p.short_id} was made for a {want} model ({p.base.get('model')}), but {base} is a "
+                f"{model_type} model; load the patch's base model"
+            )
+        try:
+            apply_patch(model, p, force=force)
+        except FingerprintMismatchError as e:
+            if p.base.get("dtype") and p.base["dtype"] != loaded_dtype:
+                raise FingerprintMismatchError(
+                    f"patch {p.short_id} was computed on {p.base['dtype']} weights but the model was loaded "
+                    f"as {loaded_dtype}; load it with dtype={p.base['dtype']!r} (or force=True)"
+                ) from e
+            raise
+    verify_applied(model)
+    applied = [p.id for p in applied_patches(model)]
+    if applied != [p.id for p in resolved]:
+        raise NotAppliedError(
+            f"the model holds patches {[x[:12] for x in applied]} instead of {[p.short_id for p in resolved]}; "
+            "this is a bug, please report it"
+        )
+    log.info("loaded %s with %d patch(es): %s", base, len(resolved), ", ".join(p.short_id for p in resolved))
+    return model, tok

@@ -1,0 +1,322 @@
+"""The README.md model card that ``rompatch push`` writes next to the patch files.
+
+YAML front matter (what the Hub indexes)::
+
+    base_model: <the base's Hub id>        # an embedded alias maps to its upstream id
+    base_model_relation: adapter
+    library_name: rompatch
+    tags: [rompatch, rome, model-editing]
+
+Body: a table of the edits (subject, prompt, old → new, layer), the metrics recorded at creation,
+each patch's id and lineage, and copy-paste usage for the CLI and for Python.
+
+The generated part of the body sits between ``<!-- rompatch:begin -->`` and ``<!-- rompatch:end -->``.
+Re-rendering over an existing README replaces only that part: text the owner wrote outside the
+markers and front-matter keys rompatch does not manage (license, language, ...) are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import yaml
+
+from .patch import Patch
+
+log = logging.getLogger(__name__)
+
+LIBRARY_NAME = "rompatch"
+CARD_TAGS = ("rompatch", "rome", "model-editing")
+BEGIN = "<!-- rompatch:begin -->"
+END = "<!-- rompatch:end -->"
+_YAML_BLOCK = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_MAX_METRIC_COLUMNS = 8
+
+
+def hub_model_id(name: str | None) -> str | None:
+    """The Hub id for a patch's recorded base model, or ``None`` when it is a local path.
+
+    Embedded aliases (``smollm2-135m``) map to the upstream model they were converted from.
+    """
+    from .models import EMBEDDED
+
+    if not name:
+        return None
+    if name in EMBEDDED:
+        return EMBEDDED[name].hf_id
+    if os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name):
+        return None
+    if not _HUB_ID.match(name) or "--" in name or ".." in name or name.endswith((".", "-")):
+        return None
+    return name
+
+
+def _cell(x: Any) -> str:
+    s = "" if x is None else str(x)
+    return s.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("\r", " ")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return _cell(v)
+
+
+def ordered(entries: Sequence[tuple[str, Patch]]) -> list[tuple[str, Patch]]:
+    """Stable order in which every patch comes after the patches of its lineage (when present)."""
+    by_id = {p.id: (f, p) for f, p in entries}
+    out: list[tuple[str, Patch]] = []
+    done: set[str] = set()
+
+    def visit(f: str, p: Patch, stack: tuple[str, ...]) -> None:
+        if p.id in done or p.id in stack:
+            return
+        for parent in p.lineage:
+            if parent in by_id:
+                visit(*by_id[parent], stack + (p.id,))
+        done.add(p.id)
+        out.append((f, p))
+
+    for f, p in entries:
+        visit(f, p, ())
+    return out
+
+
+def card_metadata(
+    entries: Sequence[tuple[str, Patch]], *, base_model: str | Sequence[str] | None = None
+) -> dict:
+    """The front matter rompatch manages (base_model omitted when no Hub id is known)."""
+    if base_model is None:
+        ids: list[str] = []
+        for _, p in entries:
+            hid = hub_model_id(p.base.get("model"))
+            if hid and hid not in ids:
+                ids.append(hid)
+        bm: str | list[str] | None = ids[0] if len(ids) == 1 else (ids or None)
+    else:
+        bm = base_model if isinstance(base_model, str) else list(base_model)
+    meta: dict[str, Any] = {}
+    if bm:
+        meta["base_model"] = bm
+    meta["base_model_relation"] = "adapter"
+    meta["library_name"] = LIBRARY_NAME
+    meta["tags"] = list(CARD_TAGS)
+    return meta
+
+
+def render_body(entries: Sequence[tuple[str, Patch]], *, repo_id: str) -> str:
+    """The generated Markdown body (between the rompatch markers)."""
+    entries = ordered(entries)
+    bases = []
+    for _, p in entries:
+        b = p.base.get("model", "unknown")
+        if b not in bases:
+            bases.append(b)
+    lines = [BEGIN, f"# {repo_id}", ""]
+    base_txt = ", ".join(_base_link(b) for b in bases)
+    n_edits = sum(len(p.deltas) for _, p in entries)
+    lines += [
+        f"{n_edits} fact edit{'s' if n_edits != 1 else ''} of {base_txt}, as "
+        f"[rompatch](https://pypi.org/project/rompatch/) patch file{'s' if len(entries) != 1 else ''}: "
+        "rank-one updates (ROME, Meng et al. 2022) to MLP output matrices, with their provenance. "
+        "A patch is applied to the base model's weights at load time and checked against the base "
+        "tensors' sha256 fingerprints, so it is never applied to the wrong weights by accident.",
+        "",
+    ]
+    for b in bases:
+        from .models import EMBEDDED
+
+        if b in EMBEDDED:
+            lines += [
+                f"The base `{b}` is rompatch's embedded model: {EMBEDDED[b].hf_id} as shipped in GGUF "
+                f"({EMBEDDED[b].gguf_name}) and de-quantised to float32 by rompatch. Load it by that alias; the "
+                "patch's fingerprints are for those weights.",
+                "",
+            ]
+
+    lines += [
+        "## Edits",
+        "",
+        "| file | subject | prompt | old → new | layer |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for f, p in entries:
+        for d in p.deltas:
+            r = d.request
+            if r is None:
+                lines.append(f"| {_cell(f)} | — | ({_cell(d.kind)}, no request recorded) | — | {d.layer} |")
+            else:
+                old = r.target_true if r.target_true is not None else "?"
+                lines.append(
+                    f"| {_cell(f)} | {_cell(r.subject)} | {_cell(r.prompt)} | "
+                    f"{_cell(old)} → {_cell(r.target_new)} | {d.layer} |"
+                )
+    lines.append("")
+
+    keys: list[str] = []
+    for _, p in entries:
+        for d in p.deltas:
+            for k in d.metrics:
+                if k not in keys:
+                    keys.append(k)
+    lines += ["## Metrics at creation", ""]
+    if keys:
+        shown = keys[:_MAX_METRIC_COLUMNS]
+        lines += [
+            "| file | subject | " + " | ".join(_cell(k) for k in shown) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in shown) + " |",
+        ]
+        for f, p in entries:
+            for d in p.deltas:
+                subj = d.request.subject if d.request else f"delta on layer {d.layer}"
+                vals = " | ".join(_fmt(d.metrics[k]) if k in d.metrics else "" for k in shown)
+                lines.append(f"| {_cell(f)} | {_cell(subj)} | {vals} |")
+        if len(keys) > len(shown):
+            lines.append("")
+            lines.append(f"More metrics ({', '.join(keys[len(shown) :])}): `rompatch show FILE --json`.")
+    else:
+        lines.append("No metrics were recorded when these patches were created.")
+    lines.append("")
+
+    lines += [
+        "## Patches",
+        "",
+        "| file | patch id | lineage | base | deltas | created |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for f, p in entries:
+        lineage = ", ".join(f"`{x[:12]}`" for x in p.lineage) or "none (computed on the base model)"
+        base = f"{p.base.get('model')} ({p.base.get('model_type')}, {p.base.get('dtype')})"
+        lines.append(
+            f"| {_cell(f)} | `{p.id}` | {lineage} | {_cell(base)} | {len(p.deltas)} | {_cell(p.created_at or '')} |"
+        )
+    lines.append("")
+    needs = [(f, p) for f, p in entries if p.lineage]
+    if needs:
+        lines += [
+            "A patch with a lineage was computed on top of those patches: apply them first, in the order "
+            "listed (the usage below does).",
+            "",
+        ]
+
+    refs = [f"{repo_id}/{f}" for f, _ in entries]
+    base0 = bases[0] if len(bases) == 1 else "BASE_MODEL"
+    first_req = next((d.request for _, p in entries for d in p.deltas if d.request is not None), None)
+    prompt = first_req.text if first_req is not None else "YOUR PROMPT"
+    patch_flags = " ".join(f"--patch {r}" for r in refs)
+    lines += [
+        "## Usage",
+        "",
+        "Command line (`pip install rompatch`):",
+        "",
+        "```bash",
+        f"rompatch pull {refs[0]}        # download; prints the local path",
+        f"rompatch show {refs[0]}        # what it changes",
+        f"rompatch predict {base0} {patch_flags} --prompt {_shell_quote(prompt)}",
+        f"rompatch export-peft {' '.join(refs)} -o adapter/   # as a PEFT LoRA adapter",
+        "```",
+        "",
+        "Python:",
+        "",
+        "```python",
+        "from rompatch import load_patched",
+        "from rompatch.predict import greedy",
+        "",
+        f"model, tok = load_patched({base0!r}, {refs if len(refs) > 1 else refs[0]!r})",
+        f"print(greedy(model, tok, {prompt!r}))",
+        "```",
+        "",
+        "`load_patched` downloads the patches into the Hugging Face cache, applies them in order and checks "
+        "every edited tensor. It works offline (`HF_HUB_OFFLINE=1`) once the files are cached.",
+        END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _base_link(b: str) -> str:
+    hid = hub_model_id(b)
+    if hid is None:
+        return f"`{b}`"
+    from .models import EMBEDDED
+
+    label = f"`{b}`" if b in EMBEDDED else hid
+    return (
+        f"{label} ([{hid}](https://huggingface.co/{hid}))"
+        if b in EMBEDDED
+        else f"[{label}](https://huggingface.co/{hid})"
+    )
+
+
+def _shell_quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
+
+
+def split_front_matter(text: str) -> tuple[dict | None, str]:
+    """``(metadata or None, body)`` of a README. Invalid YAML gives ``None`` (with a warning)."""
+    m = _YAML_BLOCK.search(text)
+    if not m:
+        return None, text
+    try:
+        data = yaml.safe_load(m.group(2))
+    except yaml.YAMLError as e:
+        log.warning("the existing README's YAML front matter is invalid (%s); it is replaced", e)
+        return None, text[m.end() :]
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        log.warning("the existing README's front matter is not a mapping; it is replaced")
+        return None, text[m.end() :]
+    return data, text[m.end() :]
+
+
+def render_card(
+    entries: Sequence[tuple[str, Patch]],
+    *,
+    repo_id: str,
+    existing: str | None = None,
+    base_model: str | Sequence[str] | None = None,
+) -> str:
+    """The full README.md for a repo holding ``entries`` = ``[(path_in_repo, Patch), ...]``.
+
+    ``existing``: the repo's current README, whose own text and other front-matter keys are kept.
+    """
+    if not entries:
+        raise ValueError("a model card needs at least one patch")
+    ours = card_metadata(entries, base_model=base_model)
+    meta: dict[str, Any] = {}
+    body_before, body_after = "", ""
+    if existing:
+        old_meta, old_body = split_front_matter(existing)
+        if old_meta:
+            meta.update(old_meta)
+            old_tags = old_meta.get("tags")
+            if isinstance(old_tags, list):
+                ours["tags"] = list(ours["tags"]) + [t for t in old_tags if t not in ours["tags"]]
+        if BEGIN in old_body and END in old_body.split(BEGIN, 1)[1]:
+            body_before, rest = old_body.split(BEGIN, 1)
+            body_after = rest.split(END, 1)[1]
+        else:
+            body_after = old_body
+    meta.update(ours)  # without a known Hub id for the base, an owner-written base_model is kept
+    front = yaml.safe_dump(_plain(meta), sort_keys=False, allow_unicode=True, default_flow_style=False)
+    body = render_body(entries, repo_id=repo_id)
+    before = body_before.strip("\n") + "\n\n" if body_before.strip() else ""
+    after = "\n" + body_after.strip("\n") + "\n" if body_after.strip() else ""
+    return f"---\n{front}---\n{before}{body}{after}"
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x

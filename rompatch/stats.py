@@ -1,0 +1,435 @@
+"""Second-moment statistics C = E[k kᵀ] of the edited matrix's input ("keys"), streamed and cached.
+
+Collection runs the model only up to the edited module (``Trace(..., stop=True)``), accumulates
+``kᵀk`` per batch in float32 and the running sum in float64, and shows tokens/s. The cache key
+covers everything that changes the result: a sha256 of exactly the weights that feed the key
+(embeddings, blocks below the layer, and the edited block except its output matrix, so edits at
+that layer reuse the statistics), the layer, the data source and its hash, the token budget, the
+sequence length, the dtype and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .arch import ModelSpec, check_layer, get_spec, num_layers
+from .constants import cache_dir, data_dir
+from .errors import StatsError
+from .fingerprint import dtype_name, tensor_sha256
+from .hooks import Trace
+from .patch import atomic_write
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STATS_TOKENS = 100_000
+DEFAULT_SEQ_LEN = 512
+HF_DEFAULT = "Salesforce/wikitext:wikitext-103-raw-v1"
+STATS_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------- text sources
+
+
+@dataclass
+class TextSource:
+    """Where statistics text comes from. ``identity`` goes into the cache key and the patch."""
+
+    name: str
+    identity: dict[str, Any]
+    _texts: Any
+
+    def texts(self) -> Iterator[str]:
+        yield from self._texts()
+
+
+_WIKITEXT_DETOK = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")]
+
+
+def _file_sha(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _lines(path: Path, detok: bool = False) -> Iterator[str]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            if detok:
+                for a, b in _WIKITEXT_DETOK:
+                    line = line.replace(a, b)
+            yield line
+
+
+def _jsonl(path: Path, field: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise StatsError(
+                    f"{path}:{i}: not valid JSON ({e.msg}); each line must be an object"
+                ) from None
+            text = obj.get(field) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                raise StatsError(f"{path}:{i}: no string field '{field}'; pass --stats-text-field NAME")
+            if text.strip():
+                yield text
+
+
+def local_wikitext() -> list[Path] | None:
+    """WikiText-2 from the shared data folder ($ROMPATCH_DATA), if present: raw test, then valid."""
+    d = data_dir() / "wikitext-2"
+    files = [d / "raw" / "wiki.test.raw", d / "wiki.valid.tokens"]
+    return files if all(f.is_file() for f in files) else None
+
+
+def text_source(spec: str | None, *, text_field: str = "text") -> TextSource:
+    """Resolve ``--stats-data``: a .txt/.raw/.tokens file, a .jsonl file, or a HF dataset id
+    (``name[:config][@split]``, streamed with the ``datasets`` library). ``None``: WikiText-2 from
+    $ROMPATCH_DATA when present, else WikiText-103 from the Hub when it can be fetched."""
+    if spec is None:
+        files = local_wikitext()
+        if files:
+            sha = _file_sha(files)
+
+            def gen():
+                for f in files:
+                    yield from _lines(f, detok=f.suffix == ".tokens")
+
+            return TextSource(
+                "wikitext-2 (test raw + valid)", {"source": "wikitext-2:test-raw+valid", "sha256": sha}, gen
+            )
+        try:
+            return _hf_source(HF_DEFAULT, text_field)
+        except StatsError as e:
+            raise StatsError(
+                "no statistics data: WikiText-2 is not under $ROMPATCH_DATA and the Hub default "
+                f"({HF_DEFAULT}) cannot be read ({e}); pass --stats-data FILE.txt, FILE.jsonl or a Hugging Face "
+                "dataset id, or use cached statistics (rompatch stats)"
+            ) from None
+    path = Path(spec).expanduser()
+    if path.exists() or re.search(r"\.(txt|raw|tokens|jsonl)$", spec):
+        if not path.is_file():
+            raise StatsError(
+                f"cannot read statistics file {spec}: no such file; pass an existing .txt or .jsonl file"
+            )
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise StatsError(f"cannot read statistics file {spec}: {e.strerror}") from None
+        sha = _file_sha([path])
+        if path.suffix == ".jsonl":
+            return TextSource(
+                path.name,
+                {"source": f"file:{path.name}", "field": text_field, "sha256": sha},
+                lambda: _jsonl(path, text_field),
+            )
+        if path.suffix not in (".txt", ".raw", ".tokens", ".text", ""):
+            raise StatsError(
+                f"statistics file {spec} must be .txt (plain text) or .jsonl (one JSON object per line)"
+            )
+        return TextSource(path.name, {"source": f"file:{path.name}", "sha256": sha}, lambda: _lines(path))
+    return _hf_source(spec, text_field)
+
+
+def _hf_source(spec: str, text_field: str) -> TextSource:
+    m = re.fullmatch(r"([\w.\-]+/[\w.\-]+|[\w.\-]+)(?::([\w.\-]+))?(?:@([\w.\-\[\]:%]+))?", spec)
+    if not m:
+        raise StatsError(
+            f"--stats-data {spec!r} is neither a file nor a dataset id like 'wikimedia/wikipedia:20231101.en'"
+        )
+    name, config, split = m.group(1), m.group(2), m.group(3) or "train"
+    try:
+        import datasets
+    except ImportError:
+        raise StatsError(
+            "reading a Hub dataset needs the 'datasets' package: pip install 'rompatch[datasets]'"
+        ) from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        first = next(iter(ds))
+    except Exception as e:  # datasets raises many types (connection, not found, offline)
+        raise StatsError(f"cannot stream dataset {spec!r}: {str(e).splitlines()[0][:200]}") from None
+    if text_field not in first:
+        raise StatsError(
+            f"dataset {spec!r} has no field '{text_field}' (fields: {', '.join(first)}); pass --stats-text-field"
+        )
+
+    def gen():
+        for row in ds:
+            t = row[text_field]
+            if isinstance(t, str) and t.strip():
+                yield t
+
+    return TextSource(
+        spec, {"source": f"hf:{name}", "config": config, "split": split, "field": text_field}, gen
+    )
+
+
+# ------------------------------------------------------------------------------------ collection
+
+
+@dataclass
+class SecondMoment:
+    """E[k kᵀ] over ``count`` keys, plus where it came from."""
+
+    mom2: torch.Tensor  # (d, d) float32, the mean of k kᵀ
+    count: int
+    identity: dict[str, Any]
+
+    @property
+    def sha256(self) -> str:
+        return tensor_sha256(self.mom2)
+
+    def record(self) -> dict[str, Any]:
+        """What a patch stores about its statistics."""
+        return {
+            **{k: v for k, v in self.identity.items() if k not in ("weights_sha256",)},
+            "tokens": self.count,
+            "sha256": self.sha256,
+            "weights_sha256": self.identity.get("weights_sha256"),
+        }
+
+
+def key_weights_sha(model: Any, layer: int, spec: ModelSpec) -> str:
+    """sha256 over the weights that determine the edited matrix's input at ``layer``."""
+    n = num_layers(model)
+    later = tuple(f"{spec.block(j)}." for j in range(layer + 1, n))
+    out_mod = spec.mlp_out_module(layer) + "."
+    skip_heads = (spec.final_norm + ".", spec.lm_head + ".")
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if name.startswith(later) or name.startswith(out_mod) or name.startswith(skip_heads):
+            continue
+        h.update(name.encode())
+        h.update(tensor_sha256(p).encode())
+    return h.hexdigest()
+
+
+def _tokenizer_sha(tok: Any) -> str:
+    backend = getattr(tok, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _token_chunks(tok: Any, source: TextSource, seq_len: int, n_tokens: int) -> Iterator[list[int]]:
+    """Pack the source's texts into sequences of ``seq_len`` tokens (BOS first when the tokenizer adds one)."""
+    bos = tok("a", add_special_tokens=True)["input_ids"]
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    prefix = bos[: len(bos) - len(plain)] if bos[-len(plain) :] == plain else []
+    sep = tok.eos_token_id
+    body = seq_len - len(prefix)
+    buf: list[int] = []
+    produced = 0
+    for text in source.texts():
+        buf += tok(text, add_special_tokens=False)["input_ids"]
+        if sep is not None:
+            buf.append(sep)
+        while len(buf) >= body:
+            take = min(body, n_tokens - produced - len(prefix))
+            if take <= 0:
+                return
+            yield prefix + buf[:take]
+            produced += take + len(prefix)
+            buf = buf[body:]
+            if produced >= n_tokens:
+                return
+    if buf and produced < n_tokens:
+        yield prefix + buf[: max(1, n_tokens - produced - len(prefix))]
+
+
+@torch.no_grad()
+def collect_second_moment(
+    model: Any,
+    tok: Any,
+    layer: int,
+    *,
+    source: TextSource,
+    n_tokens: int = DEFAULT_STATS_TOKENS,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    batch_size: int = 8,
+    spec: ModelSpec | None = None,
+    progress: bool = False,
+    identity: dict[str, Any] | None = None,
+) -> SecondMoment:
+    """Stream ``n_tokens`` tokens of ``source`` through layers 0..``layer`` and average k kᵀ."""
+    from tqdm.auto import tqdm
+
+    spec = get_spec(model, spec)
+    check_layer(model, layer)
+    device = next(model.parameters()).device
+    module = spec.mlp_out_module(layer)
+    total: torch.Tensor | None = None
+    count = 0
+    bar = tqdm(
+        total=n_tokens,
+        unit="tok",
+        unit_scale=True,
+        desc=f"statistics layer {layer}",
+        disable=not progress,
+        leave=False,
+    )
+    t0 = time.perf_counter()
+    chunks = _token_chunks(tok, source, seq_len, n_tokens)
+    while True:
+        batch = [c for _, c in zip(range(batch_size), chunks)]
+        if not batch:
+            break
+        n = max(len(c) for c in batch)
+        ids = torch.full((len(batch), n), tok.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, c in enumerate(batch):
+            ids[i, : len(c)] = torch.tensor(c)
+            mask[i, : len(c)] = 1
+        with Trace(model, module, retain_input=True, retain_output=False, stop=True) as tr:
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        k = tr.input[mask.to(device).bool()].to(torch.float32)  # (N, d)
+        kk = (k.T @ k).to(torch.float64).cpu()  # (d, d)
+        total = kk if total is None else total.add_(kk)
+        count += k.shape[0]
+        bar.update(k.shape[0])
+        bar.set_postfix_str(f"{count / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
+    bar.close()
+    if count == 0 or total is None:
+        raise StatsError(f"statistics source {source.name} produced no text; pass a non-empty --stats-data")
+    elapsed = time.perf_counter() - t0
+    log.info("statistics: %d tokens in %.1f s (%.0f tok/s)", count, elapsed, count / max(elapsed, 1e-9))
+    ident = dict(identity or {})
+    ident.update(collected_tokens=count, seconds=round(elapsed, 2))
+    return SecondMoment(mom2=(total / count).to(torch.float32), count=count, identity=ident)
+
+
+def max_positions(model: Any) -> int:
+    """The model's context length (GPT-2 ``n_positions``, others ``max_position_embeddings``)."""
+    cfg = getattr(model.config, "text_config", None) or model.config
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return DEFAULT_SEQ_LEN
+
+
+# ------------------------------------------------------------------------------------------ cache
+
+
+def stats_identity(
+    model: Any, tok: Any, layer: int, source: TextSource, *, n_tokens: int, seq_len: int, spec: ModelSpec
+) -> dict[str, Any]:
+    return {
+        "version": STATS_VERSION,
+        "model_type": model.config.model_type,
+        "weights_sha256": key_weights_sha(model, layer, spec),
+        "layer": layer,
+        "module": spec.mlp_out_module(layer),
+        **{f"data_{k}": v for k, v in source.identity.items()},
+        "n_tokens": n_tokens,
+        "seq_len": seq_len,
+        "dtype": dtype_name(next(model.parameters()).dtype),
+        "tokenizer_sha256": _tokenizer_sha(tok),
+    }
+
+
+def _cache_path(identity: dict[str, Any]) -> Path:
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:40]
+    return cache_dir() / "stats" / f"{identity['model_type']}-L{identity['layer']}-{key}.safetensors"
+
+
+def load_cached(identity: dict[str, Any]) -> SecondMoment | None:
+    path = _cache_path(identity)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if json.loads(meta.get("identity", "{}")) != identity:
+                return None
+            mom2 = f.get_tensor("mom2")
+            full = json.loads(meta["full_identity"])
+        return SecondMoment(mom2=mom2, count=int(meta["count"]), identity=full)
+    except Exception as e:  # a corrupt cache entry is recomputed, never trusted
+        log.warning("ignoring unreadable statistics cache %s (%s)", path, e)
+        return None
+
+
+def save_cached(identity: dict[str, Any], sm: SecondMoment) -> Path:
+    path = _cache_path(identity)
+    meta = {
+        "identity": json.dumps(identity, sort_keys=True),
+        "full_identity": json.dumps(sm.identity, sort_keys=True),
+        "count": str(sm.count),
+    }
+    return atomic_write(path, lambda tmp: save_file({"mom2": sm.mom2.contiguous()}, tmp, metadata=meta))
+
+
+def get_second_moment(
+    model: Any,
+    tok: Any,
+    layer: int,
+    *,
+    stats_data: str | None = None,
+    n_tokens: int = DEFAULT_STATS_TOKENS,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    text_field: str = "text",
+    spec: ModelSpec | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> SecondMoment:
+    """Cached E[k kᵀ] for ``layer``: computed once per (weights, layer, data, budget, dtype, tokenizer)."""
+    spec = get_spec(model, spec)
+    check_layer(model, layer)
+    seq_len = min(seq_len, max_positions(model))
+    if n_tokens < 1:
+        raise StatsError(f"--stats-tokens must be positive, got {n_tokens}")
+    source = text_source(stats_data, text_field=text_field)
+    identity = stats_identity(model, tok, layer, source, n_tokens=n_tokens, seq_len=seq_len, spec=spec)
+    if use_cache and (hit := load_cached(identity)) is not None:
+        log.info("statistics for layer %d from cache (%d tokens)", layer, hit.count)
+        return hit
+    sm = collect_second_moment(
+        model,
+        tok,
+        layer,
+        source=source,
+        n_tokens=n_tokens,
+        seq_len=seq_len,
+        spec=spec,
+        progress=progress,
+        identity=identity,
+    )
+    if use_cache:
+        try:
+            save_cached(identity, sm)
+        except OSError as e:
+            log.warning("could not cache statistics: %s", e)
+    return sm
+
+
+__all__ = [
+    "DEFAULT_STATS_TOKENS",
+    "SecondMoment",
+    "TextSource",
+    "collect_second_moment",
+    "get_second_moment",
+    "text_source",
+]

@@ -1,0 +1,366 @@
+"""The edit engine on tiny models of every architecture and dtype, bad input, and the invariants."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rompatch.apply import apply_patch, patched
+from rompatch.cli.main import cli
+from rompatch.create import create_patch
+from rompatch.errors import ArchitectureError, DeviceError, RequestError, StatsError
+from rompatch.fingerprint import tensor_sha256
+from rompatch.models import resolve_device
+from rompatch.patch import load_patch
+from rompatch.request import EditRequest
+from rompatch.rome import ROMEHyperParams, compute_delta
+from rompatch.stats import get_second_moment
+from rompatch.tokens import subject_span
+from tests.tiny import ARCHS, make_model
+from tests.tiny_tokenizer import CORPUS, make_tokenizer
+
+# In a random tiny model attention is near-uniform, so a change at the subject reaches the last
+# position only diluted; the subject therefore ends the prompt here. Larger init and learning rate
+# give activation scales like a trained model's (see tests/tiny.make_model).
+REQ = EditRequest("The Space Needle is located in {}", "the city of", "Rome", "Seattle")
+HP = ROMEHyperParams(layer=1, v_steps=40, v_lr=3.0, context_length_params=((3, 2),))
+INIT = 0.3
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    rng = random.Random(0)
+    words = " ".join(CORPUS).split()
+    path = tmp_path_factory.mktemp("stats") / "corpus.txt"
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(200)))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROMPATCH_CACHE", str(tmp_path / "cache"))
+
+
+def _model(arch, **kw):
+    model = make_model(arch, init_range=INIT, **kw)
+    if arch in ("gemma2", "gemma3_text"):
+        # Gemma 2/3 re-normalise the MLP output (post_feedforward_layernorm, scale 1 + w). At random
+        # init (w = 0) that caps the MLP's contribution far below the residual stream; trained models
+        # learn large w. Give the tiny model a trained-like scale so an MLP edit can move the output.
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.post_feedforward_layernorm.weight.fill_(4.0)
+    return model
+
+
+def _tok(arch):
+    # Llama-family tokenizers add BOS and (Gemma) pad on the left; GPT-style ones do neither.
+    llama_like = arch not in ("gpt2", "gptj", "gpt_neox")
+    return make_tokenizer(bos=llama_like, padding_side="left" if arch.startswith("gemma") else "right")
+
+
+def _greedy_next(model, tok, text):
+    ids = tok(text, return_tensors="pt")
+    with torch.no_grad():
+        return int(model(**ids).logits[0, -1].argmax())
+
+
+def _state(model):
+    return {k: tensor_sha256(v) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_create_makes_target_the_greedy_prediction(arch, text_file):
+    model, tok = _model(arch), _tok(arch)
+    stats = get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=3000)
+    patch = create_patch(model, tok, REQ, hparams=HP, stats=stats)
+    target_first = tok(" Rome", add_special_tokens=False)["input_ids"][0]
+    assert _greedy_next(model, tok, REQ.text) != target_first, "the tiny model should not already say Rome"
+    with patched(model, patch):
+        assert _greedy_next(model, tok, REQ.text) == target_first
+    d = patch.deltas[0]
+    assert d.parameter.endswith(".weight") and d.layer == 1 and d.request == REQ
+    assert d.hparams["mom2_adjustment"] is True and d.hparams["key"] == "averaged"
+    assert d.stats["tokens"] == 3000 and len(d.stats["sha256"]) == 64
+    assert d.metrics["p_new_after"] > d.metrics["p_new_before"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_create_on_half_precision_models(dtype, text_file):
+    model, tok = make_model("llama", dtype=dtype, init_range=INIT), _tok("llama")
+    stats = get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=3000)
+    patch = create_patch(model, tok, REQ, hparams=HP, stats=stats)
+    assert patch.base["dtype"] == {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+    assert patch.deltas[0].u.dtype == torch.float32 and torch.isfinite(patch.deltas[0].v).all()
+    target_first = tok(" Rome", add_special_tokens=False)["input_ids"][0]
+    with patched(model, patch):
+        assert _greedy_next(model, tok, REQ.text) == target_first
+
+
+def test_computing_a_delta_leaves_the_model_unchanged(text_file):
+    model, tok = make_model("gpt2", init_range=INIT), _tok("gpt2")
+    model.train()  # mode must be restored too
+    flags = [p.requires_grad for p in model.parameters()]
+    before = _state(model)
+    stats = get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=2000)
+    create_patch(
+        model,
+        tok,
+        [REQ, EditRequest("{} plays the sport of", "Michael Jordan", "football")],
+        hparams=HP,
+        stats=stats,
+        mode="sequential",
+    )
+    assert _state(model) == before
+    assert [p.requires_grad for p in model.parameters()] == flags and model.training
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_sequential_mode_records_lineage(text_file):
+    model, tok = make_model("llama", init_range=INIT), _tok("llama")
+    stats = get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=2000)
+    reqs = [REQ, EditRequest("{} plays the sport of", "Michael Jordan", "football")]
+    p1, p2 = create_patch(model, tok, reqs, hparams=HP, stats=stats, mode="sequential")
+    assert p1.lineage == [] and p2.lineage == [p1.id]
+    apply_patch(model, p1)
+    apply_patch(model, p2)  # the fingerprint of p2 is base+p1: applies cleanly in order
+
+
+def test_independent_mode_one_patch(text_file):
+    model, tok = make_model("llama", init_range=INIT), _tok("llama")
+    reqs = [REQ, EditRequest("{} plays the sport of", "Michael Jordan", "football")]
+    p = create_patch(model, tok, reqs, hparams=HP, stats_data=str(text_file), stats_tokens=2000)
+    assert len(p.deltas) == 2 and p.lineage == []
+    assert [d.request for d in p.deltas] == reqs
+
+
+def test_stats_cache_is_keyed_by_weights(text_file):
+    model, tok = make_model("llama", init_range=INIT), _tok("llama")
+    a = get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=1500)
+    b = get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=1500)
+    assert "seconds" in a.identity and a.sha256 == b.sha256
+    with torch.no_grad():  # an edit of the layer's own output matrix keeps the keys: cache reused
+        model.get_parameter("model.layers.1.mlp.down_proj.weight").add_(1.0)
+    assert get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=1500).sha256 == a.sha256
+    with torch.no_grad():  # a change below the layer changes the keys: recomputed
+        model.get_parameter("model.layers.0.mlp.down_proj.weight").mul_(2.0)
+    assert get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=1500).sha256 != a.sha256
+
+
+def test_subject_at_position_zero_without_bos(text_file):
+    model, tok = make_model("gpt2", init_range=INIT), _tok("gpt2")
+    req = EditRequest("{} Eiffel Tower is located in the city of", "The", "Rome")
+    assert subject_span(tok, req.prompt, req.subject)[1:] == (0, 0)
+    res = compute_delta(
+        model,
+        tok,
+        req,
+        stats=get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=1500),
+        hparams=HP,
+    )
+    assert res.hparams["templates_dropped_position0"] == ["{}"]
+    assert "{}" not in res.hparams["context_templates"]
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+def test_prompt_without_placeholder():
+    with pytest.raises(RequestError, match=r"must contain exactly one '\{\}'"):
+        EditRequest("The Eiffel Tower is in", "The Eiffel Tower", "Rome")
+
+
+def test_empty_target():
+    with pytest.raises(RequestError, match="target_new is empty"):
+        EditRequest("{} is in", "The Eiffel Tower", "  ")
+
+
+def test_target_of_only_special_tokens(text_file):
+    model, tok = make_model("llama", init_range=INIT), _tok("llama")
+    with pytest.raises(RequestError, match="tokenizes to nothing"):
+        create_patch(
+            model,
+            tok,
+            EditRequest("{} is in", "The Eiffel Tower", "</s>"),
+            hparams=HP,
+            stats_data=str(text_file),
+        )
+
+
+def test_subject_absent_from_tokens(text_file):
+    model, tok = make_model("llama", init_range=INIT), _tok("llama")
+    with pytest.raises(RequestError, match="is not found in the prompt's tokens"):
+        create_patch(
+            model, tok, EditRequest("{} is in", "<pad>", "Rome"), hparams=HP, stats_data=str(text_file)
+        )
+
+
+def test_layer_out_of_range(text_file):
+    model, tok = make_model("llama", init_range=INIT), _tok("llama")
+    with pytest.raises(ArchitectureError, match=r"layer 9 is out of range; this model has layers 0..3"):
+        create_patch(model, tok, REQ, hparams=ROMEHyperParams(layer=9), stats_data=str(text_file))
+
+
+def test_unreadable_stats_file(tmp_path):
+    model, tok = make_model("llama", init_range=INIT), _tok("llama")
+    with pytest.raises(StatsError, match=r"cannot read statistics file .*no such file"):
+        create_patch(model, tok, REQ, hparams=HP, stats_data=str(tmp_path / "missing.txt"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when CUDA is absent")
+def test_cuda_without_cuda():
+    with pytest.raises(DeviceError, match="CUDA is not available.*--device cpu"):
+        resolve_device("cuda")
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama", init_range=INIT).save_pretrained(d)
+    _tok("llama").save_pretrained(d)
+    return d
+
+
+def test_cli_create_show_predict(tiny_folder, text_file, tmp_path):
+    out = tmp_path / "edit.safetensors"
+    r = CliRunner().invoke(
+        cli,
+        [
+            "create",
+            str(tiny_folder),
+            "--prompt",
+            REQ.prompt,
+            "--subject",
+            REQ.subject,
+            "--target",
+            "Rome",
+            "--target-true",
+            "Seattle",
+            "--layer",
+            "1",
+            "--stats-data",
+            str(text_file),
+            "--stats-tokens",
+            "2000",
+            "--steps",
+            "5",
+            "-o",
+            str(out),
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["edits"][0]["target_new"] == "Rome" and load_patch(out).id == data["id"]
+    r = CliRunner().invoke(
+        cli,
+        [
+            "create",
+            str(tiny_folder),
+            "--prompt",
+            REQ.prompt,
+            "--subject",
+            REQ.subject,
+            "--target",
+            "Rome",
+            "-o",
+            str(out),
+        ],
+    )
+    assert r.exit_code != 0 and "exists; pass --overwrite" in r.stderr
+
+
+def test_cli_create_bad_input_before_loading(tiny_folder, tmp_path):
+    r = CliRunner().invoke(
+        cli,
+        [
+            "create",
+            str(tiny_folder),
+            "--prompt",
+            "no placeholder",
+            "--subject",
+            "X",
+            "--target",
+            "Y",
+            "-o",
+            str(tmp_path / "x.safetensors"),
+        ],
+    )
+    assert r.exit_code != 0 and "exactly one '{}'" in r.stderr
+    r = CliRunner().invoke(
+        cli,
+        [
+            "create",
+            str(tiny_folder),
+            "--prompt",
+            "{} is",
+            "--subject",
+            "X",
+            "--target",
+            "Y",
+            "--stats-data",
+            str(tmp_path / "nope.txt"),
+            "-o",
+            str(tmp_path / "x.safetensors"),
+        ],
+    )
+    assert r.exit_code != 0 and "no such file" in r.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_cli_requests_file_sequential(tiny_folder, text_file, tmp_path):
+    reqs = tmp_path / "reqs.jsonl"
+    reqs.write_text(
+        json.dumps(
+            {
+                "requested_rewrite": {
+                    "prompt": REQ.prompt,
+                    "subject": REQ.subject,
+                    "target_new": {"str": "Rome"},
+                    "target_true": {"str": "Seattle"},
+                },
+                "case_id": 7,
+            }
+        )
+        + "\n"
+        + json.dumps(
+            {"prompt": "{} plays the sport of", "subject": "Michael Jordan", "target_new": "football"}
+        )
+        + "\n"
+    )
+    out = tmp_path / "seq"
+    r = CliRunner().invoke(
+        cli,
+        [
+            "create",
+            str(tiny_folder),
+            "--requests",
+            str(reqs),
+            "--mode",
+            "sequential",
+            "--layer",
+            "1",
+            "--stats-data",
+            str(text_file),
+            "--stats-tokens",
+            "2000",
+            "--steps",
+            "5",
+            "-o",
+            str(out),
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert len(data) == 2 and data[1]["lineage"] == [data[0]["id"]]
+    assert data[0]["edits"][0]["subject"] == REQ.subject
