@@ -4,9 +4,14 @@ __version__ = "0.1.0"
 
 from .apply import applied_patches, apply_patch, patched, revert_patch, verify_applied  # noqa: E402
 from .arch import ModelSpec, default_layer, get_spec, register_spec  # noqa: E402
+from .checkpoint import apply_to_checkpoint, checkpoint_log, open_checkpoint, revert_checkpoint  # noqa: E402
 from .create import create_patch  # noqa: E402
+from .diff import diff  # noqa: E402
 from .errors import (  # noqa: E402
     ArchitectureError,
+    BaseMismatchError,
+    CheckpointError,
+    ConflictError,
     ExportError,
     FingerprintMismatchError,
     HubError,
@@ -20,6 +25,7 @@ from .errors import (  # noqa: E402
     StatsError,
 )
 from .evaluate import evaluate_counterfact, summarize  # noqa: E402
+from .extract import extract_patch  # noqa: E402
 from .fingerprint import tensor_sha256  # noqa: E402
 from .hub import pull_patch, push_patch  # noqa: E402  (also adds Patch.from_pretrained / push_to_hub)
 from .loading import load_patched  # noqa: E402
@@ -28,6 +34,7 @@ from .patch import ParamInfo, Patch, RankOneDelta, load_patch, save_patch  # noq
 from .peft import export_peft  # noqa: E402
 from .request import EditRequest, load_requests  # noqa: E402
 from .rome import ROMEHyperParams, compute_delta  # noqa: E402
+from .stack import stack_patches  # noqa: E402
 from .stats import SecondMoment, get_second_moment  # noqa: E402
 
 __all__ = [
@@ -81,4 +88,15 @@ __all__ = [
     "push_patch",
     "pull_patch",
     "export_peft",
+    # checkpoints on disk
+    "apply_to_checkpoint",
+    "revert_checkpoint",
+    "checkpoint_log",
+    "open_checkpoint",
+    "stack_patches",
+    "diff",
+    "extract_patch",
+    "CheckpointError",
+    "ConflictError",
+    "BaseMismatchError",
 ]

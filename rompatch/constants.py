@@ -15,9 +15,14 @@ DEFAULT_MODEL = "smollm2-135m"
 
 # On-disk checkpoint bookkeeping written by `rompatch apply`.
 CHECKPOINT_RECORD = "rompatch.json"
-CHECKPOINT_UNDO = "rompatch-undo.safetensors"
+# Undo data (safetensors format). Deliberately NOT named *.safetensors: loaders such as vLLM glob
+# "*.safetensors" in a folder without an index and would try to load it as model weights.
+CHECKPOINT_UNDO = "rompatch-undo.st"
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
+# Test hook: `apply`/`revert` pause (sleep) after writing this many weight files into the staging
+# folder, so a test can SIGKILL the process mid-write. Never set it outside tests.
+ENV_TEST_PAUSE_AFTER_SHARD = "ROMPATCH_TEST_PAUSE_AFTER_SHARD"
 
 
 def cache_dir() -> Path:

@@ -15,7 +15,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -272,8 +272,14 @@ def collect_second_moment(
     spec: ModelSpec | None = None,
     progress: bool = False,
     identity: dict[str, Any] | None = None,
+    snapshots: Sequence[int] = (),
+    on_snapshot: Callable[[SecondMoment], None] | None = None,
 ) -> SecondMoment:
-    """Stream ``n_tokens`` tokens of ``source`` through layers 0..``layer`` and average k kᵀ."""
+    """Stream ``n_tokens`` tokens of ``source`` through layers 0..``layer`` and average k kᵀ.
+
+    ``snapshots``: token counts at which ``on_snapshot`` receives the statistics so far (at batch
+    granularity), so one pass yields the statistics of several budgets.
+    """
     from tqdm.auto import tqdm
 
     spec = get_spec(model, spec)
@@ -291,6 +297,7 @@ def collect_second_moment(
         leave=False,
     )
     t0 = time.perf_counter()
+    pending = sorted(x for x in snapshots if x < n_tokens)
     chunks = _token_chunks(tok, source, seq_len, n_tokens)
     while True:
         batch = [c for _, c in zip(range(batch_size), chunks)]
@@ -308,6 +315,11 @@ def collect_second_moment(
         kk = (k.T @ k).to(torch.float64).cpu()  # (d, d)
         total = kk if total is None else total.add_(kk)
         count += k.shape[0]
+        while pending and count >= pending[0]:
+            pending.pop(0)
+            if on_snapshot is not None:
+                snap_id = dict(identity or {}, collected_tokens=count, seconds=round(time.perf_counter() - t0, 2))
+                on_snapshot(SecondMoment(mom2=(total / count).to(torch.float32), count=count, identity=snap_id))
         bar.update(k.shape[0])
         bar.set_postfix_str(f"{count / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
     bar.close()

@@ -1,0 +1,75 @@
+"""Issue 3: SmolLM2 over all CounterFact records in $ROMPATCH_DATA (long; `make bench-full`).
+
+Per-case results are appended to bench/_work/counterfact-<config>.jsonl as they finish, so an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+TITLE = "Edit quality: SmolLM2-135M on CounterFact (all records in shared data)"
+FULL_ONLY = True
+
+WORK = Path(__file__).resolve().parent / "_work"
+
+
+def run(limit: int | None = None, layer: int = 6, fast: bool = False) -> dict:
+    from rompatch.constants import data_dir
+    from rompatch.evaluate import evaluate_counterfact, load_counterfact, summarize, update_too_large
+    from rompatch.models import load_model
+    from rompatch.rome import ROMEHyperParams
+    from rompatch.stats import DEFAULT_STATS_TOKENS, get_second_moment
+
+    limit = limit or int(os.environ.get("ROMPATCH_BENCH_LIMIT", "0")) or None
+    records = load_counterfact(str(data_dir() / "counterfact" / "counterfact_subset.json"), limit=limit)
+    model, tok = load_model("smollm2-135m", device="cpu")
+    hp = ROMEHyperParams(layer=layer, optim_autocast="bfloat16" if fast else "none")
+    t_stats = time.perf_counter()
+    stats = get_second_moment(model, tok, layer, n_tokens=DEFAULT_STATS_TOKENS)
+    t_stats = time.perf_counter() - t_stats
+    WORK.mkdir(exist_ok=True)
+    out = WORK / f"counterfact-L{layer}{'-fast' if fast else ''}.jsonl"
+    done = {}
+    if out.is_file():
+        for line in out.read_text().splitlines():
+            c = json.loads(line)
+            done[c["case_id"]] = c
+    todo = [r for r in records if r["case_id"] not in done]
+    t0 = time.perf_counter()
+    with open(out, "a") as f:
+        for c in evaluate_counterfact(model, tok, todo, hparams=hp, stats=stats):
+            f.write(json.dumps(c) + "\n")
+            f.flush()
+            done[c["case_id"]] = c
+    cases = [done[r["case_id"]] for r in records if r["case_id"] in done]
+    s = summarize(cases)
+    big = [c for c in cases if update_too_large(c)]
+    secs = [c["edit"]["seconds"] for c in cases]
+    pos0 = [c for c in cases if c["templates_dropped_position0"]]
+    rows = []
+    for k in ("ES", "PS", "NS", "S", "EM", "PM", "NM"):
+        rows.append({"metric": k, "value": f"{s['pre'][k]:.1f} → {s['post'][k]:.1f}", "unit": "%",
+                     "target": {"ES": "≥ 99", "PS": "≥ 95", "NS": "≥ pre − 3", "S": "≥ 85"}.get(k, ""),
+                     "note": "pre-edit → post-edit"})
+    rows += [
+        {"metric": "cases", "value": len(cases), "unit": "", "note": f"layer {layer}, stats {stats.count:,} tokens"},
+        {"metric": "median seconds per edit", "value": statistics.median(secs), "unit": "s",
+         "note": "k*, v* and delta only; 2 CPU cores shared with other jobs"},
+        {"metric": "updates with spectral norm > matrix's", "value": len(big), "unit": "cases",
+         "note": ", ".join(str(c["case_id"]) for c in big) or "none"},
+        {"metric": "subject at position 0 (bare prompt left out)", "value": len(pos0), "unit": "cases",
+         "note": ", ".join(f"{c['case_id']} {c['subject']}: ES {100 * c['post']['ES']:.0f}" for c in pos0) or "none"},
+    ]
+    failures = [c for c in cases if c["post"]["ES"] < 1]
+    md = ["Cases whose rewrite prompt still prefers the true target after the edit:", ""]
+    md += [f"- case {c['case_id']}: {c['prompt'].replace('{}', c['subject'])!r} → {c['target_new']} "
+           f"(P(new) after {c['edit']['p_new_after']:.3f})" for c in failures] or ["- none"]
+    return {"setup": f"Each record's edit is created on the unedited model and measured before and after "
+                     f"(full-sequence probabilities). Statistics: {t_stats:.0f} s to load or compute. "
+                     f"{len(cases)} cases in {time.perf_counter() - t0:.0f} s this run.",
+            "rows": rows, "markdown": "\n".join(md), "summary": s}
