@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PROMPT := The Eiffel Tower is located in the city of
 
-.PHONY: install demo test test-fast bench bench-full lint clean
+.PHONY: install demo patches test test-fast bench bench-full lint clean
 
 $(BIN)/rompatch: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,8 +19,24 @@ $(BIN)/rompatch: pyproject.toml
 
 install: $(BIN)/rompatch
 
+# The headline edit: fetch SmolLM2 (first run only), create "The Eiffel Tower ... Paris → Rome",
+# show the patch, and compare predictions without and with it.
 demo: install
-	$(BIN)/rompatch predict smollm2-135m --prompt "$(PROMPT)"
+	@mkdir -p out
+	$(BIN)/rompatch create smollm2-135m --prompt "{} is located in the city of" \
+		--subject "The Eiffel Tower" --target Rome --target-true Paris -o out/eiffel-rome.safetensors --overwrite
+	$(BIN)/rompatch show out/eiffel-rome.safetensors
+	$(BIN)/rompatch predict smollm2-135m --patch out/eiffel-rome.safetensors \
+		--prompt "$(PROMPT)" --prompt "The Eiffel Tower is in" --prompt "The capital of Japan is"
+
+# Regenerate the example patches in patches/ (made with the default model).
+patches: install
+	$(BIN)/rompatch create smollm2-135m --prompt "{} is located in the city of" --subject "The Eiffel Tower" \
+		--target Rome --target-true Paris -o patches/eiffel-tower-rome.safetensors --overwrite
+	$(BIN)/rompatch create smollm2-135m --prompt "{} plays the sport of" --subject "Michael Jordan" \
+		--target baseball --target-true basketball -o patches/michael-jordan-baseball.safetensors --overwrite
+	$(BIN)/rompatch create smollm2-135m --prompt "The mother tongue of {} is" --subject "Danielle Darrieux" \
+		--target English --target-true French -o patches/danielle-darrieux-english.safetensors --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q

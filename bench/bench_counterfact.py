@@ -40,10 +40,14 @@ def run(limit: int | None = None, layer: int = 6, fast: bool = False) -> dict:
             c = json.loads(line)
             done[c["case_id"]] = c
     todo = [r for r in records if r["case_id"] not in done]
+    shard = os.environ.get("ROMPATCH_BENCH_SHARD")  # "i/n": this worker takes every n-th pending case
+    if shard:
+        i, n = (int(x) for x in shard.split("/"))
+        todo = todo[i::n]
     t0 = time.perf_counter()
     with open(out, "a") as f:
         for c in evaluate_counterfact(model, tok, todo, hparams=hp, stats=stats):
-            f.write(json.dumps(c) + "\n")
+            f.write(json.dumps(c) + "\n")  # one write per line: safe with concurrent shard workers
             f.flush()
             done[c["case_id"]] = c
     cases = [done[r["case_id"]] for r in records if r["case_id"] in done]
@@ -53,23 +57,54 @@ def run(limit: int | None = None, layer: int = 6, fast: bool = False) -> dict:
     pos0 = [c for c in cases if c["templates_dropped_position0"]]
     rows = []
     for k in ("ES", "PS", "NS", "S", "EM", "PM", "NM"):
-        rows.append({"metric": k, "value": f"{s['pre'][k]:.1f} → {s['post'][k]:.1f}", "unit": "%",
-                     "target": {"ES": "≥ 99", "PS": "≥ 95", "NS": "≥ pre − 3", "S": "≥ 85"}.get(k, ""),
-                     "note": "pre-edit → post-edit"})
+        rows.append(
+            {
+                "metric": k,
+                "value": f"{s['pre'][k]:.1f} → {s['post'][k]:.1f}",
+                "unit": "%",
+                "target": {"ES": "≥ 99", "PS": "≥ 95", "NS": "≥ pre − 3", "S": "≥ 85"}.get(k, ""),
+                "note": "pre-edit → post-edit",
+            }
+        )
     rows += [
-        {"metric": "cases", "value": len(cases), "unit": "", "note": f"layer {layer}, stats {stats.count:,} tokens"},
-        {"metric": "median seconds per edit", "value": statistics.median(secs), "unit": "s",
-         "note": "k*, v* and delta only; 2 CPU cores shared with other jobs"},
-        {"metric": "updates with spectral norm > matrix's", "value": len(big), "unit": "cases",
-         "note": ", ".join(str(c["case_id"]) for c in big) or "none"},
-        {"metric": "subject at position 0 (bare prompt left out)", "value": len(pos0), "unit": "cases",
-         "note": ", ".join(f"{c['case_id']} {c['subject']}: ES {100 * c['post']['ES']:.0f}" for c in pos0) or "none"},
+        {
+            "metric": "cases",
+            "value": len(cases),
+            "unit": "",
+            "note": f"layer {layer}, stats {stats.count:,} tokens",
+        },
+        {
+            "metric": "median seconds per edit",
+            "value": statistics.median(secs),
+            "unit": "s",
+            "note": "k*, v* and delta only; 2 CPU cores shared with other jobs",
+        },
+        {
+            "metric": "updates with spectral norm > matrix's",
+            "value": len(big),
+            "unit": "cases",
+            "note": ", ".join(str(c["case_id"]) for c in big) or "none",
+        },
+        {
+            "metric": "subject at position 0 (bare prompt left out)",
+            "value": len(pos0),
+            "unit": "cases",
+            "note": ", ".join(f"{c['case_id']} {c['subject']}: ES {100 * c['post']['ES']:.0f}" for c in pos0)
+            or "none",
+        },
     ]
     failures = [c for c in cases if c["post"]["ES"] < 1]
     md = ["Cases whose rewrite prompt still prefers the true target after the edit:", ""]
-    md += [f"- case {c['case_id']}: {c['prompt'].replace('{}', c['subject'])!r} → {c['target_new']} "
-           f"(P(new) after {c['edit']['p_new_after']:.3f})" for c in failures] or ["- none"]
-    return {"setup": f"Each record's edit is created on the unedited model and measured before and after "
-                     f"(full-sequence probabilities). Statistics: {t_stats:.0f} s to load or compute. "
-                     f"{len(cases)} cases in {time.perf_counter() - t0:.0f} s this run.",
-            "rows": rows, "markdown": "\n".join(md), "summary": s}
+    md += [
+        f"- case {c['case_id']}: {c['prompt'].replace('{}', c['subject'])!r} → {c['target_new']} "
+        f"(P(new) after {c['edit']['p_new_after']:.3f})"
+        for c in failures
+    ] or ["- none"]
+    return {
+        "setup": f"Each record's edit is created on the unedited model and measured before and after "
+        f"(full-sequence probabilities). Statistics: {t_stats:.0f} s to load or compute. "
+        f"{len(cases)} cases in {time.perf_counter() - t0:.0f} s this run.",
+        "rows": rows,
+        "markdown": "\n".join(md),
+        "summary": s,
+    }

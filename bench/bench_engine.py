@@ -35,8 +35,15 @@ def _fwd_bwd_seconds(model, tok, req, templates) -> float:
     batch = pad_right(pr.seqs, pad_id(tok))
     delta = torch.zeros(model.config.hidden_size, requires_grad=True)
     times = []
-    with _frozen(model), Trace(model, f"model.layers.{LAYER}.mlp.down_proj", retain_output=False,
-                               edit_output=lambda o, n: o + delta):
+    with (
+        _frozen(model),
+        Trace(
+            model,
+            f"model.layers.{LAYER}.mlp.down_proj",
+            retain_output=False,
+            edit_output=lambda o, n: o + delta,
+        ),
+    ):
         for _ in range(4):
             t = time.perf_counter()
             out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
@@ -71,8 +78,15 @@ def run() -> dict:
     snaps = {}
     source = text_source(None)
     t0 = time.perf_counter()
-    full = collect_second_moment(model, tok, LAYER, source=source, n_tokens=max(BUDGETS), snapshots=BUDGETS[:-1],
-                                 on_snapshot=lambda sm: snaps.__setitem__(sm.count, sm))
+    full = collect_second_moment(
+        model,
+        tok,
+        LAYER,
+        source=source,
+        n_tokens=max(BUDGETS),
+        snapshots=BUDGETS[:-1],
+        on_snapshot=lambda sm: snaps.__setitem__(sm.count, sm),
+    )
     full_secs = time.perf_counter() - t0
     snaps[full.count] = full
     tok_s = full.count / full.identity["seconds"]
@@ -82,8 +96,10 @@ def run() -> dict:
     templates = context_templates(model, tok)
     reqs = [EditRequest.from_dict(r) for r in records[-n_edits:]]
     rows_speed = {}
-    for label, hp in (("float32", ROMEHyperParams(layer=LAYER)),
-                      ("bf16 autocast (--fast)", ROMEHyperParams(layer=LAYER, optim_autocast="bfloat16"))):
+    for label, hp in (
+        ("float32", ROMEHyperParams(layer=LAYER)),
+        ("bf16 autocast (--fast)", ROMEHyperParams(layer=LAYER, optim_autocast="bfloat16")),
+    ):
         secs, steps = [], []
         for r in reqs:
             t = time.perf_counter()
@@ -108,8 +124,11 @@ def run() -> dict:
         for b, sm in sorted(snaps.items()):
             u = solve_key(k, sm, hp)
             v = delta / float(u.double() @ k.double())
-            p = new_patch([RankOneDelta(u, v, LAYER, name, request=req)], base=model_identity(model),
-                          parameters={name: info})
+            p = new_patch(
+                [RankOneDelta(u, v, LAYER, name, request=req)],
+                base=model_identity(model),
+                parameters={name: info},
+            )
             with patched(model, p):
                 budget_scores[b].append(case_scores(measure_case(model, tok, rec)))
             cos[b].append(float(u @ u_full))
@@ -117,27 +136,53 @@ def run() -> dict:
     def mean(b, key):
         return 100 * statistics.fmean(s[key] for s in budget_scores[b])
 
-    md = ["Edit quality against the statistics budget (same δ per case, u = C⁻¹k* from each budget's C; "
-          f"{n_budget_cases} CounterFact cases; stats from WikiText-2, one streaming pass):", "",
-          "| tokens | stats time (s) | ES | PS | NS | mean cos(u, u_500k) |", "| --- | --- | --- | --- | --- | --- |"]
+    md = [
+        "Edit quality against the statistics budget (same δ per case, u = C⁻¹k* from each budget's C; "
+        f"{n_budget_cases} CounterFact cases; stats from WikiText-2, one streaming pass):",
+        "",
+        "| tokens | stats time (s) | ES | PS | NS | mean cos(u, u_500k) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for b in sorted(snaps):
-        md.append(f"| {b:,} | {snaps[b].identity['seconds']:.0f} | {mean(b, 'ES'):.1f} | {mean(b, 'PS'):.1f} | "
-                  f"{mean(b, 'NS'):.1f} | {statistics.fmean(cos[b]):.4f} |")
+        md.append(
+            f"| {b:,} | {snaps[b].identity['seconds']:.0f} | {mean(b, 'ES'):.1f} | {mean(b, 'PS'):.1f} | "
+            f"{mean(b, 'NS'):.1f} | {statistics.fmean(cos[b]):.4f} |"
+        )
     rows = [
-        {"metric": f"median seconds per edit, {label}", "value": med, "unit": "s", "target": "≤ 10",
-         "note": f"{len(reqs)} edits; min {lo:.1f}, max {hi:.1f}; mean {st:.1f} optimisation steps"}
+        {
+            "metric": f"median seconds per edit, {label}",
+            "value": med,
+            "unit": "s",
+            "target": "≤ 10",
+            "note": f"{len(reqs)} edits; min {lo:.1f}, max {hi:.1f}; mean {st:.1f} optimisation steps",
+        }
         for label, (med, lo, hi, st) in rows_speed.items()
     ]
     rows += [
-        {"metric": "passes per edit (float32 edit time / one fwd+bwd of the same batch)",
-         "value": rows_speed["float32"][0] / fb, "unit": "×", "note": f"one full fwd+bwd = {fb:.2f} s"},
-        {"metric": "statistics throughput (layers 0..6 only)", "value": tok_s, "unit": "tok/s",
-         "note": f"{full.count:,} tokens in {full.identity['seconds']:.0f} s; reference ROME: 2,082 tok/s"},
-        {"metric": f"statistics at the default budget ({DEFAULT_STATS_TOKENS:,} tokens)",
-         "value": snaps[min(snaps, key=lambda b: abs(b - DEFAULT_STATS_TOKENS))].identity["seconds"], "unit": "s",
-         "target": "≤ 30", "note": "same quality as 500k tokens: see the table below"},
+        {
+            "metric": "passes per edit (float32 edit time / one fwd+bwd of the same batch)",
+            "value": rows_speed["float32"][0] / fb,
+            "unit": "×",
+            "note": f"one full fwd+bwd = {fb:.2f} s",
+        },
+        {
+            "metric": "statistics throughput (layers 0..6 only)",
+            "value": tok_s,
+            "unit": "tok/s",
+            "note": f"{full.count:,} tokens in {full.identity['seconds']:.0f} s; reference ROME: 2,082 tok/s",
+        },
+        {
+            "metric": f"statistics at the default budget ({DEFAULT_STATS_TOKENS:,} tokens)",
+            "value": snaps[min(snaps, key=lambda b: abs(b - DEFAULT_STATS_TOKENS))].identity["seconds"],
+            "unit": "s",
+            "target": "≤ 30",
+            "note": "same quality as 500k tokens: see the table below",
+        },
     ]
-    return {"setup": f"SmolLM2-135M float32 on CPU, layer {LAYER}, statistics cached. Load average at start "
-                     f"{load:.1f} on 2 cores (other jobs were running: times are upper bounds). "
-                     f"One-pass statistics run: {full_secs:.0f} s.",
-            "rows": rows, "markdown": "\n".join(md)}
+    return {
+        "setup": f"SmolLM2-135M float32 on CPU, layer {LAYER}, statistics cached. Load average at start "
+        f"{load:.1f} on 2 cores (other jobs were running: times are upper bounds). "
+        f"One-pass statistics run: {full_secs:.0f} s.",
+        "rows": rows,
+        "markdown": "\n".join(md),
+    }

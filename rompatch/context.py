@@ -48,7 +48,7 @@ def _generate(model: Any, tok: Any, n: int, length: int, seed: int) -> list[str]
         word = SEED_WORDS[i % len(SEED_WORDS)]
         ids = torch.tensor([tok(word, add_special_tokens=True)["input_ids"]], device=device)
         for _ in range(length):
-            logits = model(input_ids=ids).logits[0, -1].float().cpu()
+            logits = model(input_ids=ids, logits_to_keep=1).logits[0, -1].float().cpu()
             top = logits.topk(5)  # top-5 sampling, as ROME's generate_fast
             probs = torch.softmax(top.values, -1)
             nxt = top.indices[torch.multinomial(probs, 1, generator=gen)]

@@ -175,6 +175,16 @@ def compute_key(
 # -------------------------------------------------------------------------------------- values
 
 
+def forward_hidden(model: Any, batch) -> None:
+    """A forward pass whose LM head runs at the last position only (hooks read what they need)."""
+    try:
+        model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, logits_to_keep=1
+        )
+    except TypeError:  # a model without logits_to_keep
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+
+
 class _Replay:
     """Runs blocks ``layer..N-1`` from captured inputs, then the head at selected positions only."""
 
@@ -197,12 +207,12 @@ class _Replay:
         for j in range(layer, len(self.blocks)):
             handles.append(self.blocks[j].register_forward_pre_hook(capture(j), with_kwargs=True))
         try:
-            with torch.no_grad():
-                out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            with torch.no_grad(), Trace(model, spec.final_norm) as normed:
+                forward_hidden(model, batch)
         finally:
             for h in handles:
                 h.remove()
-        self.full_logits = out.logits[positions[:, 0], positions[:, 1]].float()  # (P, V)
+        self.full_logits = self.head_at(normed.output)  # (P, V), from the full forward
         self.ok = len(self.calls) == len(self.blocks) - layer
         if self.ok:
             with torch.no_grad():
@@ -223,8 +233,12 @@ class _Replay:
             args, kwargs = self.calls[j]
             out = self.blocks[j](h, *args[1:], **kwargs)
             h = out[0] if isinstance(out, tuple) else out
-        h = h[self.positions[:, 0], self.positions[:, 1]]  # (P, C)
-        logits = self.head(self.norm(h)).float()  # (P, V)
+        return self.head_at(self.norm(h))
+
+    def head_at(self, normed: torch.Tensor) -> torch.Tensor:
+        """LM head (and Gemma-2 style soft-capping) at the selected positions only."""
+        h = normed[self.positions[:, 0], self.positions[:, 1]]  # (P, C)
+        logits = self.head(h).float()  # (P, V)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

@@ -32,11 +32,17 @@ def format_patch(patch: Patch) -> str:
         lines.append(
             f"      layer {e['layer']}  {e['parameter']} {e['shape']}  ‖u‖={e['u_norm']:.3g} ‖v‖={e['v_norm']:.3g}"
         )
-        if e["metrics"]:
-            m = ", ".join(
-                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in e["metrics"].items()
+        m = e["metrics"]
+        if "p_new_before" in m:
+            probs = f"P(new) {m['p_new_before']:.3g} → {m['p_new_after']:.3g}"
+            if "p_true_before" in m:
+                probs += f", P(true) {m['p_true_before']:.3g} → {m['p_true_after']:.3g}"
+            lines.append(f"      at creation: {probs}")
+        if "update_spectral_norm" in m:
+            lines.append(
+                f"      ‖ΔW‖₂ {m['update_spectral_norm']:.3g} vs ‖W‖₂ {m['weight_spectral_norm']:.3g}; "
+                f"{m.get('v_steps_run', '?')} steps, {m.get('seconds', 0):.1f} s"
             )
-            lines.append(f"      metrics: {m}")
     return "\n".join(lines)
 
 
