@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
 import sys
 import time
@@ -30,7 +31,9 @@ RESULTS_DIR = HERE / "results"
 
 def machine() -> str:
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {dev}, torch {torch.__version__}"
+    load = os.getloadavg()[0]
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
+            f"threads, {dev}, torch {torch.__version__}, load average {load:.1f} when it finished")
 
 
 def discover() -> list[str]:
