@@ -1,7 +1,8 @@
 """Issue 3: SmolLM2 over all CounterFact records in $ROMPATCH_DATA (long; `make bench-full`).
 
-Per-case results are appended to bench/_work/counterfact-<config>.jsonl as they finish, so an
-interrupted run resumes where it stopped.
+Per-case results are appended to bench/results/counterfact-<config>.jsonl as they finish (one
+line per case, tracked in git), so an interrupted run, even in a later session, resumes where it
+stopped. ``ROMPATCH_BENCH_SHARD=i/n`` lets n single-threaded workers share the pending cases.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 TITLE = "Edit quality: SmolLM2-135M on CounterFact (all records in shared data)"
 FULL_ONLY = True
 
-WORK = Path(__file__).resolve().parent / "_work"
+WORK = Path(__file__).resolve().parent / "results"
 
 
 def run(limit: int | None = None, layer: int = 6, fast: bool = False) -> dict:

@@ -83,7 +83,9 @@ def apply_patch(model: nn.Module, patch: Patch, *, force: bool = False) -> Appli
     st = _state(model)
     if any(a.patch.id == patch.id for a in st.applied):
         raise LineageError(f"patch {patch.short_id} is already applied to this model")
-    applied_ids = [a.patch.id for a in st.applied]
+    from .models import applied_on_disk
+
+    applied_ids = applied_on_disk(model) + [a.patch.id for a in st.applied]
     missing = [pid for pid in patch.lineage if pid not in applied_ids]
     if missing and not force:
         raise LineageError(

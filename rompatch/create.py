@@ -12,11 +12,11 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .apply import apply_patch, revert_patch
+from .apply import applied_patches, apply_patch, revert_patch
 from .arch import check_layer, default_layer, get_spec
 from .context import context_templates
 from .errors import RequestError
-from .models import model_identity
+from .models import applied_on_disk, model_identity
 from .patch import ParamInfo, Patch, RankOneDelta, new_patch
 from .request import EditRequest
 from .rome import ROMEHyperParams, compute_delta, validate_request
@@ -64,8 +64,9 @@ def edit_to_delta(
         [d],
         base=model_identity(model),
         parameters={res.parameter: ParamInfo.of(model.get_parameter(res.parameter).data, spec.layout)},
+        lineage=applied_on_disk(model) + [p.id for p in applied_patches(model)],
     )
-    apply_patch(model, tmp, force=True)
+    apply_patch(model, tmp)
     try:
         after = _probe(model, tok, req)
     finally:
@@ -120,6 +121,9 @@ def create_patch(
     templates = context_templates(model, tok, length_params=hp.context_length_params, seed=hp.seed)
     spec = get_spec(model)
     name = spec.mlp_out_param(layer)
+    # Edits computed on a model that already carries patches (baked into its checkpoint, or applied
+    # in memory) are computed on top of them: that is their lineage.
+    inherited = applied_on_disk(model) + [p.id for p in applied_patches(model)]
 
     deltas: list[RankOneDelta] = []
     patches: list[Patch] = []
@@ -144,7 +148,10 @@ def create_patch(
             step_bar.close()
             if mode == "sequential":
                 p = new_patch(
-                    [d], base=model_identity(model), parameters={name: info}, lineage=[q.id for q in patches]
+                    [d],
+                    base=model_identity(model),
+                    parameters={name: info},
+                    lineage=inherited + [q.id for q in patches],
                 )
                 apply_patch(model, p)
                 patches.append(p)
@@ -163,4 +170,5 @@ def create_patch(
         deltas,
         base=model_identity(model),
         parameters={name: ParamInfo.of(model.get_parameter(name).data, spec.layout)},
+        lineage=inherited,
     )

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .constants import DEFAULT_MODEL, cache_dir
+from .constants import CHECKPOINT_RECORD, DEFAULT_MODEL, cache_dir
 from .errors import DeviceError, ModelLoadError
 from .fingerprint import DTYPES, dtype_name
 from .predict import greedy
@@ -275,7 +275,16 @@ def load_model(
     elif os.path.isdir(name_or_path):
         path = name_or_path
         src = Path(path) / SOURCE_FILE
-        if src.is_file():  # an embedded model's folder used directly
+        record = Path(path) / CHECKPOINT_RECORD
+        if record.is_file():  # written by `rompatch apply`: this folder is base + patches
+            rec = json.loads(record.read_text())
+            source = {
+                "model": str(name_or_path),
+                "revision": None,
+                "base": rec.get("base"),
+                "applied": [a["patch_id"] for a in rec.get("applied", [])],
+            }
+        elif src.is_file():  # an embedded model's folder used directly
             info = json.loads(src.read_text())
             source = {
                 "model": info.get("alias", str(name_or_path)),
@@ -301,6 +310,11 @@ def load_model(
             source["revision"] = commit
     object.__setattr__(model, "_rompatch_source", source)
     return model, tok
+
+
+def applied_on_disk(model: Any) -> list[str]:
+    """Ids of the patches already baked into the checkpoint ``model`` was loaded from (oldest first)."""
+    return list((getattr(model, "_rompatch_source", None) or {}).get("applied", []))
 
 
 def model_identity(model: Any) -> dict[str, Any]:

@@ -364,3 +364,24 @@ def test_cli_requests_file_sequential(tiny_folder, text_file, tmp_path):
     data = json.loads(r.stdout)
     assert len(data) == 2 and data[1]["lineage"] == [data[0]["id"]]
     assert data[0]["edits"][0]["subject"] == REQ.subject
+
+
+def test_edits_on_patched_models_inherit_lineage(tiny_folder, text_file, tmp_path):
+    """A patch computed on a model that already carries patches lists them as lineage and applies there."""
+    from rompatch.checkpoint import apply_to_checkpoint
+    from rompatch.models import load_model
+    from tests.helpers import vector_patch
+
+    base, tok = load_model(str(tiny_folder), device="cpu")
+    first = vector_patch(base, layer=1, seed=3, scale=0.05)
+    apply_to_checkpoint(tiny_folder, [first], tmp_path / "edited")
+    edited, tok = load_model(str(tmp_path / "edited"), device="cpu")
+    stats = get_second_moment(edited, tok, 1, stats_data=str(text_file), n_tokens=1500)
+    on_disk = create_patch(edited, tok, REQ, hparams=HP, stats=stats)
+    assert on_disk.lineage == [first.id]
+    apply_patch(edited, on_disk)  # lineage satisfied by the checkpoint itself; fingerprint matches
+
+    apply_patch(base, first)  # the same state, in memory
+    in_memory = create_patch(base, tok, REQ, hparams=HP, stats=stats)
+    assert in_memory.lineage == [first.id]
+    assert in_memory.parameters == on_disk.parameters
