@@ -36,6 +36,7 @@ from .request import EditRequest, load_requests  # noqa: E402
 from .rome import ROMEHyperParams, compute_delta  # noqa: E402
 from .stack import stack_patches  # noqa: E402
 from .stats import SecondMoment, get_second_moment  # noqa: E402
+from .tracing import AverageTrace, TraceResult, embedding_std, trace_fact, trace_known  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -99,4 +100,10 @@ __all__ = [
     "CheckpointError",
     "ConflictError",
     "BaseMismatchError",
+    # locating facts
+    "trace_fact",
+    "trace_known",
+    "TraceResult",
+    "AverageTrace",
+    "embedding_std",
 ]

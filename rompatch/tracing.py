@@ -1,0 +1,1287 @@
+"""Causal tracing (Meng et al. 2022, "Locating and Editing Factual Associations in GPT", §2.1).
+
+Which hidden states carry a fact? The prompt is run three ways:
+
+1. **clean**: every state is recorded, and the answer token's probability ``clean_prob``;
+2. **corrupted**: Gaussian noise is added to the *subject* tokens' input embeddings (``samples``
+   draws, std = ``noise`` × the embedding std); the answer's probability drops to ``corrupted_prob``;
+3. **corrupted with one restoration**: as 2, but one state (token ``t``, layer ``l``) is put back to
+   its clean value. The probability it recovers, ``scores[kind][t, l]``, shows how much that state
+   carries the fact; ``scores - corrupted_prob`` is its *indirect effect*.
+
+Kinds (as in the reference code, kmeng01/rome ``experiments/causal_trace.py``):
+
+- ``"hidden"``: one block output ``h_t^(l)`` (the residual stream after block ``l``);
+- ``"mlp"`` / ``"attn"``: the MLP / attention module output at token ``t`` for a *window* of layers
+  around ``l``: ``[l - window // 2, l + ceil(window / 2))`` clipped to the model (10 layers by default).
+
+Faithful to the reference, with these choices (all recorded in the result):
+
+- The noise is added to the embedding module's output, which is what the model consumes (Gemma's
+  embedding module applies its ``sqrt(hidden)`` scale inside, so the scaled value is corrupted), and
+  its std is measured on that same output (``embedding_std``). The noise is drawn once per trace from
+  ``seed`` and reused for every cell, as the reference's fixed ``RandomState(1)`` does, so cells
+  differ only by what they restore.
+- Multi-token answers: only the probability of the answer's *first* token is measured, as in the
+  paper.
+- Batched: the reference runs one forward pass per cell (a clean row plus ``samples`` corrupted
+  rows). Here the clean states are recorded once, and one forward pass holds ``samples`` corrupted
+  rows for each of many cells (all noise samples of a cell are rows of the same pass).
+- Nothing is recomputed that a restoration cannot change (``reuse_prefix``, on by default): a pass
+  whose cells restore at layers ``>= l0`` and tokens ``>= t0`` replays the corrupted run's outputs
+  of blocks ``< l0`` and feeds only tokens ``>= t0``, with the corrupted run's keys/values of the
+  earlier tokens as a cache (attention is causal). Cells at tokens before the subject restore a
+  state the noise never reached; they are not run and get ``corrupted_prob``. The result equals
+  the full recomputation to float rounding (tested on every built-in architecture).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .arch import ModelSpec, get_spec, num_layers
+from .constants import data_dir
+from .errors import ArchitectureError, TraceError
+from .hooks import Trace, TraceDict
+from .patch import atomic_write
+
+log = logging.getLogger(__name__)
+
+KINDS = ("hidden", "mlp", "attn")
+CATEGORIES = (
+    "first subject token",
+    "middle subject tokens",
+    "last subject token",
+    "first subsequent token",
+    "further tokens",
+    "last token",
+)
+DEFAULT_SAMPLES = 10
+DEFAULT_NOISE = 3.0  # multiplier of the embedding std (the paper's 3σ)
+DEFAULT_WINDOW = 10
+DEFAULT_BATCH_SIZE = 128  # corrupted rows per forward pass (at most)
+WIKITEXT_FILE = Path("wikitext-2") / "wiki.test.tokens"
+STD_MAX_TOKENS = 20_000
+TRACE_FORMAT = "rompatch-trace/1"
+
+
+# ----------------------------------------------------------------------------------------- tokens
+
+
+def _encode(tok: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of ``text`` (special tokens included, as the model sees them) and each token's
+    character span in ``text``; special tokens get an empty span."""
+    if not getattr(tok, "is_fast", False):
+        raise TraceError(
+            "causal tracing needs a fast tokenizer (one with offset mappings); load it with use_fast=True"
+        )
+    enc = tok(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+    ids = list(enc["input_ids"])
+    spans = [
+        (0, 0) if special else (int(s), int(e))
+        for (s, e), special in zip(enc["offset_mapping"], enc["special_tokens_mask"])
+    ]
+    if not ids:
+        raise TraceError(f"prompt {text!r} tokenizes to nothing; pass a non-empty prompt")
+    return ids, spans
+
+
+def _find_subject_span(
+    tok: Any, text: str, subject: str, *, offsets: Sequence[tuple[int, int]] | None = None
+) -> tuple[int, int]:
+    """Token range ``[start, end)`` of the first occurrence of ``subject`` in ``text``.
+
+    Found by character offsets (the tokenizer's offset mapping), not by re-tokenizing pieces, so a
+    BOS token, left padding or a subject that does not start at a token boundary cannot shift it.
+    ``offsets``: per-token ``(start, end)`` character spans of an existing encoding of ``text``
+    (a row of a padded batch, say); pads and special tokens must have empty spans (``s == e``),
+    as fast tokenizers give them. Without it, ``text`` is encoded here (special tokens included).
+    Every token that overlaps the subject's characters belongs to the span.
+    """
+    if not subject or not subject.strip():
+        raise TraceError("the subject is empty; pass the subject exactly as it appears in the prompt")
+    c0 = text.find(subject)
+    if c0 < 0:
+        raise TraceError(
+            f"subject {subject!r} does not occur in prompt {text!r}; pass it exactly as written in the prompt"
+        )
+    c1 = c0 + len(subject)
+    if offsets is None:
+        _, offsets = _encode(tok, text)
+    hits = [i for i, (s, e) in enumerate(offsets) if e > s and s < c1 and e > c0]
+    if not hits:
+        raise TraceError(f"no token of prompt {text!r} covers subject {subject!r}; check the tokenizer")
+    return hits[0], hits[-1] + 1
+
+
+def _target_tokens(tok: Any, prompt: str, target: str) -> tuple[str, list[int]]:
+    """The text appended to ``prompt`` for ``target`` (a space is added unless one side has it) and
+    its token ids as they follow the prompt."""
+    if not target or not target.strip():
+        raise TraceError("the target is empty; pass the answer text, e.g. 'Paris'")
+    text = target if target[:1].isspace() or prompt[-1:].isspace() else " " + target
+    p_ids, _ = _encode(tok, prompt)
+    f_ids, f_spans = _encode(tok, prompt + text)
+    n = len(p_ids)
+    ids: list[int] = []
+    if f_ids[:n] == p_ids:
+        ids = [i for i, (s, e) in zip(f_ids[n:], f_spans[n:]) if e > s]  # drop an appended EOS
+    if not ids:  # the prompt's last token merged with the target: tokenize the target alone
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise TraceError(f"target {target!r} tokenizes to nothing; pass a non-empty target")
+    return text, ids
+
+
+def _token_labels(tok: Any, text: str, ids: Sequence[int], spans: Sequence[tuple[int, int]]) -> list[str]:
+    return [text[s:e] if e > s else str(tok.convert_ids_to_tokens(int(i))) for i, (s, e) in zip(ids, spans)]
+
+
+# ------------------------------------------------------------------------------ embedding std
+
+
+@dataclass(frozen=True)
+class EmbeddingStd:
+    """The std of the embedding module's output over a text sample (all elements of all tokens,
+    special tokens excluded), and where the sample came from."""
+
+    value: float
+    source: str
+    n_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "source": self.source, "n_tokens": self.n_tokens}
+
+
+def wikitext_sample(*, max_chars: int = 200_000) -> tuple[list[str], str] | None:
+    """Paragraphs of WikiText-2 test (``data_dir()/wikitext-2/wiki.test.tokens``, headings skipped,
+    its `` @-@ `` style tokenization undone), in file order; ``None`` if the file is missing."""
+    path = data_dir() / WIKITEXT_FILE
+    if not path.is_file():
+        return None
+    texts, total = [], 0
+    with open(path, encoding="utf-8-sig") as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("="):
+                continue
+            for a, b in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")):
+                line = line.replace(a, b)
+            texts.append(line)
+            total += len(line)
+            if total >= max_chars:
+                break
+    return texts, str(path)
+
+
+@torch.no_grad()
+def embedding_std(
+    model: Any,
+    tok: Any,
+    texts: Sequence[str] | None = None,
+    *,
+    max_tokens: int = STD_MAX_TOKENS,
+    source: str | None = None,
+    spec: ModelSpec | None = None,
+) -> EmbeddingStd:
+    """Std of what the embedding module outputs (what the first block consumes) over ``texts``.
+
+    ``texts=None``: WikiText-2 test paragraphs (see ``wikitext_sample``); an error if the file is
+    missing. Only the embedding runs (the forward pass stops after it). At most ``max_tokens``
+    tokens are used. The reference code measures the same statistic over the subjects of its fact
+    set; a general text sample does not depend on the facts traced.
+    """
+    spec = get_spec(model, spec)
+    if texts is None:
+        sample = wikitext_sample()
+        if sample is None:
+            raise TraceError(
+                f"WikiText-2 not found at {data_dir() / WIKITEXT_FILE}; set ROMPATCH_DATA, or pass texts= "
+                "or an absolute noise std"
+            )
+        texts, src = sample
+        source = source or f"wikitext-2 test ({src})"
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise TraceError("no text to measure the embedding std on; pass non-empty texts")
+    device = _device(model)
+    limit = _max_positions(model)
+    chunks, n = [], 0
+    for text in texts:
+        enc = tok(
+            text, return_special_tokens_mask=True, truncation=True, max_length=limit, return_tensors="pt"
+        )
+        keep = enc["special_tokens_mask"][0] == 0
+        if not keep.any():
+            continue
+        with Trace(model, spec.embed, stop=True) as t:
+            model(input_ids=enc["input_ids"].to(device), use_cache=False)
+        e = t.output[0][keep.to(device)].double().cpu()  # (n, D)
+        chunks.append(e)
+        n += e.shape[0]
+        if n >= max_tokens:
+            break
+    if not chunks:
+        raise TraceError("the texts contain no ordinary tokens; pass real text to measure the embedding std")
+    allv = torch.cat(chunks)[:max_tokens]
+    return EmbeddingStd(float(allv.std()), source or f"{len(texts)} given text(s)", int(allv.shape[0]))
+
+
+def _max_positions(model: Any) -> int:
+    cfg = getattr(model.config, "text_config", None) or model.config
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1024
+    return int(min(n, 1024))
+
+
+def _resolve_noise(
+    model: Any,
+    tok: Any,
+    *,
+    noise: float,
+    noise_std: float | None,
+    embed_std: EmbeddingStd | None,
+    fallback_texts: Sequence[str],
+    spec: ModelSpec | None,
+) -> tuple[float, dict[str, Any]]:
+    """The absolute noise std and its record: ``noise_std`` as given, else ``noise`` × the
+    embedding std (given, measured on WikiText-2, or on ``fallback_texts`` when WikiText is missing)."""
+    if noise_std is not None:
+        if not (noise_std > 0 and math.isfinite(noise_std)):
+            raise TraceError(f"noise std {noise_std} must be a positive number")
+        return float(noise_std), {"std": float(noise_std), "multiplier": None, "embedding_std": None}
+    if not (noise > 0 and math.isfinite(noise)):
+        raise TraceError(f"noise multiplier {noise} must be a positive number (the paper uses 3)")
+    if embed_std is None:
+        if wikitext_sample(max_chars=1) is not None:
+            embed_std = embedding_std(model, tok, spec=spec)
+        else:
+            log.warning(
+                "WikiText-2 not found under %s; measuring the embedding std on the prompts", data_dir()
+            )
+            embed_std = embedding_std(
+                model, tok, fallback_texts, spec=spec, source="the traced prompts (WikiText-2 not found)"
+            )
+    return noise * embed_std.value, {
+        "std": noise * embed_std.value,
+        "multiplier": float(noise),
+        "embedding_std": embed_std.to_dict(),
+    }
+
+
+# ------------------------------------------------------------------------------------- engine
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _first(x: Any) -> torch.Tensor:
+    return x[0] if isinstance(x, tuple) else x
+
+
+def _with_first(x: Any, h: torch.Tensor) -> Any:
+    return (h, *x[1:]) if isinstance(x, tuple) else h
+
+
+@contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+_MISSING = object()
+
+
+class CausalTracer:
+    """One prompt, prepared for tracing: clean states recorded, noise drawn, corrupted run done.
+
+    ``probabilities(sets)`` is the batched core: each set lists ``(token, module_name)`` states to
+    restore together; it returns the answer's probability (mean over noise samples) per set.
+    ``scores(kind)`` builds the heatmap for one kind from it. ``trace_fact`` is the usual entry point.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tok: Any,
+        prompt: str,
+        subject: str,
+        *,
+        noise_std: float,
+        target: str | None = None,
+        samples: int = DEFAULT_SAMPLES,
+        seed: int = 0,
+        kinds: Sequence[str] = KINDS,
+        spec: ModelSpec | None = None,
+        reuse_prefix: bool = True,
+    ) -> None:
+        if samples < 1:
+            raise TraceError(f"samples={samples}; pass at least 1 noise sample (the paper uses 10)")
+        kinds = _check_kinds(kinds)
+        self.model, self.tok, self.prompt, self.subject = model, tok, prompt, subject
+        self.spec = spec = get_spec(model, spec)
+        self.n_layers = num_layers(model)
+        self.samples, self.seed, self.noise_std = int(samples), int(seed), float(noise_std)
+        ids, spans = _encode(tok, prompt)
+        self.token_ids = ids
+        self.tokens = _token_labels(tok, prompt, ids, spans)
+        self.subject_range = _find_subject_span(tok, prompt, subject, offsets=spans)
+        self.device = _device(model)
+        self.input_ids = torch.tensor([ids], device=self.device)
+        self.names = {
+            "hidden": [spec.block(i) for i in range(self.n_layers)],
+            "mlp": [spec.mlp_module(i) for i in range(self.n_layers)],
+            "attn": [spec.attn_module(i) for i in range(self.n_layers)],
+        }
+        self.layer_of = {n: i for names in self.names.values() for i, n in enumerate(names)}
+        for name in [spec.embed, *(n for k in kinds for n in self.names[k])]:
+            try:
+                model.get_submodule(name)
+            except AttributeError:
+                raise ArchitectureError(
+                    f"module '{name}' not found in this {spec.model_type} model; the ModelSpec does not match it"
+                ) from None
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+        with torch.no_grad(), _eval_mode(model):
+            # 1. clean run: the states to restore, and the answer.
+            traced = [spec.embed, *dict.fromkeys(n for k in ("hidden", *kinds) for n in self.names[k])]
+            with TraceDict(model, traced) as td:
+                probs = torch.softmax(self._logits(self.input_ids), dim=-1)[0]
+            self.clean = {n: td[n].output[0] for n in traced if n != spec.embed}  # name -> (T, D)
+            embed_out = td[spec.embed].output  # (1, T, D)
+            if target is None:
+                self.answer_ids = [int(probs.argmax())]
+                self.target_text = None
+            else:
+                self.target_text, self.answer_ids = _target_tokens(tok, prompt, target)
+            self.target = target
+            self.answer_id = self.answer_ids[0]
+            self.answer = tok.decode([self.answer_id])
+            self.clean_prob = float(probs[self.answer_id])
+
+            # 2. the noise: one draw per sample, reused for every cell.
+            s0, s1 = self.subject_range
+            g = torch.Generator().manual_seed(self.seed)
+            noise = torch.randn(self.samples, s1 - s0, embed_out.shape[-1], generator=g, dtype=torch.float32)
+            self.noise = (noise * self.noise_std).to(self.device, embed_out.dtype)  # (S, n_subj, D)
+
+            # 3. corrupted run: the low score, every block's output and the keys/values, for replay.
+            self._reuse = reuse_prefix
+            self._block_extra: tuple = ()
+            self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+            shape: dict[str, Any] = {}
+
+            def record_shape(module, args, output):
+                shape["tuple"] = isinstance(output, tuple)
+                shape["extra"] = tuple(output[1:]) if isinstance(output, tuple) else ()
+
+            handle = model.get_submodule(spec.block(0)).register_forward_hook(record_shape)
+            try:
+                retain = self.names["hidden"] if reuse_prefix else []
+                with TraceDict(model, [spec.embed, *retain], edit_output=self._corrupt_edit(1)) as td:
+                    out = self._forward(self.input_ids.expand(self.samples, -1), want_cache=reuse_prefix)
+                    p = torch.softmax(out.logits[:, -1].float(), dim=-1)
+            finally:
+                handle.remove()
+            self.corrupted_prob = float(p[:, self.answer_id].mean())
+            self._corrupted = {n: td[n].output for n in retain}  # name -> (S, T, D)
+            if shape.get("extra") and any(x is not None for x in shape["extra"]):
+                log.debug("block outputs carry extra tensors; not replaying block prefixes")
+                self._reuse = False
+            self._block_extra = shape.get("extra", ())
+            if self._reuse:
+                self._kv = self._cache_tensors(out)
+
+    # -- forward helpers
+
+    def _forward(self, ids: torch.Tensor, *, cache: Any = None, want_cache: bool = False) -> Any:
+        kw: dict[str, Any] = {"input_ids": ids, "use_cache": bool(want_cache or cache is not None)}
+        if self._logits_to_keep:
+            kw["logits_to_keep"] = 1
+        if cache is not None:
+            kw[self._cache_kw] = cache
+        return self.model(**kw)
+
+    def _logits(self, ids: torch.Tensor, *, cache: Any = None) -> torch.Tensor:
+        return self._forward(ids, cache=cache).logits[:, -1].float()
+
+    @property
+    def _cache_kw(self) -> str:
+        params = inspect.signature(self.model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    def _cache_tensors(self, out: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Each layer's (keys, values) from the corrupted run, if the model returned a cache whose
+        layers hold every prompt position; ``None`` disables prefix-token reuse."""
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        layers = getattr(cache, "layers", None)
+        T = len(self.token_ids)
+        if layers is None or len(layers) != self.n_layers:
+            log.debug("no per-layer cache returned; not reusing prompt prefixes")
+            return None
+        kv = []
+        for layer in layers:
+            k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if (
+                not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor))
+                or k.dim() != 4
+                or k.shape[-2] != T
+            ):
+                log.debug("cache layout not understood; not reusing prompt prefixes")
+                return None
+            kv.append((k, v))
+        return kv
+
+    def _prefix_cache(self, t0: int, copies: int) -> Any:
+        """A fresh cache holding the corrupted run's keys/values of positions ``< t0``, per row."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(self._kv):
+            cache.update(k[:, :, :t0].repeat(copies, 1, 1, 1), v[:, :, :t0].repeat(copies, 1, 1, 1), i)
+        return cache
+
+    def _corrupt_edit(self, copies: int, t0: int = 0):
+        """Adds the noise to the subject's embeddings; the fed positions start at prompt token ``t0``."""
+        s0, s1 = self.subject_range
+        a = max(s0, t0)
+        noise = self.noise[:, a - s0 :]
+        noise = noise.repeat(copies, 1, 1) if copies > 1 else noise  # row c*S + s gets sample s
+
+        def edit(output: Any, name: str) -> Any:
+            if name != self.spec.embed or a >= s1:
+                return output
+            h = _first(output).clone()
+            h[:, a - t0 : s1 - t0] += noise
+            return _with_first(output, h)
+
+        return edit
+
+    @contextmanager
+    def _replay(self, first_layer: int, copies: int, t0: int = 0) -> Iterator[None]:
+        """Blocks ``0 .. first_layer-1`` return their recorded corrupted outputs instead of computing."""
+        if not self._reuse or first_layer <= 0:
+            yield
+            return
+        h = self._corrupted[self.names["hidden"][first_layer - 1]][:, t0:].repeat(
+            copies, 1, 1
+        )  # (B, T-t0, D)
+        out = (h, *self._block_extra) if self._block_extra else h
+
+        def replayed(*args: Any, **kwargs: Any) -> Any:
+            return out
+
+        blocks = [self.model.get_submodule(self.spec.block(i)) for i in range(first_layer)]
+        saved = [b.__dict__.get("forward", _MISSING) for b in blocks]
+        try:
+            for b in blocks:
+                b.forward = replayed
+            yield
+        finally:
+            for b, s in zip(blocks, saved):
+                if s is _MISSING:
+                    b.__dict__.pop("forward", None)
+                else:
+                    b.forward = s
+
+    # -- the batched core
+
+    def window_layers(self, layer: int, window: int) -> range:
+        """The reference's window: ``[layer - window // 2, layer + ceil(window / 2))`` within the model."""
+        if window < 1:
+            raise TraceError(f"window={window}; pass a window of at least 1 layer (the paper uses 10)")
+        return range(max(0, layer - window // 2), min(self.n_layers, layer - (-window // 2)))
+
+    def cell_set(
+        self, kind: str, token: int, layer: int, *, window: int = DEFAULT_WINDOW
+    ) -> list[tuple[int, str]]:
+        """The states one heatmap cell restores."""
+        if kind == "hidden":
+            return [(token, self.names["hidden"][layer])]
+        return [(token, self.names[kind][i]) for i in self.window_layers(layer, window)]
+
+    def probabilities(
+        self, sets: Sequence[Sequence[tuple[int, str]]], *, batch_size: int = DEFAULT_BATCH_SIZE
+    ) -> np.ndarray:
+        """The answer's probability (mean over the noise samples) with each set of states restored.
+
+        Many sets go into one forward pass (``batch_size`` corrupted rows, ``samples`` per set). With
+        ``reuse_prefix``, a pass starts at the lowest layer and the first token its sets restore:
+        lower blocks replay their corrupted outputs and earlier tokens come from the corrupted run's
+        key/value cache, since nothing restored can change them (attention is causal).
+        """
+        T = len(self.token_ids)
+        first: list[int] = []
+        start: list[int] = []
+        for st in sets:
+            layers, toks = [self.n_layers], [T - 1]
+            for t, name in st:
+                if name not in self.layer_of:
+                    raise TraceError(
+                        f"cannot restore '{name}': only block, MLP and attention outputs are traced"
+                    )
+                if name not in self.clean:
+                    raise TraceError(f"'{name}' was not recorded; include its kind in kinds=")
+                if not -T <= t < T:
+                    raise TraceError(f"token {t} is out of range; the prompt has {T} tokens")
+                layers.append(self.layer_of[name])
+                toks.append(t % T)
+            first.append(min(layers))
+            start.append(min(toks) if self._kv is not None else 0)
+        per = max(1, batch_size // self.samples)
+        groups: dict[int, list[int]] = defaultdict(list)  # same first token: one cache prefix
+        for i in range(len(sets)):
+            groups[start[i]].append(i)
+        out = np.empty(len(sets), dtype=np.float64)
+        with torch.no_grad(), _eval_mode(self.model):
+            for t0, members in sorted(groups.items()):
+                members.sort(key=lambda i: first[i])  # a chunk replays the blocks below its lowest layer
+                n_chunks = -(-len(members) // per)
+                size = -(-len(members) // n_chunks)  # balanced chunks
+                for k in range(0, len(members), size):
+                    chunk = members[k : k + size]
+                    p = self._run([sets[i] for i in chunk], min(first[i] for i in chunk), t0)
+                    out[chunk] = p.mean(dim=1).double().cpu().numpy()
+        return out
+
+    def _run(self, sets: Sequence[Sequence[tuple[int, str]]], first_layer: int, t0: int = 0) -> torch.Tensor:
+        S, n = self.samples, len(sets)
+        T = len(self.token_ids)
+        rows: dict[str, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+        for c, st in enumerate(sets):
+            for t, name in st:
+                r, tt = rows[name]
+                r.extend(range(c * S, (c + 1) * S))
+                tt.extend([t % T] * S)
+        index = {
+            name: (
+                torch.tensor(r, device=self.device),
+                torch.tensor(tt, device=self.device) - t0,  # position in the fed tokens
+                self.clean[name][torch.tensor(tt, device=self.device)],  # (k, D) clean values
+            )
+            for name, (r, tt) in rows.items()
+        }
+        corrupt = self._corrupt_edit(n, t0)
+
+        def edit(output: Any, name: str) -> Any:
+            if name == self.spec.embed:
+                return corrupt(output, name)
+            r, pos, value = index[name]
+            h = _first(output).index_put((r, pos), value)  # out of place
+            return _with_first(output, h)
+
+        cache = self._prefix_cache(t0, n) if t0 > 0 else None
+        with TraceDict(self.model, [self.spec.embed, *index], retain_output=False, edit_output=edit):
+            with self._replay(first_layer, n, t0):
+                logits = self._logits(self.input_ids[:, t0:].expand(n * S, -1), cache=cache)
+        return torch.softmax(logits, dim=-1)[:, self.answer_id].view(n, S)
+
+    def scores(
+        self, kind: str, *, window: int = DEFAULT_WINDOW, batch_size: int = DEFAULT_BATCH_SIZE
+    ) -> np.ndarray:
+        """The heatmap ``(n_tokens, n_layers)``: the answer's probability with cell ``(t, l)`` restored."""
+        (kind,) = _check_kinds([kind])
+        T, L = len(self.token_ids), self.n_layers
+        s0 = self.subject_range[0]
+        out = np.full((T, L), self.corrupted_prob, dtype=np.float64)  # tokens before the subject: no effect
+        cells = [(t, layer) for t in range(s0, T) for layer in range(L)]
+        sets = [self.cell_set(kind, t, layer, window=window) for t, layer in cells]
+        probs = self.probabilities(sets, batch_size=batch_size)
+        for (t, layer), p in zip(cells, probs):
+            out[t, layer] = p
+        return out
+
+
+def _check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
+    kinds = tuple(dict.fromkeys(kinds))
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise TraceError(
+            f"unknown kind(s) {', '.join(map(repr, bad)) or '(none)'}; choose from {', '.join(KINDS)}"
+        )
+    return kinds
+
+
+# ------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class TraceResult:
+    """Causal tracing of one prompt. ``scores[kind]`` is ``(n_tokens, n_layers)``: the probability
+    of the answer's first token with that cell restored (mean over the noise samples)."""
+
+    prompt: str
+    subject: str
+    tokens: list[str]
+    token_ids: list[int]
+    subject_range: tuple[int, int]  # [start, end) token indices
+    answer: str  # decoded first answer token (the measured one)
+    answer_id: int
+    answer_ids: list[int]  # every token of the target; only the first is measured
+    target: str | None  # None: the answer is the clean run's top prediction
+    clean_prob: float
+    corrupted_prob: float
+    scores: dict[str, np.ndarray]
+    n_layers: int
+    samples: int
+    window: int
+    noise: dict[str, Any]  # {"std", "multiplier", "embedding_std": {"value", "source", "n_tokens"}}
+    seed: int = 0
+    model: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0  # the whole trace, noise-std measurement included
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per kind
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(k for k in KINDS if k in self.scores)
+
+    @property
+    def last_subject_token(self) -> int:
+        return self.subject_range[1] - 1
+
+    @property
+    def total_effect(self) -> float:
+        return self.clean_prob - self.corrupted_prob
+
+    def indirect_effect(self, kind: str) -> np.ndarray:
+        return self.scores[kind] - self.corrupted_prob
+
+    @property
+    def suggested_layer(self) -> int | None:
+        """The layer where the MLP effect at the last subject token peaks (centre of the window);
+        ``None`` when the MLP kind was not traced."""
+        if "mlp" not in self.scores:
+            return None
+        return int(np.argmax(self.scores["mlp"][self.last_subject_token]))
+
+    def strongest(self, kind: str) -> tuple[int, int, float]:
+        """``(token, layer, indirect effect)`` of the cell with the largest effect for ``kind``."""
+        ie = self.indirect_effect(kind)
+        t, layer = divmod(int(np.argmax(ie)), ie.shape[1])
+        return t, layer, float(ie[t, layer])
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "format": TRACE_FORMAT,
+            "model": self.model,
+            "prompt": self.prompt,
+            "subject": self.subject,
+            "tokens": self.tokens,
+            "token_ids": self.token_ids,
+            "subject_range": list(self.subject_range),
+            "answer": {
+                "token": self.answer,
+                "id": self.answer_id,
+                "target": self.target,
+                "ids": self.answer_ids,
+            },
+            "measured": "probability of the answer's first token at the last prompt position",
+            "clean_prob": self.clean_prob,
+            "corrupted_prob": self.corrupted_prob,
+            "total_effect": self.total_effect,
+            "suggested_layer": self.suggested_layer,
+            "n_layers": self.n_layers,
+            "samples": self.samples,
+            "window": self.window,
+            "noise": self.noise,
+            "seed": self.seed,
+            "seconds": self.seconds,
+            "timings": self.timings,
+            "kinds": list(self.kinds),
+            "scores": {k: self.scores[k].tolist() for k in self.kinds},
+        }
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TraceResult:
+        if d.get("format") != TRACE_FORMAT:
+            raise TraceError(f"not a rompatch trace (format {d.get('format')!r}, expected {TRACE_FORMAT!r})")
+        a = d["answer"]
+        return cls(
+            prompt=d["prompt"],
+            subject=d["subject"],
+            tokens=list(d["tokens"]),
+            token_ids=[int(i) for i in d["token_ids"]],
+            subject_range=(int(d["subject_range"][0]), int(d["subject_range"][1])),
+            answer=a["token"],
+            answer_id=int(a["id"]),
+            answer_ids=[int(i) for i in a["ids"]],
+            target=a.get("target"),
+            clean_prob=float(d["clean_prob"]),
+            corrupted_prob=float(d["corrupted_prob"]),
+            scores={k: np.asarray(v, dtype=np.float64) for k, v in d["scores"].items()},
+            n_layers=int(d["n_layers"]),
+            samples=int(d["samples"]),
+            window=int(d["window"]),
+            noise=dict(d["noise"]),
+            seed=int(d.get("seed", 0)),
+            model=dict(d.get("model") or {}),
+            seconds=float(d.get("seconds", 0.0)),
+            timings={k: float(v) for k, v in (d.get("timings") or {}).items()},
+        )
+
+
+def _identity(model: Any) -> dict[str, Any]:
+    from .models import model_identity
+
+    return model_identity(model)
+
+
+def trace_fact(
+    model: Any,
+    tok: Any,
+    prompt: str,
+    subject: str,
+    *,
+    target: str | None = None,
+    samples: int = DEFAULT_SAMPLES,
+    noise: float = DEFAULT_NOISE,
+    noise_std: float | None = None,
+    embed_std: EmbeddingStd | None = None,
+    window: int = DEFAULT_WINDOW,
+    kinds: Sequence[str] = KINDS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+    spec: ModelSpec | None = None,
+    reuse_prefix: bool = True,
+) -> TraceResult:
+    """Causal tracing of one fact: where in the network does ``prompt`` recall its answer?
+
+    ``prompt`` holds the subject (or a ``{}`` where it goes). The answer is the model's top next
+    token, or the first token of ``target``. ``noise`` is a multiple of the embedding std (measured
+    on WikiText-2, or pass ``embed_std``); ``noise_std`` sets an absolute std instead. ``window``:
+    layers restored together for the ``mlp``/``attn`` kinds. ``batch_size``: corrupted rows per
+    forward pass. Returns arrays; ``rompatch.plotting`` draws them.
+    """
+    t0 = time.perf_counter()
+    if "{}" in prompt:
+        prompt = prompt.replace("{}", subject, 1)
+    kinds = _check_kinds(kinds)
+    if window < 1:
+        raise TraceError(f"window={window}; pass a window of at least 1 layer (the paper uses 10)")
+    if batch_size < 1:
+        raise TraceError(f"batch_size={batch_size}; pass at least 1")
+    _find_subject_span(tok, prompt, subject)  # fail before measuring anything
+    std, noise_rec = _resolve_noise(
+        model, tok, noise=noise, noise_std=noise_std, embed_std=embed_std, fallback_texts=[prompt], spec=spec
+    )
+    tracer = CausalTracer(
+        model,
+        tok,
+        prompt,
+        subject,
+        noise_std=std,
+        target=target,
+        samples=samples,
+        seed=seed,
+        kinds=kinds,
+        spec=spec,
+        reuse_prefix=reuse_prefix,
+    )
+    scores, timings = {}, {}
+    for kind in kinds:
+        tk = time.perf_counter()
+        scores[kind] = tracer.scores(kind, window=window, batch_size=batch_size)
+        timings[kind] = round(time.perf_counter() - tk, 3)
+        log.info("traced %s for %r in %.1f s", kind, prompt, timings[kind])
+    return TraceResult(
+        prompt=prompt,
+        subject=subject,
+        tokens=tracer.tokens,
+        token_ids=tracer.token_ids,
+        subject_range=tracer.subject_range,
+        answer=tracer.answer,
+        answer_id=tracer.answer_id,
+        answer_ids=tracer.answer_ids,
+        target=target,
+        clean_prob=tracer.clean_prob,
+        corrupted_prob=tracer.corrupted_prob,
+        scores=scores,
+        n_layers=tracer.n_layers,
+        samples=tracer.samples,
+        window=int(window),
+        noise=noise_rec,
+        seed=int(seed),
+        model=_identity(model),
+        seconds=round(time.perf_counter() - t0, 3),
+        timings=timings,
+    )
+
+
+# ------------------------------------------------------------------------------ known facts
+
+
+@dataclass(frozen=True)
+class KnownFact:
+    """A fact to trace: ``prompt`` (subject filled in), ``subject``, and the expected ``attribute``."""
+
+    prompt: str
+    subject: str
+    attribute: str
+    key: str  # known_id / case_id, or the record's index
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any], index: int) -> KnownFact:
+        if "requested_rewrite" in rec:  # a CounterFact record: trace its true fact
+            rr = rec["requested_rewrite"]
+            true = rr.get("target_true", {})
+            return cls(
+                rr["prompt"].replace("{}", rr["subject"], 1),
+                rr["subject"],
+                true["str"] if isinstance(true, Mapping) else str(true),
+                str(rec.get("case_id", index)),
+            )
+        prompt = rec.get("prompt") or (
+            rec["template"].replace("{}", rec["subject"], 1) if "template" in rec else None
+        )
+        return cls(prompt, rec["subject"], rec["attribute"], str(rec.get("known_id", index)))
+
+
+def load_known(records: str | os.PathLike | Iterable[Mapping[str, Any]]) -> list[KnownFact]:
+    """Facts from a known_1000.json-style file or list (``prompt``/``template``, ``subject``,
+    ``attribute``), or from CounterFact records (their true fact)."""
+    where = "the records"
+    if isinstance(records, (str, os.PathLike)):
+        where = str(records)
+        try:
+            with open(records, encoding="utf-8") as f:
+                records = json.load(f)
+        except FileNotFoundError:
+            raise TraceError(f"fact file {where} not found; pass a known_1000.json-style JSON file") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise TraceError(
+                f"cannot read fact file {where} ({e}); it must be a JSON list of records"
+            ) from None
+    if isinstance(records, Mapping) or not isinstance(records, Iterable):
+        raise TraceError(f"{where} must be a JSON list of fact records")
+    out = []
+    for i, rec in enumerate(records):
+        try:
+            fact = KnownFact.from_record(rec, i)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise TraceError(
+                f"record {i} of {where} lacks {e}; expected known_1000.json-style records (prompt, subject, "
+                "attribute) or CounterFact records"
+            ) from None
+        if not fact.prompt or not fact.subject or not fact.attribute:
+            raise TraceError(f"record {i} of {where} has an empty prompt, subject or attribute")
+        out.append(fact)
+    if not out:
+        raise TraceError(f"{where} holds no facts")
+    return out
+
+
+@torch.no_grad()
+def predicts_attribute(model: Any, tok: Any, prompt: str, attribute: str) -> bool:
+    """Whether greedy decoding after ``prompt`` produces exactly the attribute's tokens.
+
+    For a one-token attribute this is the reference's check (the top prediction *is* the
+    attribute); longer attributes must be reproduced token by token (one teacher-forced pass).
+    """
+    ids, _ = _encode(tok, prompt)
+    _, target = _target_tokens(tok, prompt, attribute)
+    x = torch.tensor([ids + target[:-1]], device=_device(model))
+    with _eval_mode(model):
+        logits = model(input_ids=x, use_cache=False).logits[0]
+    pred = logits[len(ids) - 1 :].argmax(-1).tolist()
+    return pred == target
+
+
+def _category_rows(subject_range: tuple[int, int], n_tokens: int) -> list[list[int]]:
+    """Token rows of each of the paper's CATEGORIES (the notebook's rollup): a one-token subject is
+    both the first and the last subject token; middle and further tokens contribute each token."""
+    first_e, first_a = subject_range
+    last_e, last_a = first_a - 1, n_tokens - 1
+    return [
+        [first_e],
+        list(range(first_e + 1, last_e)),
+        [last_e],
+        [first_a],
+        list(range(first_a + 1, last_a)),
+        [last_a],
+    ]
+
+
+@dataclass
+class AverageTrace:
+    """The average over many facts of the restored probability per token category and layer.
+
+    ``effect(kind)`` is the paper's average indirect effect (AIE): the mean restored probability
+    minus the mean corrupted probability, ``(len(CATEGORIES), n_layers)``. ``effect_std`` is the std
+    of the per-instance indirect effect (score minus that fact's corrupted probability); ``ci95``
+    is the 95% band drawn around the lines (``1.96·std/√count``).
+    """
+
+    kinds: tuple[str, ...]
+    n_layers: int
+    mean_scores: dict[str, np.ndarray]
+    effect_std: dict[str, np.ndarray]
+    counts: np.ndarray  # instances per category
+    n_facts: int
+    mean_clean_prob: float
+    mean_corrupted_prob: float
+    facts: list[dict[str, Any]]
+    skipped: dict[str, int]
+    considered: int
+    settings: dict[str, Any]
+    stopped: str | None = None  # why the run ended before the fact list did
+    seconds: float = 0.0
+    categories: tuple[str, ...] = CATEGORIES
+
+    def effect(self, kind: str) -> np.ndarray:
+        return self.mean_scores[kind] - self.mean_corrupted_prob
+
+    def ci95(self, kind: str) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return 1.96 * self.effect_std[kind] / np.sqrt(self.counts)[:, None]
+
+    @property
+    def total_effect(self) -> float:
+        return self.mean_clean_prob - self.mean_corrupted_prob
+
+    def peak_layer(self, kind: str = "mlp", category: str = "last subject token") -> int | None:
+        """The layer with the largest AIE for ``kind`` at ``category`` (None without data)."""
+        if kind not in self.mean_scores or self.n_facts == 0:
+            return None
+        return int(np.nanargmax(self.effect(kind)[self.categories.index(category)]))
+
+    def top_layers(
+        self, kind: str = "mlp", category: str = "last subject token", k: int = 5
+    ) -> list[tuple[int, float]]:
+        if kind not in self.mean_scores or self.n_facts == 0:
+            return []
+        row = self.effect(kind)[self.categories.index(category)]
+        order = np.argsort(-np.nan_to_num(row, nan=-np.inf))[:k]
+        return [(int(i), float(row[i])) for i in order]
+
+    def to_dict(self) -> dict[str, Any]:
+        def arr(a: np.ndarray) -> list:
+            return [[None if not math.isfinite(x) else float(x) for x in r] for r in np.atleast_2d(a)]
+
+        return {
+            "format": "rompatch-trace-average/1",
+            "settings": self.settings,
+            "categories": list(self.categories),
+            "kinds": list(self.kinds),
+            "n_layers": self.n_layers,
+            "n_facts": self.n_facts,
+            "considered": self.considered,
+            "skipped": self.skipped,
+            "stopped": self.stopped,
+            "seconds": self.seconds,
+            "counts": [int(c) for c in self.counts],
+            "mean_clean_prob": _num(self.mean_clean_prob),
+            "mean_corrupted_prob": _num(self.mean_corrupted_prob),
+            "total_effect": _num(self.total_effect),
+            "summary": {
+                k: {
+                    "peak_layer_last_subject_token": self.peak_layer(k),
+                    "top_layers_last_subject_token": [{"layer": i, "aie": v} for i, v in self.top_layers(k)],
+                    "peak_layer_last_token": self.peak_layer(k, "last token"),
+                }
+                for k in self.kinds
+            },
+            "mean_scores": {k: arr(self.mean_scores[k]) for k in self.kinds},
+            "effect": {k: arr(self.effect(k)) for k in self.kinds},
+            "effect_std": {k: arr(self.effect_std[k]) for k in self.kinds},
+            "facts": self.facts,
+        }
+
+
+def _num(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+class _Rollup:
+    def __init__(self, kinds: Sequence[str], n_layers: int) -> None:
+        C = len(CATEGORIES)
+        self.kinds = tuple(kinds)
+        self.sum = {k: np.zeros((C, n_layers)) for k in kinds}
+        self.ie_sum = {k: np.zeros((C, n_layers)) for k in kinds}
+        self.ie_sq = {k: np.zeros((C, n_layers)) for k in kinds}
+        self.counts = np.zeros(C, dtype=np.int64)
+        self.clean: list[float] = []
+        self.low: list[float] = []
+
+    def add(self, r: TraceResult) -> None:
+        self.clean.append(r.clean_prob)
+        self.low.append(r.corrupted_prob)
+        for c, rows in enumerate(_category_rows(r.subject_range, len(r.tokens))):
+            self.counts[c] += len(rows)
+            for k in self.kinds:
+                s = r.scores[k][rows]
+                ie = s - r.corrupted_prob
+                self.sum[k][c] += s.sum(0)
+                self.ie_sum[k][c] += ie.sum(0)
+                self.ie_sq[k][c] += (ie**2).sum(0)
+
+    def means(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        n = self.counts[:, None].astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean = {k: self.sum[k] / n for k in self.kinds}
+            std = {
+                k: np.sqrt(np.maximum(self.ie_sq[k] / n - (self.ie_sum[k] / n) ** 2, 0.0)) for k in self.kinds
+            }
+        return mean, std
+
+
+def trace_known(
+    model: Any,
+    tok: Any,
+    records: str | os.PathLike | Iterable[Mapping[str, Any]],
+    *,
+    limit: int | None = None,
+    samples: int = DEFAULT_SAMPLES,
+    noise: float = DEFAULT_NOISE,
+    noise_std: float | None = None,
+    embed_std: EmbeddingStd | None = None,
+    window: int = DEFAULT_WINDOW,
+    kinds: Sequence[str] = KINDS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+    spec: ModelSpec | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    time_budget: float | None = None,
+    progress: bool = False,
+) -> AverageTrace:
+    """The average indirect effect over the facts of ``records`` that the model gets right.
+
+    A fact counts when greedy decoding reproduces its attribute (``predicts_attribute``); the
+    others are skipped and counted. ``limit``: stop after this many traced facts. ``cache_dir``:
+    each fact's result is written there as it finishes (``<key>.json``) and reused by a later run
+    with the same settings, so an interrupted run resumes. ``time_budget`` (seconds): start no new
+    fact after it. The noise std is measured once and shared by all facts.
+    """
+    t_start = time.perf_counter()
+    facts = load_known(records)
+    kinds = _check_kinds(kinds)
+    if limit is not None and limit < 1:
+        raise TraceError(f"limit={limit}; pass at least 1")
+    spec = get_spec(model, spec)
+    std, noise_rec = _resolve_noise(
+        model,
+        tok,
+        noise=noise,
+        noise_std=noise_std,
+        embed_std=embed_std,
+        fallback_texts=[f.prompt for f in facts],
+        spec=spec,
+    )
+    settings = {
+        "model": _identity(model),
+        "samples": int(samples),
+        "window": int(window),
+        "kinds": list(kinds),
+        "noise": noise_rec,
+        "seed": int(seed),
+        "criterion": "greedy decoding reproduces the attribute's tokens",
+    }
+    cache = Path(cache_dir) if cache_dir is not None else None
+    rollup = _Rollup(kinds, num_layers(model))
+    skipped: dict[str, int] = defaultdict(int)
+    traced: list[dict[str, Any]] = []
+    stopped = None
+    considered = 0
+    total = min(limit, len(facts)) if limit else len(facts)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, disable=not progress, file=sys.stderr, unit="fact", desc="tracing")
+    try:
+        for fact in facts:
+            if limit is not None and len(traced) >= limit:
+                break
+            if time_budget is not None and time.perf_counter() - t_start > time_budget:
+                stopped = f"time budget of {time_budget:.0f} s reached"
+                break
+            considered += 1
+            case = _load_case(cache, fact, settings)
+            if case is None:
+                case = _trace_case(
+                    model, tok, fact, std, noise_rec, samples, window, kinds, batch_size, seed, spec
+                )
+                _save_case(cache, fact, settings, case)
+            if case["status"] != "traced":
+                skipped[case["status"]] += 1
+                if not limit:
+                    bar.update(1)
+                bar.set_postfix(traced=len(traced), skipped=sum(skipped.values()))
+                continue
+            r = TraceResult.from_dict(case["result"])
+            rollup.add(r)
+            traced.append(
+                {
+                    "key": fact.key,
+                    "prompt": r.prompt,
+                    "subject": r.subject,
+                    "answer": r.answer,
+                    "subject_range": list(r.subject_range),
+                    "n_tokens": len(r.tokens),
+                    "clean_prob": r.clean_prob,
+                    "corrupted_prob": r.corrupted_prob,
+                    "suggested_layer": r.suggested_layer,
+                    "seconds": r.seconds,
+                }
+            )
+            bar.update(1)
+            bar.set_postfix(traced=len(traced), skipped=sum(skipped.values()))
+    finally:
+        bar.close()
+    mean, std_ie = rollup.means()
+    return AverageTrace(
+        kinds=kinds,
+        n_layers=num_layers(model),
+        mean_scores=mean,
+        effect_std=std_ie,
+        counts=rollup.counts.copy(),
+        n_facts=len(traced),
+        mean_clean_prob=float(np.mean(rollup.clean)) if rollup.clean else float("nan"),
+        mean_corrupted_prob=float(np.mean(rollup.low)) if rollup.low else float("nan"),
+        facts=traced,
+        skipped=dict(skipped),
+        considered=considered,
+        settings=settings,
+        stopped=stopped,
+        seconds=round(time.perf_counter() - t_start, 1),
+    )
+
+
+def _trace_case(model, tok, fact, std, noise_rec, samples, window, kinds, batch_size, seed, spec) -> dict:
+    try:
+        if not predicts_attribute(model, tok, fact.prompt, fact.attribute):
+            return {"status": "wrong prediction"}
+        span = _find_subject_span(tok, fact.prompt, fact.subject)
+    except TraceError as e:
+        log.info("skipping fact %s: %s", fact.key, e)
+        return {"status": "subject not in prompt" if "subject" in str(e) else "unusable record"}
+    if span[1] >= len(_encode(tok, fact.prompt)[0]):
+        return {"status": "subject ends the prompt"}
+    r = trace_fact(
+        model,
+        tok,
+        fact.prompt,
+        fact.subject,
+        samples=samples,
+        noise_std=std,
+        window=window,
+        kinds=kinds,
+        batch_size=batch_size,
+        seed=seed,
+        spec=spec,
+    )
+    r.noise = noise_rec
+    return {"status": "traced", "result": r.to_dict()}
+
+
+def _case_path(cache: Path, fact: KnownFact) -> Path:
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in fact.key)
+    return cache / f"fact-{safe}.json"
+
+
+def _load_case(cache: Path | None, fact: KnownFact, settings: dict) -> dict | None:
+    if cache is None:
+        return None
+    path = _case_path(cache, fact)
+    if not path.is_file():
+        return None
+    try:
+        case = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        log.warning("ignoring unreadable cached case %s", path)
+        return None
+    if case.get("settings") != json.loads(json.dumps(settings)) or case.get("prompt") != fact.prompt:
+        log.info("cached case %s was traced with other settings; tracing again", path)
+        return None
+    return case
+
+
+def _save_case(cache: Path | None, fact: KnownFact, settings: dict, case: dict) -> None:
+    if cache is None:
+        return
+    case = {"settings": settings, "prompt": fact.prompt, "attribute": fact.attribute, **case}
+    text = json.dumps(case, ensure_ascii=False)
+    atomic_write(_case_path(cache, fact), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+# ------------------------------------------------------------------------------------- writers
+
+
+def _write_json(path: Path, obj: Any) -> Path:
+    text = json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, **arrays)
+
+    return atomic_write(path, write)
+
+
+def save_trace(result: TraceResult, out_dir: str | os.PathLike, *, name: str = "scores") -> list[Path]:
+    """Write ``<name>.json`` (everything) and ``<name>.npz`` (arrays plus the JSON as ``meta``)."""
+    out = Path(out_dir)
+    d = result.to_dict()
+    arrays: dict[str, np.ndarray] = {
+        "token_ids": np.asarray(result.token_ids, dtype=np.int64),
+        "subject_range": np.asarray(result.subject_range, dtype=np.int64),
+        "answer_id": np.asarray(result.answer_id, dtype=np.int64),
+        "clean_prob": np.asarray(result.clean_prob),
+        "corrupted_prob": np.asarray(result.corrupted_prob),
+        "meta": np.asarray(json.dumps({k: v for k, v in d.items() if k != "scores"}, ensure_ascii=False)),
+    }
+    for k in result.kinds:
+        arrays[f"scores_{k}"] = result.scores[k]
+        arrays[f"effect_{k}"] = result.indirect_effect(k)
+    return [_write_json(out / f"{name}.json", d), _write_npz(out / f"{name}.npz", arrays)]
+
+
+def load_trace(path: str | os.PathLike) -> TraceResult:
+    """Read a trace written by ``save_trace`` (its ``.json``, or the folder holding ``scores.json``)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "scores.json"
+    try:
+        return TraceResult.from_dict(json.loads(p.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise TraceError(f"{p} not found; pass a scores.json written by `rompatch trace`") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise TraceError(f"{p} is not a valid trace ({e}); write it again with `rompatch trace`") from None
+
+
+def save_average(avg: AverageTrace, out_dir: str | os.PathLike, *, name: str = "average") -> list[Path]:
+    """Write ``<name>.json`` (summary, per-fact list, arrays) and ``<name>.npz`` (the arrays)."""
+    out = Path(out_dir)
+    d = avg.to_dict()
+    arrays: dict[str, np.ndarray] = {
+        "counts": avg.counts,
+        "categories": np.asarray(avg.categories),
+        "mean_clean_prob": np.asarray(avg.mean_clean_prob),
+        "mean_corrupted_prob": np.asarray(avg.mean_corrupted_prob),
+        "n_facts": np.asarray(avg.n_facts),
+    }
+    for k in avg.kinds:
+        arrays[f"mean_scores_{k}"] = avg.mean_scores[k]
+        arrays[f"effect_{k}"] = avg.effect(k)
+        arrays[f"effect_std_{k}"] = avg.effect_std[k]
+    return [_write_json(out / f"{name}.json", d), _write_npz(out / f"{name}.npz", arrays)]
