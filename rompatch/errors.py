@@ -83,3 +83,7 @@ class MissingDependencyError(RompatchError, ImportError):
 
 class HubConnectionError(HubError):
     """The Hub could not be reached (connection refused, reset or timed out)."""
+
+
+class EvalError(RompatchError, ValueError):
+    """An evaluation input (data file, kind) or its output folder is unusable."""
