@@ -186,7 +186,12 @@ def run() -> dict:
                  f"{ft['seconds']:.0f} s wall in total over {ft['runs']} run(s)"})  # fmt: skip
 
     # ---------------------------------------------------------------- comparison tables
-    full_path = WORK / f"counterfact-L{LAYER}.jsonl"
+    # bench_counterfact keeps its per-case results in bench/results (older runs: bench/_work)
+    full_path = next(
+        (p for p in (HERE / "results" / f"counterfact-L{LAYER}.jsonl", WORK / f"counterfact-L{LAYER}.jsonl")
+         if p.is_file()),
+        HERE / "results" / f"counterfact-L{LAYER}.jsonl",
+    )  # fmt: skip
     full = (
         [json.loads(x) for x in full_path.read_text().splitlines() if x.strip()]
         if full_path.is_file()

@@ -115,6 +115,8 @@ def plot_sequential(result: Mapping[str, Any], path: str | Path, *, title: str =
         ax = axes[2]
         pts = [(c["n"], c["GE"]) for c in result["checkpoints"] if c.get("GE") is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color="#9467bd")
+        ge = [p[1] for p in pts]
+        ax.set_ylim(min(ge) - 100, max(ge) + 50)  # a collapse drops GE by hundreds; noise is ±5
         ax.set_xlabel("edits made (N)")
         ax.set_ylabel("GE (entropy ×100)")
         ax.set_title("fluency of unrelated generations", fontsize=9)
