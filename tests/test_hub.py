@@ -34,7 +34,7 @@ from tests.hubserver import list_files
 from tests.test_loading import PROMPT_A, PROMPT_B, save_tiny, steer_patch, top1
 
 REPO = Path(__file__).resolve().parent.parent
-DOC = REPO / "docs" / "readme-hub.md"
+DOC = REPO / "README.md"
 DOC_PROMPT = "The Eiffel Tower is located in the city of"
 
 
@@ -543,7 +543,7 @@ def test_cli_push_pull_show(hub_env, tiny, tmp_path):
 def _doc_example() -> str:
     text = DOC.read_text()
     m = re.search(r"<!-- example: load-from-hub -->\s*```python\n(.*?)```", text, re.S)
-    assert m, "docs/readme-hub.md must hold the load-from-hub example"
+    assert m, "README.md must hold the load-from-hub example"
     return m.group(1)
 
 
