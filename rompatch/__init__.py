@@ -12,6 +12,7 @@ from .errors import (  # noqa: E402
     BaseMismatchError,
     CheckpointError,
     ConflictError,
+    EvalError,
     ExportError,
     FingerprintMismatchError,
     HubError,
@@ -24,9 +25,10 @@ from .errors import (  # noqa: E402
     RompatchError,
     StatsError,
 )
-from .evaluate import evaluate_counterfact, summarize  # noqa: E402
+from .evaluate import evaluate_counterfact, load_records, run_evaluation, summarize  # noqa: E402
 from .extract import extract_patch  # noqa: E402
 from .fingerprint import tensor_sha256  # noqa: E402
+from .fluency import GenerationSettings  # noqa: E402
 from .hub import pull_patch, push_patch  # noqa: E402  (also adds Patch.from_pretrained / push_to_hub)
 from .loading import load_patched  # noqa: E402
 from .models import load_model, model_identity  # noqa: E402
@@ -34,6 +36,7 @@ from .patch import ParamInfo, Patch, RankOneDelta, load_patch, save_patch  # noq
 from .peft import export_peft  # noqa: E402
 from .request import EditRequest, load_requests  # noqa: E402
 from .rome import ROMEHyperParams, compute_delta  # noqa: E402
+from .sequential import run_sequential  # noqa: E402
 from .stack import stack_patches  # noqa: E402
 from .stats import SecondMoment, get_second_moment  # noqa: E402
 from .tracing import AverageTrace, TraceResult, embedding_std, trace_fact, trace_known  # noqa: E402
@@ -84,6 +87,11 @@ __all__ = [
     "get_second_moment",
     "evaluate_counterfact",
     "summarize",
+    "run_evaluation",
+    "load_records",
+    "run_sequential",
+    "GenerationSettings",
+    "EvalError",
     # sharing and loading
     "load_patched",
     "push_patch",

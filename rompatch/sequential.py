@@ -383,12 +383,12 @@ def sequential_markdown(result: Mapping[str, Any]) -> str:
     base = next((c for c in result["checkpoints"] if c["n"] == 0), None)
     present = [(k, h) for k, h in cols + extra if any(c.get(k) is not None for c in rows)]
     lines = [
-        "| edits N | " + " | ".join(h for _, h in present) + " | elapsed s |",
-        "| ---: | " + " | ".join("---:" for _ in present) + " | ---: |",
+        "| edits N | " + " | ".join(h for _, h in present) + " |",
+        "| ---: | " + " | ".join("---:" for _ in present) + " |",
     ]
     if base is not None and "GE" in base:
         lines.append(
-            "| 0 | " + " | ".join(f"{base['GE']:.1f}" if k == "GE" else "" for k, _ in present) + " | |"
+            "| 0 | " + " | ".join(f"{base['GE']:.1f}" if k == "GE" else "" for k, _ in present) + " |"
         )
     ratio_keys = {"update_ratio", "interference_median", "interference_max", "key_overlap_whitened_mean"}
     for c in rows:
@@ -396,7 +396,7 @@ def sequential_markdown(result: Mapping[str, Any]) -> str:
         for k, _ in present:
             v = c.get(k)
             cells.append("—" if v is None else f"{v:.3f}" if k in ratio_keys else f"{v:.1f}")
-        lines.append(f"| {c['n']} | " + " | ".join(cells) + f" | {c.get('elapsed_seconds', '')} |")
+        lines.append(f"| {c['n']} | " + " | ".join(cells) + " |")
     notes = [
         "",
         "Scores at N are over all N edits made so far (each earlier edit re-measured on the model with all N "
