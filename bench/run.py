@@ -32,8 +32,10 @@ RESULTS_DIR = HERE / "results"
 def machine() -> str:
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     load = os.getloadavg()[0]
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
-            f"threads, {dev}, torch {torch.__version__}, load average {load:.1f} when it finished")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
+        f"threads, {dev}, torch {torch.__version__}, load average {load:.1f} when it finished"
+    )
 
 
 def discover() -> list[str]:

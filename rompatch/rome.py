@@ -1,23 +1,27 @@
 """ROME (Meng et al. 2022): key k*, value v*, and the rank-one update, as in the paper.
 
-    k*  = mean over context templates of the edited matrix's input at the subject's last token
-    δ   = argmin  NLL(target | prompts, MLP output + δ at the subject) + KL essence + weight decay,
-          with ‖δ‖ clamped to clamp_norm_factor · ‖W k*‖
+    k*  = the subject's key averaged over context templates (the bare prompt weighs
+          key_prompt_weight, the templates share the rest)
+    δ   = argmin  NLL(target | prompts, MLP output + c_i δ at the subject) + KL essence + weight decay,
+          with ‖δ‖ clamped to clamp_norm_factor · ‖W k*‖; c_i = (u·k_i)/(u·k*) is what the shipped
+          update applies at template i ("per_key"; the paper's c_i = 1 is value_scaling="uniform")
     u   = C⁻¹ k* / ‖C⁻¹ k*‖            (C = E[k kᵀ], the second moment; ON by default)
     v   = δ / (u · k*)                  so that  W' k* = W k* + δ = v*
 
 The same averaged key k* is used in u and in the denominator (the r-ROME fix for the reference
 code's "disabling edits", whose denominator used a different key than u and could blow up).
 
-Speed: the layers below the edited one are run once per edit; each optimisation step replays only
-the blocks from the edited layer up (with their captured call arguments), and the LM head is
-applied only at the positions a loss reads. Weights are frozen, so backward computes activation
-gradients only. The replay is checked against a full forward once per edit and falls back to full
-forwards if they disagree.
+Speed: the layers below the edited one are run once per edit, and so is every token before each
+row's subject (into a key/value cache), since δ cannot change them; each optimisation step replays
+only the blocks from the edited layer up, on the tokens from the subject on, and applies the LM
+head only at the positions a loss reads. Weights are frozen, so backward computes activation
+gradients only. The replay is checked against a plain full forward once per edit, with fallbacks
+(see ``_Replay``).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -63,9 +67,25 @@ class ROMEHyperParams:
     value: str = "Wk*+delta"  # v* = W k* + δ, so v = δ / (u·k*)
     target_spacing: str = "continuation"  # targets are the tokens that follow "prompt" + " " + target
     fact_token: str = "subject_last"
+    key_prompt_weight: float = 0.5  # share of the requested prompt's own key ("{}") in k*; the
+    # context templates share the rest equally (1/n_templates gives the plain average)
+    value_scaling: str = "per_key"  # "per_key": δ·(u·k_i)/(u·k*) at template i, what the shipped
+    # update applies there; "uniform": δ at every template, as in the paper
     optim_autocast: str = (
         "none"  # "none" or "bfloat16": autocast for the δ optimisation only (u, v stay fp32)
     )
+
+    def __post_init__(self) -> None:
+        choices = {
+            "value_scaling": ("per_key", "uniform"),
+            "optim_autocast": ("none", "bfloat16"),
+            "early_stop_on": ("nll", "total"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise RequestError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if not 0.0 <= self.key_prompt_weight <= 1.0:
+            raise RequestError(f"key_prompt_weight must be in [0, 1], not {self.key_prompt_weight}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -148,6 +168,44 @@ def usable_templates(tok: Any, req: EditRequest, templates: Sequence[str]) -> tu
 
 
 @torch.no_grad()
+def subject_keys(
+    model: Any,
+    tok: Any,
+    subject: str,
+    layer: int,
+    templates: Sequence[str],
+    *,
+    spec: ModelSpec | None = None,
+) -> torch.Tensor:
+    """The edited matrix's input at the subject's last token in each template ('... {} ...'), (n, in) fp32."""
+    spec = get_spec(model, spec)
+    device = next(model.parameters()).device
+    seqs, idx = [], []
+    for t in templates:
+        text, _, last = subject_span(tok, t, subject)
+        seqs.append(list(tok(text, add_special_tokens=True)["input_ids"]))
+        idx.append(last)
+    batch = pad_right(seqs, pad_id(tok)).to(device)
+    with Trace(model, spec.mlp_out_module(layer), retain_input=True, retain_output=False, stop=True) as tr:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return tr.input[torch.arange(len(seqs), device=device), torch.tensor(idx, device=device)].float()
+
+
+def averaged_key(keys: torch.Tensor, templates: Sequence[str], prompt_weight: float) -> torch.Tensor:
+    """k* from per-template keys: the bare prompt ("{}") weighs ``prompt_weight``, the rest share the remainder.
+
+    Without BOS, a subject among the prompt's first tokens has a key far from the same subject's key
+    after context (cosine ~0.45 on SmolLM2); a plain average then reaches the prompt the user asked
+    to edit at only ~25% of the strength it reaches the templates. Weighting the prompt's own key
+    keeps the update aimed at that prompt while the templates still give it generality.
+    """
+    if "{}" not in templates or len(templates) == 1:
+        return keys.mean(0)
+    i = list(templates).index("{}")
+    rest = torch.cat([keys[:i], keys[i + 1 :]]).mean(0)
+    return prompt_weight * keys[i] + (1 - prompt_weight) * rest
+
+
 def compute_key(
     model: Any,
     tok: Any,
@@ -156,20 +214,15 @@ def compute_key(
     templates: Sequence[str],
     *,
     spec: ModelSpec | None = None,
+    prompt_weight: float | None = None,
 ) -> torch.Tensor:
-    """k*: the edited matrix's input at the subject's last token, averaged over ``templates`` (float32)."""
-    spec = get_spec(model, spec)
-    device = next(model.parameters()).device
-    seqs, idx = [], []
-    for t in templates:
-        text, _, last = subject_span(tok, t.replace("{}", req.prompt), req.subject)
-        seqs.append(list(tok(text, add_special_tokens=True)["input_ids"]))
-        idx.append(last)
-    batch = pad_right(seqs, pad_id(tok)).to(device)
-    with Trace(model, spec.mlp_out_module(layer), retain_input=True, retain_output=False, stop=True) as tr:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    keys = tr.input[torch.arange(len(seqs), device=device), torch.tensor(idx, device=device)]  # (n, in)
-    return keys.float().mean(0)
+    """k*: the edited matrix's input at the subject's last token over ``templates`` (float32).
+
+    ``prompt_weight`` as in :func:`averaged_key`; None gives the plain average.
+    """
+    filled = [t.replace("{}", req.prompt) for t in templates]
+    keys = subject_keys(model, tok, req.subject, layer, filled, spec=spec)
+    return keys.mean(0) if prompt_weight is None else averaged_key(keys, templates, prompt_weight)
 
 
 # -------------------------------------------------------------------------------------- values
@@ -186,15 +239,99 @@ def forward_hidden(model: Any, batch) -> None:
 
 
 class _Replay:
-    """Runs blocks ``layer..N-1`` from captured inputs, then the head at selected positions only."""
+    """The δ optimisation's forward: only what δ can change, with the head at the read positions.
 
-    def __init__(self, model: Any, spec: ModelSpec, layer: int, batch, positions: torch.Tensor) -> None:
+    δ is added to the edited layer's MLP output at each row's subject token ``s``. Nothing before
+    ``s`` can change, and nothing below the edited layer, so rows are laid out with their prefix
+    (positions < s) left-padded and their suffix (positions >= s) right-padded: the subject sits at
+    column P in every row. The prefix runs once into a key/value cache; each optimisation step then
+    replays blocks ``layer..N-1`` on the suffix columns only (a few tokens a row instead of the
+    whole template), from the block inputs captured on a no-grad run. The LM head runs only at the
+    positions a loss reads.
+
+    Modes, checked in order against a plain full forward of the right-padded batch (tolerance
+    1e-3 of the logit scale): ``suffix`` (as above), ``blocks`` (replay every column from the
+    edited layer), ``full`` (a full forward per step).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        spec: ModelSpec,
+        layer: int,
+        seqs: Sequence[Sequence[int]],
+        subj_idx: Sequence[int],
+        reads: Sequence[tuple[int, int]],
+        pad: int,
+        device: torch.device,
+    ) -> None:
         self.model, self.spec, self.layer = model, spec, layer
         self.blocks = model.get_submodule(spec.layers)
         self.norm = model.get_submodule(spec.final_norm)
         self.head = model.get_submodule(spec.lm_head)
-        self.positions = positions  # (P, 2): (row, pos)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        B = len(seqs)
+        # Reference: a plain forward of the right-padded batch, head at the read positions.
+        plain = pad_right(seqs, pad).to(device)
+        with torch.no_grad(), Trace(model, spec.final_norm) as normed:
+            forward_hidden(model, plain)
+        rows = torch.tensor([r for r, _ in reads], device=device)
+        self.full_logits = self._head(normed.output[rows, torch.tensor([p for _, p in reads], device=device)])
+        # Split layout: [left pad | prefix | suffix | right pad], the subject at column P.
+        P = max(subj_idx)
+        S = max(len(s) - i for s, i in zip(seqs, subj_idx))
+        self.P = P
+        ids = torch.full((B, P + S), pad, dtype=torch.long)
+        mask = torch.zeros((B, P + S), dtype=torch.long)
+        pos = torch.zeros((B, P + S), dtype=torch.long)
+        for r, (s, i) in enumerate(zip(seqs, subj_idx)):
+            a = P - i
+            ids[r, a : a + len(s)] = torch.tensor(list(s))
+            mask[r, a : a + len(s)] = 1
+            pos[r, a : a + len(s)] = torch.arange(len(s))
+        self.ids, self.mask, self.pos = ids.to(device), mask.to(device), pos.to(device)
+        self.read_rows = rows
+        self.read_cols = torch.tensor([p - subj_idx[r] + P for r, p in reads], device=device)
+        self.mode = "full"
+        for mode in ("suffix", "blocks"):
+            try:
+                ok = self._prepare(mode)
+            except Exception as e:  # an architecture whose blocks or cache do not replay this way
+                log.debug("replay mode %s unavailable: %s", mode, e)
+                ok = False
+            if ok:
+                self.mode = mode
+                break
+        self.edit_col = 0 if self.mode == "suffix" else P
+        self.width = S if self.mode == "suffix" else P + S
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _prepare(self, mode: str) -> bool:
+        P = self.P
+        kw: dict[str, Any] = {"use_cache": False}
+        cols = slice(0, None)
+        if mode == "suffix":
+            if P == 0:
+                return False
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+            cache_kw = _cache_kwarg(self.model)
+            pre_mask = self.mask[:, :P].clone()
+            pre_mask[pre_mask.sum(1) == 0] = 1  # a row with no prefix: keep its (unread) pads finite
+            with torch.no_grad():
+                self.model(
+                    input_ids=self.ids[:, :P],
+                    attention_mask=pre_mask,
+                    position_ids=self.pos[:, :P],
+                    use_cache=True,
+                    **{cache_kw: cache},
+                )
+            self.cache = cache
+            self.cache_state = [dict(vars(lay)) for lay in cache.layers]
+            kw = {"use_cache": True, cache_kw: cache}
+            cols = slice(P, None)
         self.calls: dict[int, tuple[tuple, dict]] = {}
         handles = []
 
@@ -204,44 +341,67 @@ class _Replay:
 
             return hook
 
-        for j in range(layer, len(self.blocks)):
+        for j in range(self.layer, len(self.blocks)):
             handles.append(self.blocks[j].register_forward_pre_hook(capture(j), with_kwargs=True))
         try:
-            with torch.no_grad(), Trace(model, spec.final_norm) as normed:
-                forward_hidden(model, batch)
+            with torch.no_grad():
+                _call(self.model, self.ids[:, cols], self.mask, self.pos[:, cols], kw)
         finally:
             for h in handles:
                 h.remove()
-        self.full_logits = self.head_at(normed.output)  # (P, V), from the full forward
-        self.ok = len(self.calls) == len(self.blocks) - layer
-        if self.ok:
-            with torch.no_grad():
-                diff = (self.run() - self.full_logits).abs().max().item()
-            scale = self.full_logits.abs().max().item()
-            self.ok = diff <= 1e-3 * max(scale, 1.0)
-            if not self.ok:
-                log.warning(
-                    "replay from layer %d differs from a full forward by %.3g; using full forwards",
-                    layer,
-                    diff,
-                )
+        if len(self.calls) != len(self.blocks) - self.layer:
+            return False
+        self.mode = mode
+        with torch.no_grad():
+            got = self.run()
+        diff = (got - self.full_logits).abs().max().item()
+        ok = diff <= 1e-3 * max(self.full_logits.abs().max().item(), 1.0)
+        if not ok:
+            log.warning("replay mode %s differs from a full forward by %.3g; trying the next", mode, diff)
+        return ok
+
+    # -- per step -------------------------------------------------------------------------------
 
     def run(self) -> torch.Tensor:
-        args, kwargs = self.calls[self.layer]
-        h = args[0]
+        """Logits (P_reads, V) at the read positions, with whatever edit hooks are active."""
+        if self.mode == "full":
+            out = self.model(
+                input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, use_cache=False
+            )
+            return self._read(out.logits, head=False)
+        if self.mode == "suffix":
+            for lay, state in zip(self.cache.layers, self.cache_state):
+                lay.__dict__.update(state)  # back to the prefix-only cache
+        h = self.calls[self.layer][0][0]
         for j in range(self.layer, len(self.blocks)):
             args, kwargs = self.calls[j]
             out = self.blocks[j](h, *args[1:], **kwargs)
             h = out[0] if isinstance(out, tuple) else out
-        return self.head_at(self.norm(h))
+        return self._read(self.norm(h), head=True)
 
-    def head_at(self, normed: torch.Tensor) -> torch.Tensor:
-        """LM head (and Gemma-2 style soft-capping) at the selected positions only."""
-        h = normed[self.positions[:, 0], self.positions[:, 1]]  # (P, C)
-        logits = self.head(h).float()  # (P, V)
+    def _read(self, x: torch.Tensor, head: bool) -> torch.Tensor:
+        cols = self.read_cols - (self.P if self.mode == "suffix" else 0)
+        x = x[self.read_rows, cols]
+        return self._head(x) if head else x.float()
+
+    def _head(self, normed: torch.Tensor) -> torch.Tensor:
+        """LM head (and Gemma-2 style soft-capping) on already-selected positions."""
+        logits = self.head(normed).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+
+def _cache_kwarg(model: Any) -> str:
+    """``cache`` (transformers >= 5.2x) or the older ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _call(model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, kw: dict) -> None:
+    try:
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, **kw)
+    except TypeError:  # a model without logits_to_keep
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw)
 
 
 @contextmanager
@@ -271,30 +431,29 @@ def compute_value(
     *,
     spec: ModelSpec | None = None,
     progress: Any = None,
+    scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Optimise δ; return (δ, W k*, diagnostics). δ is float32 on the model's device."""
+    """Optimise δ; return (δ, W k*, diagnostics). δ is float32 on the model's device.
+
+    ``scales`` (one per template, then one for the KL prompt) multiply δ at each row's subject
+    token; None adds δ unscaled everywhere, as the paper does.
+    """
     spec = get_spec(model, spec)
     device = next(model.parameters()).device
     mod = model.get_submodule(spec.mlp_out_module(layer))
     pr = _build_prompts(tok, req, templates, hp)
-    batch = pad_right(pr.seqs, pad_id(tok)).to(device)
     n = pr.n_rewrite
     T = len(pr.target)
-    # Loss positions: for rewrite prompt i, positions len-T .. len-1 predict the target's tokens.
-    rows, cols, labels = [], [], []
+    # Read positions: for rewrite prompt i, positions len-T .. len-1 predict the target's tokens;
+    # the KL row reads the next-token distribution after the subject in "{} is a".
+    reads, labels = [], []
     for i in range(n):
-        L = batch.lengths[i]
+        L = len(pr.seqs[i])
         for j in range(T):
-            rows.append(i)
-            cols.append(L - T + j)
+            reads.append((i, L - T + j))
             labels.append(pr.target[j])
-    rows.append(n)
-    cols.append(pr.subj_idx[n])  # KL: next-token distribution after the subject in "{} is a"
-    positions = torch.tensor([rows, cols], device=device).T  # (P, 2)
+    reads.append((n, pr.subj_idx[n]))
     labels_t = torch.tensor(labels, device=device)
-    subj_mask = torch.zeros(batch.input_ids.shape, device=device, dtype=torch.float32)
-    subj_mask[torch.arange(len(pr.seqs)), torch.tensor(pr.subj_idx)] = 1.0
-    subj_mask = subj_mask.unsqueeze(-1)  # (B, T, 1)
 
     with torch.no_grad():
         w_k = mod(k_star.to(device=device, dtype=mod.weight.dtype)).float()  # W k* (+ bias)
@@ -305,7 +464,9 @@ def compute_value(
         return out + (subj_mask * delta).to(out.dtype)
 
     with _frozen(model):
-        replay = _Replay(model, spec, layer, batch, positions)
+        replay = _Replay(model, spec, layer, pr.seqs, pr.subj_idx, reads, pad_id(tok), device)
+        subj_mask = torch.zeros((len(pr.seqs), replay.width, 1), device=device)
+        subj_mask[:, replay.edit_col] = 1.0 if scales is None else scales.to(device)[:, None]
         kl_init = torch.log_softmax(replay.full_logits[-1:], -1).detach()
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
         max_norm = hp.clamp_norm_factor * ref_norm
@@ -317,13 +478,7 @@ def compute_value(
                 steps = step + 1
                 opt.zero_grad()
                 with autocast:
-                    if replay.ok:
-                        logits = replay.run()
-                    else:
-                        out = model(
-                            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-                        )
-                        logits = out.logits[positions[:, 0], positions[:, 1]]
+                    logits = replay.run()
                 logits = logits.float()
                 logp = torch.log_softmax(logits, -1)
                 nll = -logp[:-1].gather(1, labels_t[:, None]).view(n, T).sum(1) / T  # per prompt
@@ -351,7 +506,7 @@ def compute_value(
         "p_target_mean_after_opt": round(p_target, 4),
         "delta_norm": round(delta.norm().item(), 4),
         "wk_norm": round(ref_norm, 4),
-        "replay": bool(replay.ok),
+        "replay": replay.mode,
         "target_tokens": T,
         "target_tokenization": pr.target_how,
     }
@@ -402,12 +557,25 @@ def compute_delta(
     templates, dropped = usable_templates(tok, req, templates)
     t0 = time.perf_counter()
     torch.manual_seed(hp.seed)
-    k_star = compute_key(model, tok, req, layer, templates, spec=spec)
+    filled = [t.replace("{}", req.prompt) for t in templates] + [hp.kl_prompt]
+    keys = subject_keys(model, tok, req.subject, layer, filled, spec=spec)  # templates, then KL
+    k_star = averaged_key(keys[:-1], templates, hp.key_prompt_weight)
     u = solve_key(k_star, stats, hp)
-    delta, w_k, diag = compute_value(
-        model, tok, req, layer, templates, k_star, hp, spec=spec, progress=progress
-    )
     denom = float(u.double() @ k_star.detach().cpu().double())
+    # What the shipped update does at each optimised subject token: v (u·k_i) = δ (u·k_i)/(u·k*).
+    reach = (keys.detach().cpu().double() @ u.double()) / denom
+    delta, w_k, diag = compute_value(
+        model,
+        tok,
+        req,
+        layer,
+        templates,
+        k_star,
+        hp,
+        spec=spec,
+        progress=progress,
+        scales=reach.float() if hp.value_scaling == "per_key" else None,
+    )
     v = (delta.cpu() / denom).to(torch.float32)
     weight = model.get_submodule(spec.mlp_out_module(layer)).weight
     w32 = weight.detach().float()
@@ -419,6 +587,8 @@ def compute_delta(
         v_norm=round(float(v.norm()), 4),
         update_spectral_norm=round(float(v.norm()) * float(u.norm()), 4),
         weight_spectral_norm=round(w_spec, 4),
+        reach_min=round(float(reach[:-1].min()), 4),
+        reach_kl=round(float(reach[-1]), 4),
         layer=layer,
     )
     hpd = hp.to_dict()

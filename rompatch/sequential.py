@@ -314,7 +314,8 @@ def _append(path: Path, obj: Mapping[str, Any]) -> None:
 
 def _key(model, tok, d, layer) -> torch.Tensor:
     templates = d.hparams.get("context_templates") or ["{}"]
-    return compute_key(model, tok, d.request, layer, templates).cpu()
+    weight = d.hparams.get("key_prompt_weight")  # None in patches made before it existed: plain average
+    return compute_key(model, tok, d.request, layer, templates, prompt_weight=weight).cpu()
 
 
 def _short(kind: str, c: Mapping[str, Any]) -> str:

@@ -318,8 +318,12 @@ def collect_second_moment(
         while pending and count >= pending[0]:
             pending.pop(0)
             if on_snapshot is not None:
-                snap_id = dict(identity or {}, collected_tokens=count, seconds=round(time.perf_counter() - t0, 2))
-                on_snapshot(SecondMoment(mom2=(total / count).to(torch.float32), count=count, identity=snap_id))
+                snap_id = dict(
+                    identity or {}, collected_tokens=count, seconds=round(time.perf_counter() - t0, 2)
+                )
+                on_snapshot(
+                    SecondMoment(mom2=(total / count).to(torch.float32), count=count, identity=snap_id)
+                )
         bar.update(k.shape[0])
         bar.set_postfix_str(f"{count / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
     bar.close()

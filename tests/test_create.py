@@ -166,6 +166,45 @@ def test_subject_at_position_zero_without_bos(text_file):
     assert "{}" not in res.hparams["context_templates"]
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_replay_matches_a_full_forward(arch):
+    """The optimisation's suffix-only replay gives the full forward's logits and δ-gradients."""
+    from rompatch.arch import get_spec
+    from rompatch.hooks import Trace
+    from rompatch.rome import _frozen, _Replay
+    from rompatch.tokens import pad_id
+
+    model, tok = _model(arch), _tok(arch)
+    spec = get_spec(model)
+    templates = ["Once upon a time, the {} is in", "The {} is a", "the {}"]
+    spans = [subject_span(tok, t, "Space Needle") for t in templates]
+    seqs = [tok(text)["input_ids"] for text, _, _ in spans]
+    subj = [last for _, _, last in spans]
+    reads = [(0, len(seqs[0]) - 1), (0, len(seqs[0]) - 2), (1, subj[1]), (2, len(seqs[2]) - 1)]
+    with _frozen(model):
+        rp = _Replay(model, spec, 1, seqs, subj, reads, pad_id(tok), torch.device("cpu"))
+        assert rp.mode == "suffix" and rp.width < max(map(len, seqs))
+        delta = torch.randn(model.config.hidden_size, requires_grad=True)
+
+        def run(layout):
+            mask = torch.zeros(len(seqs), layout.width, 1)
+            mask[:, layout.edit_col] = 1.0
+            with Trace(
+                model, spec.mlp_out_module(1), retain_output=False, edit_output=lambda o, n: o + mask * delta
+            ):
+                logits = layout.run()
+            (g,) = torch.autograd.grad(logits.logsumexp(-1).sum(), delta)
+            return logits.detach(), g
+
+        got, g_got = run(rp)
+        rp.mode, rp.width, rp.edit_col = "full", rp.ids.shape[1], rp.P
+        want, g_want = run(rp)
+    # the full forward is itself checked against the plain right-padded batch (δ = 0) at set-up
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-3, atol=1e-4)
+    assert (got - rp.full_logits).abs().max() > 1e-3, "δ should move the logits"
+
+
 # ---------------------------------------------------------------------------------- bad input
 
 
