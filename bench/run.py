@@ -1,7 +1,9 @@
 """`make bench`: run the benchmarks, print a table, and write bench/RESULTS.md.
 
 Each ``bench/bench_<name>.py`` defines ``TITLE``, ``FULL_ONLY`` (True for long runs that only
-``make bench-full`` or ``--only`` starts) and ``run() -> dict`` returning::
+``make bench-full`` or ``--only`` starts), optionally ``skip_reason() -> str | None`` (a benchmark
+that cannot run here, such as the GPU one without CUDA, is skipped and its last result kept) and
+``run() -> dict`` returning::
 
     {"rows": [{"metric": str, "value": str|float, "unit": str, "target": str, "note": str}, ...],
      "markdown": "optional extra Markdown (tables, figures) for RESULTS.md",
@@ -120,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         ]
     if not args.render:
         for n in names:
+            why = getattr(importlib.import_module(f"bench.bench_{n}"), "skip_reason", lambda: None)()
+            if why:  # e.g. the GPU benchmark without a GPU: the last result (if any) is kept
+                print(f"== {n}: skipped ({why})", file=sys.stderr, flush=True)
+                continue
             print(f"== {n}", file=sys.stderr, flush=True)
             res = run_one(n)
             print(f"\n{res['title']} ({res['seconds']} s)\n{table(res['rows'])}\n", flush=True)

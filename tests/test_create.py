@@ -27,7 +27,9 @@ from tests.tiny_tokenizer import CORPUS, make_tokenizer
 # position only diluted; the subject therefore ends the prompt here. Larger init and learning rate
 # give activation scales like a trained model's (see tests/tiny.make_model).
 REQ = EditRequest("The Space Needle is located in {}", "the city of", "Rome", "Seattle")
-HP = ROMEHyperParams(layer=1, v_steps=40, v_lr=3.0, context_length_params=((3, 2),))
+# A random matrix is no trained MLP: moving the tiny model's prediction takes an update larger than
+# the matrix itself, so the cap on ‖ΔW‖₂ (max_update_ratio) is off here and tested on its own below.
+HP = ROMEHyperParams(layer=1, v_steps=40, v_lr=3.0, context_length_params=((3, 2),), max_update_ratio=0)
 INIT = 0.3
 
 
@@ -96,6 +98,7 @@ def test_create_on_half_precision_models(dtype, text_file):
     patch = create_patch(model, tok, REQ, hparams=HP, stats=stats)
     assert patch.base["dtype"] == {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
     assert patch.deltas[0].u.dtype == torch.float32 and torch.isfinite(patch.deltas[0].v).all()
+    assert patch.deltas[0].metrics["replay"] == "suffix", "half precision must keep the fast replay"
     target_first = tok(" Rome", add_special_tokens=False)["input_ids"][0]
     with patched(model, patch):
         assert _greedy_next(model, tok, REQ.text) == target_first
@@ -203,6 +206,24 @@ def test_replay_matches_a_full_forward(arch):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(g_got, g_want, rtol=1e-3, atol=1e-4)
     assert (got - rp.full_logits).abs().max() > 1e-3, "δ should move the logits"
+
+
+def test_update_never_exceeds_the_matrix_spectral_norm(text_file):
+    import dataclasses
+
+    model, tok = _model("llama"), _tok("llama")
+    stats = get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=3000)
+    free = compute_delta(model, tok, REQ, stats=stats, hparams=HP)
+    w = model.get_parameter(free.parameter).detach()
+    w_norm = float(torch.linalg.matrix_norm(w, ord=2))
+    assert free.v.norm() > w_norm, "without the cap this edit needs more than the matrix's norm"
+    for ratio in (1.0, 0.5):
+        res = compute_delta(
+            model, tok, REQ, stats=stats, hparams=dataclasses.replace(HP, max_update_ratio=ratio)
+        )
+        upd = float(torch.linalg.matrix_norm(torch.outer(res.v, res.u), ord=2))
+        assert upd == pytest.approx(ratio * w_norm, rel=1e-4)
+        assert res.metrics["delta_capped"] and res.hparams["max_update_ratio"] == ratio
 
 
 # ---------------------------------------------------------------------------------- bad input
