@@ -19,6 +19,10 @@ FULL_ONLY = True
 WORK = Path(__file__).resolve().parent / "results"
 
 
+def _pct(cases: list, key: str, when: str = "post") -> str:
+    return f"{100 * statistics.fmean(c[when][key] for c in cases):.1f}" if cases else "—"
+
+
 def run(limit: int | None = None, layer: int = 6, fast: bool = False) -> dict:
     from rompatch.constants import data_dir
     from rompatch.evaluate import evaluate_counterfact, load_counterfact, summarize, update_too_large
@@ -54,6 +58,10 @@ def run(limit: int | None = None, layer: int = 6, fast: bool = False) -> dict:
     cases = [done[r["case_id"]] for r in records if r["case_id"] in done]
     s = summarize(cases)
     big = [c for c in cases if update_too_large(c)]
+    at_cap = [
+        c for c in cases if c["edit"]["update_spectral_norm"] >= 0.999 * c["edit"]["weight_spectral_norm"]
+    ]
+    ratios = sorted(c["edit"]["update_spectral_norm"] / c["edit"]["weight_spectral_norm"] for c in cases)
     secs = [c["edit"]["seconds"] for c in cases]
     pos0 = [c for c in cases if c["templates_dropped_position0"]]
     rows = []
@@ -78,13 +86,22 @@ def run(limit: int | None = None, layer: int = 6, fast: bool = False) -> dict:
             "metric": "median seconds per edit",
             "value": statistics.median(secs),
             "unit": "s",
-            "note": "k*, v* and delta only; 2 CPU cores shared with other jobs",
+            "note": "k*, v* and delta only; one torch thread (two workers shared the 2 cores); "
+            "bench_engine has the 2-thread timing",
         },
         {
             "metric": "updates with spectral norm > matrix's",
             "value": len(big),
             "unit": "cases",
             "note": ", ".join(str(c["case_id"]) for c in big) or "none",
+        },
+        {
+            "metric": "updates held at the cap ‖ΔW‖₂ = ‖W‖₂ (max_update_ratio 1)",
+            "value": len(at_cap),
+            "unit": "cases",
+            "note": f"their ES {_pct(at_cap, 'ES')}, PS {_pct(at_cap, 'PS')}, NS {_pct(at_cap, 'NS')} "
+            f"(pre {_pct(at_cap, 'NS', 'pre')}); ‖ΔW‖₂/‖W‖₂ median {statistics.median(ratios):.2f}, "
+            f"90th percentile {ratios[int(0.9 * (len(ratios) - 1))]:.2f}",
         },
         {
             "metric": "subject at position 0 (bare prompt left out)",

@@ -204,6 +204,7 @@ EDIT_METRICS = (
     "v_steps_run",
     "p_new_before",
     "p_new_after",
+    "delta_capped",
 )
 
 
