@@ -23,7 +23,41 @@ def _pct(cases: list, key: str, when: str = "post") -> str:
     return f"{100 * statistics.fmean(c[when][key] for c in cases):.1f}" if cases else "—"
 
 
-def run(limit: int | None = None, layer: int = 6, fast: bool = False) -> dict:
+def compare_runs() -> list[str]:
+    """Markdown: every counterfact-*.jsonl in bench/results, scored over the records all of them hold."""
+    runs = {}
+    for f in sorted(WORK.glob("counterfact-*.jsonl")):
+        runs[f.stem.removeprefix("counterfact-")] = {
+            c["case_id"]: c for c in map(json.loads, f.read_text().splitlines())
+        }
+    if len(runs) < 2:
+        return []
+    common = sorted(set.intersection(*(set(r) for r in runs.values())))
+    if not common:
+        return []
+
+    def s(es, ps, ns):
+        return 3 / (1 / es + 1 / ps + 1 / ns) if min(es, ps, ns) > 0 else 0.0
+
+    out = [
+        "",
+        f"Configurations compared on the {len(common)} records every run holds (post-edit; "
+        "'L4' = layer 4, 'nocap-ablation' = before max_update_ratio existed):",
+        "",
+        "| run | ES | PS | NS (pre) | S | updates at or above ‖W‖₂ |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in runs.items():
+        cs = [r[i] for i in common]
+        es, ps, ns = (100 * statistics.fmean(c["post"][k] for c in cs) for k in ("ES", "PS", "NS"))
+        pre = 100 * statistics.fmean(c["pre"]["NS"] for c in cs)
+        big = sum(c["edit"]["update_spectral_norm"] >= 0.999 * c["edit"]["weight_spectral_norm"] for c in cs)
+        out.append(f"| {name} | {es:.1f} | {ps:.1f} | {ns:.1f} ({pre:.1f}) | {s(es, ps, ns):.1f} | {big} |")
+    return out
+
+
+def run(limit: int | None = None, layer: int | None = None, fast: bool = False) -> dict:
+    from rompatch.arch import default_layer
     from rompatch.constants import data_dir
     from rompatch.evaluate import evaluate_counterfact, load_counterfact, summarize, update_too_large
     from rompatch.models import load_model
@@ -33,6 +67,7 @@ def run(limit: int | None = None, layer: int = 6, fast: bool = False) -> dict:
     limit = limit or int(os.environ.get("ROMPATCH_BENCH_LIMIT", "0")) or None
     records = load_counterfact(str(data_dir() / "counterfact" / "counterfact_subset.json"), limit=limit)
     model, tok = load_model("smollm2-135m", device="cpu")
+    layer = default_layer(model) if layer is None else layer
     hp = ROMEHyperParams(layer=layer, optim_autocast="bfloat16" if fast else "none")
     t_stats = time.perf_counter()
     stats = get_second_moment(model, tok, layer, n_tokens=DEFAULT_STATS_TOKENS)
@@ -118,6 +153,7 @@ def run(limit: int | None = None, layer: int = 6, fast: bool = False) -> dict:
         f"(P(new) after {c['edit']['p_new_after']:.3f})"
         for c in failures
     ] or ["- none"]
+    md += compare_runs()
     return {
         "setup": f"Each record's edit is created on the unedited model and measured before and after "
         f"(full-sequence probabilities). Statistics: {t_stats:.0f} s to load or compute. "
