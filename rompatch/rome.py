@@ -231,14 +231,12 @@ def compute_key(
 # -------------------------------------------------------------------------------------- values
 
 
-def forward_hidden(model: Any, batch) -> None:
+def forward_hidden(model: Any, **inputs: Any) -> None:
     """A forward pass whose LM head runs at the last position only (hooks read what they need)."""
     try:
-        model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, logits_to_keep=1
-        )
+        model(**inputs, logits_to_keep=1)
     except TypeError:  # a model without logits_to_keep
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        model(**inputs)
 
 
 class _Replay:
@@ -253,8 +251,8 @@ class _Replay:
     positions a loss reads.
 
     Modes, checked in order against a plain full forward of the right-padded batch (tolerance
-    1e-3 of the logit scale, or 4 roundings in half precision): ``suffix`` (as above), ``blocks`` (replay every column from the
-    edited layer), ``full`` (a full forward per step).
+    1e-3 of the logit scale, or 4 roundings in half precision): ``suffix`` (as above),
+    ``blocks`` (replay every column from the edited layer), ``full`` (a full forward per step).
     """
 
     def __init__(
@@ -277,7 +275,9 @@ class _Replay:
         # Reference: a plain forward of the right-padded batch, head at the read positions.
         plain = pad_right(seqs, pad).to(device)
         with torch.no_grad(), Trace(model, spec.final_norm) as normed:
-            forward_hidden(model, plain)
+            forward_hidden(
+                model, input_ids=plain.input_ids, attention_mask=plain.attention_mask, use_cache=False
+            )
         rows = torch.tensor([r for r, _ in reads], device=device)
         self.full_logits = self._head(normed.output[rows, torch.tensor([p for _, p in reads], device=device)])
         # Split layout: [left pad | prefix | suffix | right pad], the subject at column P.
@@ -295,16 +295,14 @@ class _Replay:
         self.ids, self.mask, self.pos = ids.to(device), mask.to(device), pos.to(device)
         self.read_rows = rows
         self.read_cols = torch.tensor([p - subj_idx[r] + P for r, p in reads], device=device)
-        self.mode = "full"
         for mode in ("suffix", "blocks"):
             try:
-                ok = self._prepare(mode)
+                if self._prepare(mode):
+                    break
             except Exception as e:  # an architecture whose blocks or cache do not replay this way
                 log.debug("replay mode %s unavailable: %s", mode, e)
-                ok = False
-            if ok:
-                self.mode = mode
-                break
+        else:
+            self.mode = "full"
         self.edit_col = 0 if self.mode == "suffix" else P
         self.width = S if self.mode == "suffix" else P + S
 
@@ -348,13 +346,19 @@ class _Replay:
             handles.append(self.blocks[j].register_forward_pre_hook(capture(j), with_kwargs=True))
         try:
             with torch.no_grad():
-                _call(self.model, self.ids[:, cols], self.mask, self.pos[:, cols], kw)
+                forward_hidden(
+                    self.model,
+                    input_ids=self.ids[:, cols],
+                    attention_mask=self.mask,
+                    position_ids=self.pos[:, cols],
+                    **kw,
+                )
         finally:
             for h in handles:
                 h.remove()
         if len(self.calls) != len(self.blocks) - self.layer:
             return False
-        self.mode = mode
+        self.mode = mode  # run() replays in this mode; the caller falls back if it is rejected
         with torch.no_grad():
             got = self.run()
         diff = (got - self.full_logits).abs().max().item()
@@ -400,13 +404,6 @@ class _Replay:
 def _cache_kwarg(model: Any) -> str:
     """``cache`` (transformers >= 5.2x) or the older ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _call(model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, kw: dict) -> None:
-    try:
-        model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, **kw)
-    except TypeError:  # a model without logits_to_keep
-        model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw)
 
 
 @contextmanager

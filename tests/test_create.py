@@ -208,6 +208,25 @@ def test_replay_matches_a_full_forward(arch):
     assert (got - rp.full_logits).abs().max() > 1e-3, "δ should move the logits"
 
 
+def test_replay_falls_back_to_full_forwards(text_file, monkeypatch):
+    """A replay mode that fails its check is not used; the full-forward path gives the same edit."""
+    from rompatch.rome import _Replay
+
+    model, tok = _model("llama"), _tok("llama")
+    stats = get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=3000)
+    fast = compute_delta(model, tok, REQ, stats=stats, hparams=HP)
+    prepare = _Replay._prepare
+
+    def rejected(self, mode):
+        prepare(self, mode)
+        return False
+
+    monkeypatch.setattr(_Replay, "_prepare", rejected)
+    slow = compute_delta(model, tok, REQ, stats=stats, hparams=HP)
+    assert fast.metrics["replay"] == "suffix" and slow.metrics["replay"] == "full"
+    torch.testing.assert_close(slow.v, fast.v, rtol=1e-3, atol=1e-4)
+
+
 def test_update_never_exceeds_the_matrix_spectral_norm(text_file):
     import dataclasses
 
