@@ -11,6 +11,9 @@ import torch
 TITLE = "Edit engine speed and statistics budget (SmolLM2-135M, CPU)"
 FULL_ONLY = False
 
+# Layer 6, not the default 4: the reference ROME timings this is compared with (29.5 s per edit,
+# 2,082 tok/s) were taken at layer 6. At layer 4 each optimisation step replays 26 blocks instead
+# of 24, and statistics run 5 layers instead of 7.
 LAYER = 6
 BUDGETS = (10_000, 20_000, 50_000, 100_000, 200_000, 500_000)
 

@@ -1,12 +1,20 @@
-"""Issue 6 (parts 3–4): the evaluation suite on SmolLM2-135M, layer 6, default statistics.
+"""Issue 6 (parts 3–4): the evaluation suite on SmolLM2-135M, default layer, default statistics.
 
-(a) zsRE: as many records of the shared zsRE subset as fit in a wall-time budget;
-(b) sequential editing: up to 100 CounterFact edits, each on the already-edited model, with all
-    earlier edits re-measured at checkpoints 1, 10, 25, 50, 75, 100;
-(c) fluency: GE before/after on the first CounterFact cases, generated as in the paper (top-5,
-    100 tokens including the prompt), also within a budget.
-Every part is resumable (bench/_work/eval-*), so a rerun continues instead of starting over.
-Budgets (minutes) can be changed with ROMPATCH_BENCH_ZSRE_MIN, _SEQ_MIN, _FLUENCY_MIN.
+(a) zsRE: every record of the shared zsRE subset (efficacy, paraphrase, specificity);
+(b) sequential editing: 100 CounterFact edits, each on the already-edited model, with all earlier
+    edits re-measured at checkpoints 1, 5, 10, 20, 30, 40, 50, 75, 100;
+(c) CounterFact with fluency: every record, ES/PS/NS, magnitudes, S and GE before and after, the
+    generations made as in the paper (top-5 sampling, 100 tokens including the prompt).
+
+Every part is resumable (bench/_work/eval-*-L<layer>), so a rerun continues instead of starting over.
+Long parts can be shared by single-threaded workers, one process each, which ``run()`` then merges::
+
+    ROMPATCH_BENCH_SHARD=0/2 python -c "import bench.bench_eval_suite as b; b.work('zsre')" &
+    ROMPATCH_BENCH_SHARD=1/2 python -c "import bench.bench_eval_suite as b; b.work('zsre')" &
+
+Parts: ``zsre``, ``counterfact`` and ``sequential`` (not shardable). Wall time per part is the union
+of its workers' running intervals (bench/_work/eval-suite-times-L<layer>.json). A part run by
+``run()`` itself can be limited with ROMPATCH_BENCH_ZSRE_MIN, _SEQ_MIN, _CF_MIN (minutes).
 """
 
 from __future__ import annotations
@@ -16,13 +24,13 @@ import os
 import time
 from pathlib import Path
 
-TITLE = "Evaluation suite: zsRE, sequential editing and fluency on SmolLM2-135M (issue 6)"
+TITLE = "Evaluation suite: zsRE, sequential editing and CounterFact with fluency on SmolLM2-135M (issue 6)"
 FULL_ONLY = True
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work"
 FIGURES = HERE / "figures"
-LAYER = 6
+PARTS = ("zsre", "counterfact", "sequential")
 
 # The ROME paper (Meng et al., NeurIPS 2022), GPT-2 XL. Table 4 (CounterFact) and Table 1 (zsRE).
 # S, ES, PS, NS, RS and the zsRE rows were checked against a section-by-section summary of the
@@ -49,48 +57,215 @@ class _Budget(Exception):
     pass
 
 
-def _budget(minutes: float):
+def _budget(minutes: float | None):
     t0 = time.perf_counter()
 
     def on_case(_c):
-        if time.perf_counter() - t0 > minutes * 60:
+        if minutes is not None and time.perf_counter() - t0 > minutes * 60:
             raise _Budget
 
     return on_case
 
 
-def _minutes(name: str, default: float) -> float:
-    return float(os.environ.get(f"ROMPATCH_BENCH_{name}_MIN", default))
+def _minutes(name: str) -> float | None:
+    v = os.environ.get(f"ROMPATCH_BENCH_{name}_MIN")
+    return float(v) if v else None
 
 
-def _budgeted_eval(model, tok, records, out, minutes, **kw):
-    """run_evaluation until the budget is spent; returns the result over the cases done (in order)."""
+def _shard() -> tuple[int, int]:
+    i, n = (int(x) for x in os.environ.get("ROMPATCH_BENCH_SHARD", "0/1").split("/"))
+    if not 0 <= i < n:
+        raise SystemExit(f"ROMPATCH_BENCH_SHARD={i}/{n}: expected i/n with 0 <= i < n")
+    return i, n
+
+
+class _Setup:
+    """The model, statistics and configuration every part shares (loaded once per process)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        from rompatch.arch import default_layer
+        from rompatch.constants import data_dir
+        from rompatch.evaluate import load_records
+        from rompatch.models import load_model
+        from rompatch.rome import ROMEHyperParams
+        from rompatch.stats import DEFAULT_STATS_TOKENS, get_second_moment
+
+        # Workers share the 2 cores; one thread each avoids oversubscription (measured: 10×100-token
+        # generations took 23 s with 1 thread and 114 s with 2 threads under that load).
+        torch.set_num_threads(int(os.environ.get("ROMPATCH_BENCH_THREADS", "1")))
+        WORK.mkdir(exist_ok=True)
+        FIGURES.mkdir(exist_ok=True)
+        # ROMPATCH_BENCH_DEVICE=cuda runs the workers on a GPU (several worker processes can share one).
+        self.device = os.environ.get("ROMPATCH_BENCH_DEVICE", "cpu")
+        self.model, self.tok = load_model("smollm2-135m", device=self.device)
+        self.layer = default_layer(self.model)
+        self.hp = ROMEHyperParams(layer=self.layer)
+        t = time.perf_counter()
+        self.stats = get_second_moment(self.model, self.tok, self.layer, n_tokens=DEFAULT_STATS_TOKENS)
+        self.t_stats = time.perf_counter() - t
+        self.base_cfg = {
+            "model": "smollm2-135m",
+            "hparams": self.hp.to_dict(),
+            "stats": self.stats.sha256[:16],
+        }
+        _, self.zrecs = load_records(str(data_dir() / "zsre" / "zsre_mend_eval_subset.json"), kind="zsre")
+        _, self.crecs = load_records(
+            str(data_dir() / "counterfact" / "counterfact_subset.json"), kind="counterfact"
+        )
+
+    def out(self, part: str) -> Path:
+        return WORK / f"eval-{part}-L{self.layer}"
+
+    def eval_args(self, part: str) -> dict:
+        from rompatch.fluency import GenerationSettings
+
+        if part == "zsre":
+            return dict(records=self.zrecs, kind="zsre",
+                        config={**self.base_cfg, "kind": "zsre", "zsre_target": "answers"})  # fmt: skip
+        gen = GenerationSettings(max_out_len=100, seed=0)  # as in the paper
+        return dict(records=self.crecs, kind="counterfact", generation=gen,
+                    config={**self.base_cfg, "kind": "counterfact", "generation": gen.to_dict()})  # fmt: skip
+
+    def sequential(self, max_seconds: float | None = None) -> dict:
+        from rompatch.fluency import GenerationSettings
+        from rompatch.sequential import run_sequential
+
+        gen = GenerationSettings(max_out_len=50, seed=0)
+        return run_sequential(
+            self.model, self.tok, self.crecs, kind="counterfact", n=100, hparams=self.hp, stats=self.stats,
+            checkpoints=[1, 5, 10, 20, 30, 40, 50, 75, 100], out_dir=self.out("seq"),
+            config={**self.base_cfg, "kind": "counterfact", "generation": gen.to_dict()},
+            generation=gen, fluency_prompts=self.crecs[100]["generation_prompts"], progress=True,
+            max_seconds=max_seconds,
+        )  # fmt: skip
+
+
+def _times_path(layer: int) -> Path:
+    return WORK / f"eval-suite-times-L{layer}.json"
+
+
+def _add_interval(layer: int, part: str, start: float, end: float) -> None:
+    """Record one worker's running interval (epoch seconds) for ``part``."""
+    path = _times_path(layer)
+    times = json.loads(path.read_text()) if path.is_file() else {}
+    times.setdefault(part, []).append([round(start, 1), round(end, 1)])
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(times, indent=1))
+    tmp.replace(path)
+
+
+def _wall(layer: int, part: str) -> tuple[float, float, int]:
+    """(wall seconds = union of intervals, worker-seconds = their sum, number of intervals)."""
+    path = _times_path(layer)
+    iv = sorted(json.loads(path.read_text()).get(part, [])) if path.is_file() else []
+    wall, busy, cur = 0.0, 0.0, None
+    for a, b in iv:
+        busy += b - a
+        if cur is None or a > cur[1]:
+            if cur is not None:
+                wall += cur[1] - cur[0]
+            cur = [a, b]
+        else:
+            cur[1] = max(cur[1], b)
+    if cur is not None:
+        wall += cur[1] - cur[0]
+    return wall, busy, len(iv)
+
+
+def _pending(out: Path, records: list, n: int) -> list:
+    """Records not done by another run's workers (shard folders other than ``shard-{j}of{n}``).
+
+    Every worker of one n-way run computes the same list, so ``pending[i::n]`` splits it without
+    overlap, while results of earlier runs (another n, another machine) are kept and not redone.
+    """
+    from rompatch.evaluate import CASES_FILE, read_cases
+
+    own = {f"shard-{j}of{n}" for j in range(n)}
+    other = {
+        str(c["case_id"])
+        for f in out.glob(f"shard-*/{CASES_FILE}")
+        if f.parent.name not in own
+        for c in read_cases(f)
+    }
+    return [r for r in records if str(r["case_id"]) not in other]
+
+
+def work(part: str, setup: _Setup | None = None) -> None:
+    """This worker's share (ROMPATCH_BENCH_SHARD=i/n) of ``part``, resumable, in its own folder."""
+    from rompatch.evaluate import run_evaluation
+
+    if part not in PARTS:
+        raise SystemExit(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
+    st = setup or _Setup()
+    i, n = _shard()
+    start = time.time()
+    try:
+        if part == "sequential":
+            if n != 1:
+                raise SystemExit(
+                    "the sequential part is one chain of edits: run it without ROMPATCH_BENCH_SHARD"
+                )
+            st.sequential()
+        else:
+            a = st.eval_args(part)
+            recs = _pending(st.out(part), a.pop("records"), n)[i::n]
+            run_evaluation(st.model, st.tok, recs, out_dir=st.out(part) / f"shard-{i}of{n}", hparams=st.hp,
+                           stats=st.stats, progress=True, model_label="SmolLM2-135M", **a)  # fmt: skip
+    finally:
+        _add_interval(st.layer, part, start, time.time())
+
+
+def _merged(st: _Setup, part: str, minutes: float | None) -> dict:
+    """Merge the shards' cases into the part's folder, compute what is missing, and summarise."""
     from rompatch.evaluate import CASES_FILE, read_cases, run_evaluation
 
-    t0 = time.perf_counter()
+    out = st.out(part)
+    out.mkdir(parents=True, exist_ok=True)
+    have = {str(c["case_id"]): c for c in read_cases(out / CASES_FILE)}
+    # Provenance: which machine a case was computed on (folders shard-gpu* came from an H200),
+    # and, for cases computed twice (on two machines), whether both gave the same scores.
+    source: dict[str, str] = {}
+    twice, same = 0, 0
+    for f in sorted(out.glob(f"shard-*/{CASES_FILE}")):
+        family = "an NVIDIA H200" if f.parent.name.startswith("shard-gpu") else "CPU"
+        for c in read_cases(f):
+            cid = str(c["case_id"])
+            if cid in source and source[cid] != family:
+                twice += 1
+                same += have[cid]["post"] == c["post"] and have[cid]["pre"] == c["pre"]
+            source.setdefault(cid, family)
+            have.setdefault(cid, c)
+    tmp = out / (CASES_FILE + ".tmp")
+    tmp.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in have.values()), encoding="utf-8")
+    tmp.replace(out / CASES_FILE)
+    a = st.eval_args(part)
+    records = a.pop("records")
+    kw = dict(out_dir=out, hparams=st.hp, stats=st.stats, model_label="SmolLM2-135M", **a)
+    start = time.time()
     try:
-        run_evaluation(model, tok, records, out_dir=out, on_case=_budget(minutes), progress=True, **kw)
+        run_evaluation(st.model, st.tok, records, on_case=_budget(minutes), progress=True, **kw)
     except _Budget:
         pass
-    spent = time.perf_counter() - t0
+    finally:
+        _add_interval(st.layer, part, start, time.time())
     done = {str(c["case_id"]) for c in read_cases(out / CASES_FILE)}
-    k = 0
-    while k < len(records) and str(records[k]["case_id"]) in done:
-        k += 1
-    res = run_evaluation(model, tok, records[:k], out_dir=out, **kw)  # computes nothing: summarises
-    res["wall_seconds_this_run"] = round(spent, 1)
+    res = run_evaluation(st.model, st.tok, [r for r in records if str(r["case_id"]) in done], **kw)
+    fams: dict[str, int] = {}
+    for cid in done:
+        fams[source.get(cid, "this run")] = fams.get(source.get(cid, "this run"), 0) + 1
+    res["provenance"] = {"families": fams, "computed_twice": twice, "same_scores": same}
     return res
 
 
-def _add_time(part: str, seconds: float) -> dict:
-    """Accumulate wall time per part over resumed runs (bench/_work/eval-suite-times.json)."""
-    path = WORK / "eval-suite-times.json"
-    times = json.loads(path.read_text()) if path.is_file() else {}
-    t = times.setdefault(part, {"seconds": 0.0, "runs": 0})
-    t["seconds"] = round(t["seconds"] + seconds, 1)
-    t["runs"] += 1
-    path.write_text(json.dumps(times, indent=1))
-    return t
+def _provenance_note(res: dict) -> str:
+    p = res["provenance"]
+    fams = ", ".join(f"{n} computed on {k}" for k, n in sorted(p["families"].items()))
+    note = f"{fams} (the H200's: 6–8 worker processes sharing the GPU for 331 s)"
+    if p["computed_twice"]:
+        note += f"; {p['computed_twice']} computed on both machines, {p['same_scores']} with identical scores"
+    return note
 
 
 def _fmt_row(label, vals, keys):
@@ -100,150 +275,92 @@ def _fmt_row(label, vals, keys):
     return f"| {label} | " + " | ".join(cell(vals.get(k)) for k in keys) + " |"
 
 
+def _time_note(layer: int, part: str) -> str:
+    wall, busy, k = _wall(layer, part)
+    return f"{wall / 60:.0f} min wall ({busy / 60:.0f} worker-minutes over {k} worker run(s))"
+
+
 def run() -> dict:
-    import torch
-
-    from rompatch.constants import data_dir
     from rompatch.evalplot import plot_distributions, plot_sequential
-    from rompatch.evaluate import load_records, summarize
-    from rompatch.fluency import GenerationSettings
-    from rompatch.models import load_model
-    from rompatch.rome import ROMEHyperParams
-    from rompatch.sequential import run_sequential
-    from rompatch.stats import DEFAULT_STATS_TOKENS, get_second_moment
 
-    # The 2 cores are shared with other jobs; one thread avoids oversubscription (measured: 10×100-token
-    # generations took 23 s with 1 thread and 114 s with 2 threads under that load).
-    torch.set_num_threads(int(os.environ.get("ROMPATCH_BENCH_THREADS", "1")))
-    WORK.mkdir(exist_ok=True)
-    FIGURES.mkdir(exist_ok=True)
-    model, tok = load_model("smollm2-135m", device="cpu")
-    hp = ROMEHyperParams(layer=LAYER)
-    t = time.perf_counter()
-    stats = get_second_moment(model, tok, LAYER, n_tokens=DEFAULT_STATS_TOKENS)
-    t_stats = time.perf_counter() - t
-    base_cfg = {"model": "smollm2-135m", "hparams": hp.to_dict(), "stats": stats.sha256[:16]}
+    st = _Setup()
+    LAYER = st.layer
     rows, md = [], []
 
     # ---------------------------------------------------------------- (a) zsRE
-    _, zrecs = load_records(str(data_dir() / "zsre" / "zsre_mend_eval_subset.json"), kind="zsre")
-    zmin = _minutes("ZSRE", 12)
-    z = _budgeted_eval(
-        model, tok, zrecs, WORK / "eval-zsre", zmin, kind="zsre", hparams=hp, stats=stats,
-        config={**base_cfg, "kind": "zsre", "zsre_target": "answers"}, model_label="SmolLM2-135M",
-    )  # fmt: skip
+    z = _merged(st, "zsre", _minutes("ZSRE"))
     zs = z["summary"]
-    zt = _add_time("zsre", z["wall_seconds_this_run"])
     plot_distributions(z, FIGURES / "eval-zsre.png", title=f"SmolLM2-135M, zsRE ({zs['n']} records)")
     for k, name in (("efficacy", "Efficacy"), ("paraphrase", "Paraphrase"), ("specificity", "Specificity")):
         rows.append({"metric": f"zsRE {name}", "value": f"{zs['pre'][k]:.1f} → {zs['post'][k]:.1f}", "unit": "%",
-                     "note": f"token accuracy, unedited → edited, {zs['n']} of {len(zrecs)} records"})  # fmt: skip
+                     "note": f"token accuracy, unedited → edited, {zs['n']} of {len(st.zrecs)} records"})  # fmt: skip
     rows.append({"metric": "zsRE records evaluated", "value": zs["n"], "unit": "records",
-                 "note": f"of {len(zrecs)}; {zt['seconds']:.0f} s wall in total over {zt['runs']} resumed run(s) "
-                         f"(budget this run {zmin:g} min); "
-                         f"median {zs['median_edit_seconds']:.1f} s per edit"})  # fmt: skip
+                 "note": f"of {len(st.zrecs)}; {_time_note(LAYER, 'zsre')}; {_provenance_note(z)}"})  # fmt: skip
 
     # ---------------------------------------------------------------- (b) sequential
-    _, crecs = load_records(str(data_dir() / "counterfact" / "counterfact_subset.json"), kind="counterfact")
-    smin = _minutes("SEQ", 25)
-    seq_gen = GenerationSettings(max_out_len=50, seed=0)
-    t = time.perf_counter()
-    s = run_sequential(
-        model, tok, crecs, kind="counterfact", n=100, hparams=hp, stats=stats,
-        checkpoints=[1, 5, 10, 20, 30, 40, 50, 75, 100], out_dir=WORK / "eval-seq",
-        config={**base_cfg, "kind": "counterfact", "generation": seq_gen.to_dict()},
-        generation=seq_gen, fluency_prompts=crecs[100]["generation_prompts"], progress=True,
-        max_seconds=smin * 60,
-    )  # fmt: skip
-    t_seq = time.perf_counter() - t
-    st = _add_time("sequential", t_seq)
+    smin = _minutes("SEQ")
+    start = time.time()
+    s = st.sequential(max_seconds=None if smin is None else smin * 60)
+    _add_interval(LAYER, "sequential", start, time.time())
     plot_sequential(
         s, FIGURES / "eval-sequential.png", title=f"SmolLM2-135M, layer {LAYER}: sequential ROME edits"
     )
     last = [c for c in s["checkpoints"] if c["n"] > 0][-1]
     rows.append({"metric": "sequential edits completed", "value": s["completed"], "unit": "edits",
-                 "target": "100", "note": f"{st['seconds']:.0f} s wall in total over {st['runs']} resumed run(s) "
-                 f"(budget this run {smin:g} min)"
+                 "target": "100", "note": _time_note(LAYER, "sequential")
                  + ("; stopped by the time budget" if s["stopped_early"] else "")})  # fmt: skip
     rows.append({"metric": f"after {last['n']} sequential edits: ES / PS / NS on all of them",
                  "value": f"{last['ES']:.1f} / {last['PS']:.1f} / {last['NS']:.1f}", "unit": "%",
                  "note": f"unedited NS on the same cases {last['pre_NS']:.1f}; ‖ΣΔ‖₂/‖W‖₂ {last['update_ratio']:.3f}"})  # fmt: skip
 
-    # ---------------------------------------------------------------- (c) fluency
-    fmin = _minutes("FLUENCY", 10)
-    gen = GenerationSettings(max_out_len=100, seed=0)  # as in the paper
-    f = _budgeted_eval(
-        model, tok, crecs[:30], WORK / "eval-fluency", fmin, kind="counterfact", hparams=hp, stats=stats,
-        config={**base_cfg, "kind": "counterfact", "generation": gen.to_dict()}, generation=gen,
-        model_label="SmolLM2-135M",
-    )  # fmt: skip
+    # ---------------------------------------------------------------- (c) CounterFact with fluency
+    f = _merged(st, "counterfact", _minutes("CF"))
     fs = f["summary"]
-    ft = _add_time("fluency", f["wall_seconds_this_run"])
     plot_distributions(f, FIGURES / "eval-counterfact-fluency.png",
                        title=f"SmolLM2-135M, CounterFact with fluency ({fs['n']} cases)")  # fmt: skip
-    rows.append({"metric": "CounterFact fluency GE", "value": f"{fs['pre']['GE']:.1f} → {fs['post']['GE']:.1f}",
-                 "unit": "entropy ×100", "note": f"{fs['n']} cases, top-5 sampling, 100 tokens incl. prompt; "
-                 f"{ft['seconds']:.0f} s wall in total over {ft['runs']} resumed run(s)"})  # fmt: skip
+    for k in ("S", "ES", "PS", "NS", "GE"):
+        rows.append({"metric": f"CounterFact {k}", "value": f"{fs['pre'][k]:.1f} → {fs['post'][k]:.1f}",
+                     "unit": "entropy ×100" if k == "GE" else "%",
+                     "note": f"{fs['n']} of {len(st.crecs)} records, unedited → edited"
+                     + ("; top-5 sampling, 100 tokens incl. prompt" if k == "GE" else "")})  # fmt: skip
+    rows.append({"metric": "CounterFact records evaluated", "value": fs["n"], "unit": "records",
+                 "note": f"of {len(st.crecs)}; {_time_note(LAYER, 'counterfact')}; {_provenance_note(f)}"})  # fmt: skip
 
     # ---------------------------------------------------------------- comparison tables
-    # bench_counterfact keeps its per-case results in bench/results (older runs: bench/_work)
-    full_path = next(
-        (p for p in (HERE / "results" / f"counterfact-L{LAYER}.jsonl", WORK / f"counterfact-L{LAYER}.jsonl")
-         if p.is_file()),
-        HERE / "results" / f"counterfact-L{LAYER}.jsonl",
-    )  # fmt: skip
-    full = (
-        [json.loads(x) for x in full_path.read_text().splitlines() if x.strip()]
-        if full_path.is_file()
-        else []
-    )
+    zkeys = ["efficacy", "paraphrase", "specificity"]
     cf_keys = ["S", "ES", "PS", "NS", "GE", "RS"]
     md += ["### Single edits on CounterFact, with the paper's GPT-2 XL numbers (a different model)", ""]
     md += ["| Editor | Score S | Efficacy ES | Generalization PS | Specificity NS | Fluency GE | Consistency RS |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
-    if full:
-        fsum = summarize(full)
-        for phase, label in (
-            ("pre", "SmolLM2-135M (unedited)"),
-            ("post", f"SmolLM2-135M + ROME (layer {LAYER})"),
-        ):
-            vals = dict(fsum[phase])
-            vals["GE"] = fs[phase].get("GE")
-            md.append(_fmt_row(label + f", {fsum['n']} cases", vals, cf_keys))
     for phase, label in (
         ("pre", "SmolLM2-135M (unedited)"),
         ("post", f"SmolLM2-135M + ROME (layer {LAYER})"),
     ):
-        md.append(_fmt_row(label + f", first {fs['n']} cases (fluency run)", fs[phase], cf_keys))
+        md.append(_fmt_row(f"{label}, {fs['n']} records", fs[phase], cf_keys))
     for label, vals in PAPER_CF.items():
         md.append(_fmt_row(label + " — paper, different model", vals, cf_keys))
     md += [
         "",
-        f"SmolLM2 S/ES/PS/NS come from the full CounterFact run (`bench_counterfact`, {len(full)} cases in "
-        f"{full_path.name} when this ran) where available; GE comes from the fluency run on the first "
-        f"{fs['n']} cases (top-5 sampling, 100 tokens including the prompt, as in the paper). RS is not "
-        "reported: it needs ROME's attribute_snippets.json and TF-IDF statistics, which are not in the "
-        "shared data (`rompatch eval --snippets ... --tfidf ...` computes it when they are available). "
-        "GPT-2 XL (1.5B, 48 layers) is not like-for-like with SmolLM2-135M (30 layers); † = quoted from the "
-        "paper's Table 4, not re-checked here.",
+        f"All of S/ES/PS/NS/GE come from one run over {fs['n']} of the {len(st.crecs)} CounterFact records: "
+        "each edit made on the unedited model, measured, and its generations sampled as in the paper (top-5, "
+        "100 tokens including the prompt). RS is not reported: it needs ROME's attribute_snippets.json and "
+        "TF-IDF statistics, which are not in the shared data (`rompatch eval --snippets ... --tfidf ...` "
+        "computes it when they are available). GPT-2 XL (1.5B, 48 layers) is not like-for-like with "
+        "SmolLM2-135M (135M, 30 layers); † = quoted from the paper's Table 4, not re-checked here.",
         "",
         "### zsRE, with the paper's GPT-2 XL numbers (a different model)",
         "",
         "| Editor | Efficacy | Paraphrase | Specificity |",
         "| --- | ---: | ---: | ---: |",
-        _fmt_row(f"SmolLM2-135M (unedited), {zs['n']} records", zs["pre"], ["efficacy", "paraphrase", "specificity"]),
-        _fmt_row(f"SmolLM2-135M + ROME (layer {LAYER}), {zs['n']} records", zs["post"],
-                 ["efficacy", "paraphrase", "specificity"]),
-    ]  # fmt: skip
+        _fmt_row(f"SmolLM2-135M (unedited), {zs['n']} records", zs["pre"], zkeys),
+        _fmt_row(f"SmolLM2-135M + ROME (layer {LAYER}), {zs['n']} records", zs["post"], zkeys),
+    ]
     for label, vals in PAPER_ZSRE.items():
-        md.append(
-            _fmt_row(label + " — paper, different model", vals, ["efficacy", "paraphrase", "specificity"])
-        )
+        md.append(_fmt_row(label + " — paper, different model", vals, zkeys))
     md += [
         "",
-        f"Token-level accuracy; edit target answers[0] as in ROME's reference code; {zs['n']} of {len(zrecs)} "
-        f"records were evaluated in {zt['seconds']:.0f} s of wall time over {zt['runs']} resumed runs (about "
-        f"{zs['median_edit_seconds']:.0f} s per edit on this shared CPU); the rest did not fit.",
+        f"Token-level accuracy; edit target answers[0] as in ROME's reference code; {zs['n']} of "
+        f"{len(st.zrecs)} records; {_time_note(LAYER, 'zsre')}.",
         "",
         "![zsRE](figures/eval-zsre.png)",
         "",
@@ -253,18 +370,17 @@ def run() -> dict:
         "",
         "![sequential](figures/eval-sequential.png)",
         "",
-        "### Fluency before and after single edits",
+        "### CounterFact with fluency, single edits",
         "",
         f["markdown"],
         "",
         "![fluency](figures/eval-counterfact-fluency.png)",
     ]
     setup = (
-        f"SmolLM2-135M-Instruct, CPU, 1 torch thread (2 cores shared with other jobs), layer {LAYER}, statistics "
-        f"{stats.count:,} WikiText tokens ({t_stats:.0f} s to load). Wall time, summed over resumed runs: "
-        f"zsRE {zt['seconds']:.0f} s ({zs['n']} records), sequential {st['seconds']:.0f} s ({s['completed']} edits), "
-        f"fluency {ft['seconds']:.0f} s ({fs['n']} cases); this run: {z['wall_seconds_this_run']:.0f} + "
-        f"{t_seq:.0f} + {f['wall_seconds_this_run']:.0f} s. Parts resume from bench/_work/eval-*."
+        f"SmolLM2-135M-Instruct, layer {LAYER}, statistics {st.stats.count:,} WikiText tokens. Worker processes "
+        "with one torch thread each; parts resume from bench/_work/eval-*-L<layer>. Wall time per part: "
+        f"zsRE {_time_note(LAYER, 'zsre')}; sequential {_time_note(LAYER, 'sequential')}; CounterFact "
+        f"{_time_note(LAYER, 'counterfact')}."
     )
     return {"setup": setup, "rows": rows, "markdown": "\n".join(md),
-            "summary": {"zsre": zs, "fluency": fs, "sequential": s["checkpoints"]}}  # fmt: skip
+            "summary": {"zsre": zs, "counterfact": fs, "sequential": s["checkpoints"]}}  # fmt: skip

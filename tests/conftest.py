@@ -30,3 +30,17 @@ def smollm2():
     from rompatch.models import load_model
 
     return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """A small statistics corpus in the tiny tokenizer's words (for --stats-data on tiny models)."""
+    import random
+
+    from tests.tiny_tokenizer import CORPUS
+
+    rng = random.Random(0)
+    words = " ".join(CORPUS).split()
+    path = tmp_path_factory.mktemp("stats") / "corpus.txt"
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(200)))
+    return path

@@ -38,6 +38,14 @@ def test_gpt2_xl_default_layer_is_papers():
     assert default_layer(make_config("gpt2", n_layer=48, n_embd=1600, n_head=25)) == 17
 
 
+def test_smollm2_default_layer_is_tracings_peak():
+    """SmolLM2-135M's shape gets layer 4 (evidence in bench/RESULTS.md); other Llama shapes keep 0.2·(n−1)."""
+    smol = dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                num_key_value_heads=3)  # fmt: skip
+    assert default_layer(make_config("llama", **smol)) == 4
+    assert default_layer(make_config("llama", **{**smol, "hidden_size": 630})) == 6
+
+
 def test_unknown_architecture_message():
     class Cfg:
         model_type = "mamba9"

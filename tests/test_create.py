@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from rompatch.rome import ROMEHyperParams, compute_delta
 from rompatch.stats import get_second_moment
 from rompatch.tokens import subject_span
 from tests.tiny import ARCHS, make_model
-from tests.tiny_tokenizer import CORPUS, make_tokenizer
+from tests.tiny_tokenizer import make_tokenizer
 
 # In a random tiny model attention is near-uniform, so a change at the subject reaches the last
 # position only diluted; the subject therefore ends the prompt here. Larger init and learning rate
@@ -31,15 +30,6 @@ REQ = EditRequest("The Space Needle is located in {}", "the city of", "Rome", "S
 # the matrix itself, so the cap on ‖ΔW‖₂ (max_update_ratio) is off here and tested on its own below.
 HP = ROMEHyperParams(layer=1, v_steps=40, v_lr=3.0, context_length_params=((3, 2),), max_update_ratio=0)
 INIT = 0.3
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    rng = random.Random(0)
-    words = " ".join(CORPUS).split()
-    path = tmp_path_factory.mktemp("stats") / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(200)))
-    return path
 
 
 @pytest.fixture(autouse=True)
@@ -191,7 +181,7 @@ def test_replay_matches_a_full_forward(arch):
 
         def run(layout):
             mask = torch.zeros(len(seqs), layout.width, 1)
-            mask[:, layout.edit_col] = 1.0
+            mask[torch.arange(len(seqs)), layout.edit_col] = 1.0
             with Trace(
                 model, spec.mlp_out_module(1), retain_output=False, edit_output=lambda o, n: o + mask * delta
             ):
@@ -200,9 +190,9 @@ def test_replay_matches_a_full_forward(arch):
             return logits.detach(), g
 
         got, g_got = run(rp)
-        rp.mode, rp.width, rp.edit_col = "full", rp.ids.shape[1], rp.P
+        rp.mode, rp.width, rp.edit_col = "full", rp.plain_ids.shape[1], torch.tensor(subj)
         want, g_want = run(rp)
-    # the full forward is itself checked against the plain right-padded batch (δ = 0) at set-up
+    # "full" is the plain right-padded forward with δ at each row's own subject column
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(g_got, g_want, rtol=1e-3, atol=1e-4)
     assert (got - rp.full_logits).abs().max() > 1e-3, "δ should move the logits"
@@ -464,3 +454,12 @@ def test_edits_on_patched_models_inherit_lineage(tiny_folder, text_file, tmp_pat
     in_memory = create_patch(base, tok, REQ, hparams=HP, stats=stats)
     assert in_memory.lineage == [first.id]
     assert in_memory.parameters == on_disk.parameters
+
+
+def test_replay_tolerance_by_dtype_and_depth():
+    from rompatch.rome import replay_tolerance
+
+    assert replay_tolerance(torch.float32, 48) == 1e-3
+    bf16 = replay_tolerance(torch.bfloat16, 32)
+    assert bf16 == pytest.approx(4 * 2**-7 * 32**0.5)
+    assert replay_tolerance(torch.bfloat16, 2) < bf16 and replay_tolerance(torch.float16, 32) < bf16

@@ -25,7 +25,7 @@ def test_smollm2_eiffel_tower_to_rome(smollm2):
         "create must not change the model"
     )
     d = patch.deltas[0]
-    assert d.layer == 6 and d.parameter == "model.layers.6.mlp.down_proj.weight"
+    assert d.layer == 4 and d.parameter == "model.layers.4.mlp.down_proj.weight"
     assert d.metrics["p_new_after"] > 0.5 > d.metrics["p_new_before"]
     assert d.metrics["update_spectral_norm"] < d.metrics["weight_spectral_norm"]
     with patched(model, patch):

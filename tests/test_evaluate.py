@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from rompatch.sequential import run_sequential
 from rompatch.stats import get_second_moment, key_weights_sha
 from rompatch.zsre import teacher_forced_correct, zsre_request
 from tests.tiny import make_model
-from tests.tiny_tokenizer import CORPUS, make_tokenizer
+from tests.tiny_tokenizer import make_tokenizer
 
 HP = ROMEHyperParams(layer=1, v_steps=40, v_lr=3.0, context_length_params=((3, 2),))
 GEN = GenerationSettings(max_out_len=14, top_k=5, seed=0)
@@ -85,15 +84,6 @@ def _cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ROMPATCH_CACHE", str(tmp_path_factory.mktemp("cache")))
         yield
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    rng = random.Random(0)
-    words = " ".join(CORPUS).split()
-    path = tmp_path_factory.mktemp("stats") / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(200)))
-    return path
 
 
 @pytest.fixture(scope="module")

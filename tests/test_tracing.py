@@ -138,9 +138,13 @@ def test_trace_shapes_and_invariants(arch, tok_bos):
         assert r.answer_id == int(model(torch.tensor([r.token_ids])).logits[0, -1].argmax())
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3_text"])
-def test_restoring_every_token_at_a_layer_recovers_clean(arch, tok_bos):
-    model = tiny(arch)
+def test_restoring_every_token_at_a_layer_recovers_clean(arch, device, tok_bos):
+    model = tiny(arch).to(device)
     tr = CausalTracer(model, tok_bos, PROMPT, "Eiffel Tower", noise_std=1.0, samples=5)
     T = len(tr.token_ids)
     sets = [[(t, tr.names["hidden"][layer]) for t in range(T)] for layer in range(tr.n_layers)]
