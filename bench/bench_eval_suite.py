@@ -14,7 +14,8 @@ Long parts can be shared by single-threaded workers, one process each, which ``r
 
 Parts: ``zsre``, ``counterfact`` and ``sequential`` (not shardable). Wall time per part is the union
 of its workers' running intervals (bench/_work/eval-suite-times-L<layer>.json). A part run by
-``run()`` itself can be limited with ROMPATCH_BENCH_ZSRE_MIN, _SEQ_MIN, _CF_MIN (minutes).
+``run()`` itself can be limited with ROMPATCH_BENCH_ZSRE_MIN, _SEQ_MIN, _CF_MIN (minutes; 0: only
+summarise what is there).
 """
 
 from __future__ import annotations
@@ -243,13 +244,14 @@ def _merged(st: _Setup, part: str, minutes: float | None) -> dict:
     a = st.eval_args(part)
     records = a.pop("records")
     kw = dict(out_dir=out, hparams=st.hp, stats=st.stats, model_label="SmolLM2-135M", **a)
-    start = time.time()
-    try:
-        run_evaluation(st.model, st.tok, records, on_case=_budget(minutes), progress=True, **kw)
-    except _Budget:
-        pass
-    finally:
-        _add_interval(st.layer, part, start, time.time())
+    if minutes != 0:  # 0: only merge and summarise what the workers wrote
+        start = time.time()
+        try:
+            run_evaluation(st.model, st.tok, records, on_case=_budget(minutes), progress=True, **kw)
+        except _Budget:
+            pass
+        finally:
+            _add_interval(st.layer, part, start, time.time())
     done = {str(c["case_id"]) for c in read_cases(out / CASES_FILE)}
     res = run_evaluation(st.model, st.tok, [r for r in records if str(r["case_id"]) in done], **kw)
     fams: dict[str, int] = {}
