@@ -99,13 +99,12 @@ class _Setup:
         WORK.mkdir(exist_ok=True)
         FIGURES.mkdir(exist_ok=True)
         # ROMPATCH_BENCH_DEVICE=cuda runs the workers on a GPU (several worker processes can share one).
-        self.device = os.environ.get("ROMPATCH_BENCH_DEVICE", "cpu")
-        self.model, self.tok = load_model("smollm2-135m", device=self.device)
+        self.model, self.tok = load_model(
+            "smollm2-135m", device=os.environ.get("ROMPATCH_BENCH_DEVICE", "cpu")
+        )
         self.layer = default_layer(self.model)
         self.hp = ROMEHyperParams(layer=self.layer)
-        t = time.perf_counter()
         self.stats = get_second_moment(self.model, self.tok, self.layer, n_tokens=DEFAULT_STATS_TOKENS)
-        self.t_stats = time.perf_counter() - t
         self.base_cfg = {
             "model": "smollm2-135m",
             "hparams": self.hp.to_dict(),

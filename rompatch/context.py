@@ -18,7 +18,7 @@ import torch
 
 from .arch import get_spec
 from .constants import cache_dir
-from .fingerprint import tensor_sha256
+from .fingerprint import TensorMemo, tensor_sha256
 from .patch import atomic_write
 
 log = logging.getLogger(__name__)
@@ -26,25 +26,17 @@ log = logging.getLogger(__name__)
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")  # MEMIT's generation prompts
 
 
-_EMBED_SHA: dict[tuple, str] = {}
-
-
-def _embedding_sha(weight: Any) -> str:
-    """sha256 of the input embedding, memoised per tensor version: hashing GPT-2 XL's or Llama-7B's
-    (160-260 MB) on every edit cost a large part of a GPU edit's time."""
-    key = (id(weight), weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device)
-    if key not in _EMBED_SHA:
-        if len(_EMBED_SHA) > 8:
-            _EMBED_SHA.clear()
-        _EMBED_SHA[key] = tensor_sha256(weight)
-    return _EMBED_SHA[key]
+# Hashing GPT-2 XL's or Llama-7B's input embedding (160-260 MB) on every edit cost a large part of
+# a GPU edit's time; the hash is kept per tensor version.
+_EMBED_SHA = TensorMemo(8)
 
 
 def _model_key(model: Any, tok: Any, length_params: Sequence[Sequence[int]], seed: int) -> str:
     spec = get_spec(model)
     h = hashlib.sha256()
     h.update(model.config.model_type.encode())
-    h.update(_embedding_sha(model.get_submodule(spec.embed).weight).encode())
+    emb = model.get_submodule(spec.embed).weight
+    h.update(_EMBED_SHA.get(emb, lambda: tensor_sha256(emb)).encode())
     h.update(
         json.dumps(
             {"len": [list(x) for x in length_params], "seed": seed, "seeds": SEED_WORDS, "vocab": len(tok)}

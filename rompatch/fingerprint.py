@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -26,3 +28,23 @@ def tensor_sha256(t: torch.Tensor) -> str:
         t = t.cpu()
     b = t.contiguous().reshape(-1).view(torch.uint8).numpy()
     return hashlib.sha256(memoryview(b)).hexdigest()
+
+
+class TensorMemo:
+    """Results computed from a tensor, memoised per tensor *version* (in-place changes invalidate).
+
+    Keyed by identity, storage, version counter, shape, dtype and device, plus any ``extra`` key;
+    holds at most ``size`` entries (cleared when full: these are large, rarely-changing values).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._d: dict[tuple, Any] = {}
+
+    def get(self, t: torch.Tensor, compute: Callable[[], Any], *extra: Any) -> Any:
+        key = (id(t), t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device, *extra)
+        if key not in self._d:
+            if len(self._d) >= self.size:
+                self._d.clear()
+            self._d[key] = compute()
+        return self._d[key]

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from .arch import ModelSpec, check_layer, default_layer, get_spec
 from .context import context_templates
 from .errors import RequestError
+from .fingerprint import TensorMemo
 from .hooks import Trace
 from .request import EditRequest
 from .stats import SecondMoment
@@ -408,8 +409,7 @@ def replay_tolerance(dtype: torch.dtype, depth: int) -> float:
     Layout and caching change the order of reductions. In float32 that stays far below 1e-3; in
     half precision every block rounds its output, so allow 4 roundings per √depth.
     """
-    eps = torch.finfo(dtype).eps
-    return 1e-3 if eps < 1e-4 else max(1e-3, 4 * eps * math.sqrt(depth))
+    return max(1e-3, 4 * torch.finfo(dtype).eps * math.sqrt(depth))
 
 
 def _cache_kwarg(model: Any) -> str:
@@ -551,7 +551,7 @@ def solve_key(k_star: torch.Tensor, stats: SecondMoment | None, hp: ROMEHyperPar
     return (u / u.norm()).to(torch.float32)
 
 
-_FACTORS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_FACTORS = TensorMemo(1)  # one statistics tensor at a time: a 11008² factor is ~1 GB
 
 
 def _factor(mom2: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -560,17 +560,17 @@ def _factor(mom2: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tenso
     The factorisation is O(n³) (n = 6400 for GPT-2 XL, 11008 for Llama-7B: seconds of CPU); each
     edit then solves in O(n²), with the same LAPACK LU that ``torch.linalg.solve`` would use.
     """
-    key = (id(mom2), mom2.data_ptr(), mom2._version, tuple(mom2.shape), float(ridge))
-    if key not in _FACTORS:
+
+    def factor():
         C = mom2.detach().to("cpu", torch.float64)
         if ridge > 0:
             C = C + ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
-        _FACTORS.clear()  # one statistics tensor at a time: a 11008² factor is ~1 GB
-        _FACTORS[key] = torch.linalg.lu_factor(C)
-    return _FACTORS[key]
+        return torch.linalg.lu_factor(C)
+
+    return _FACTORS.get(mom2, factor, float(ridge))
 
 
-_SPECTRAL: dict[tuple[int, int, int, tuple[int, ...]], float] = {}
+_SPECTRAL = TensorMemo(64)
 
 
 def spectral_norm(weight: torch.Tensor) -> float:
@@ -578,19 +578,16 @@ def spectral_norm(weight: torch.Tensor) -> float:
 
     Memoised per tensor and version, so repeated edits of the same matrix pay once.
     """
-    key = (id(weight), weight.data_ptr(), weight._version, tuple(weight.shape))
-    if key not in _SPECTRAL:
+
+    def norm() -> float:
         w = weight.detach().float()
         if w.numel() <= 4_000_000:
-            s = float(torch.linalg.matrix_norm(w, ord=2))
-        else:
-            with torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):
-                torch.manual_seed(0)
-                s = float(torch.svd_lowrank(w, q=8, niter=8)[1][0])
-        if len(_SPECTRAL) > 64:
-            _SPECTRAL.clear()
-        _SPECTRAL[key] = s
-    return _SPECTRAL[key]
+            return float(torch.linalg.matrix_norm(w, ord=2))
+        with torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):
+            torch.manual_seed(0)
+            return float(torch.svd_lowrank(w, q=8, niter=8)[1][0])
+
+    return _SPECTRAL.get(weight, norm)
 
 
 def compute_delta(

@@ -56,7 +56,7 @@ def _tok(arch):
 
 
 def _greedy_next(model, tok, text):
-    ids = tok(text, return_tensors="pt")
+    ids = tok(text, return_tensors="pt").to(model.device)
     with torch.no_grad():
         return int(model(**ids).logits[0, -1].argmax())
 

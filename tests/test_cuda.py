@@ -14,7 +14,7 @@ from rompatch.create import create_patch
 from rompatch.fingerprint import tensor_sha256
 from rompatch.rome import compute_delta
 from rompatch.stats import get_second_moment
-from tests.test_create import HP, REQ, _model, _tok
+from tests.test_create import HP, REQ, _greedy_next, _model, _tok
 from tests.tiny import ARCHS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -25,12 +25,6 @@ CUDA = torch.device("cuda")
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ROMPATCH_CACHE", str(tmp_path / "cache"))
-
-
-def _greedy_next(model, tok, text):
-    ids = tok(text, return_tensors="pt").to(model.device)
-    with torch.no_grad():
-        return int(model(**ids).logits[0, -1].argmax())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
