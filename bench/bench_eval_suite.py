@@ -146,14 +146,40 @@ def _times_path(layer: int) -> Path:
     return WORK / f"eval-suite-times-L{layer}.json"
 
 
-def _add_interval(layer: int, part: str, start: float, end: float) -> None:
-    """Record one worker's running interval (epoch seconds) for ``part``."""
-    path = _times_path(layer)
-    times = json.loads(path.read_text()) if path.is_file() else {}
-    times.setdefault(part, []).append([round(start, 1), round(end, 1)])
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(times, indent=1))
-    tmp.replace(path)
+class _Interval:
+    """One worker's running interval for ``part``, kept in the times file while it runs.
+
+    The entry is written at the start and its end moved forward on every ``tick()`` (each finished
+    case), so a worker that is killed still leaves the time it ran. Workers share the file under a lock.
+    """
+
+    def __init__(self, layer: int, part: str):
+        self.path, self.part = _times_path(layer), part
+        self.key = f"{os.getpid()}-{time.time():.3f}"
+        self.start = time.time()
+
+    def _write(self, end: float) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            times = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            iv = [e for e in times.get(self.part, []) if e[2:] != [self.key]]
+            times[self.part] = iv + [[round(self.start, 1), round(end, 1), self.key]]
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(times, indent=1))
+            tmp.replace(self.path)
+
+    def tick(self, *_: object) -> None:
+        self._write(time.time())
+
+    def __enter__(self) -> _Interval:
+        self._write(self.start)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._write(time.time())
 
 
 def _wall(layer: int, part: str) -> tuple[float, float, int]:
@@ -161,7 +187,7 @@ def _wall(layer: int, part: str) -> tuple[float, float, int]:
     path = _times_path(layer)
     iv = sorted(json.loads(path.read_text()).get(part, [])) if path.is_file() else []
     wall, busy, cur = 0.0, 0.0, None
-    for a, b in iv:
+    for a, b, *_ in iv:
         busy += b - a
         if cur is None or a > cur[1]:
             if cur is not None:
@@ -200,8 +226,7 @@ def work(part: str, setup: _Setup | None = None) -> None:
         raise SystemExit(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
     st = setup or _Setup()
     i, n = _shard()
-    start = time.time()
-    try:
+    with _Interval(st.layer, part) as iv:
         if part == "sequential":
             if n != 1:
                 raise SystemExit(
@@ -212,9 +237,8 @@ def work(part: str, setup: _Setup | None = None) -> None:
             a = st.eval_args(part)
             recs = _pending(st.out(part), a.pop("records"), n)[i::n]
             run_evaluation(st.model, st.tok, recs, out_dir=st.out(part) / f"shard-{i}of{n}", hparams=st.hp,
-                           stats=st.stats, progress=True, model_label="SmolLM2-135M", **a)  # fmt: skip
-    finally:
-        _add_interval(st.layer, part, start, time.time())
+                           stats=st.stats, progress=True, model_label="SmolLM2-135M", on_case=iv.tick,
+                           **a)  # fmt: skip
 
 
 def _merged(st: _Setup, part: str, minutes: float | None) -> dict:
@@ -244,13 +268,13 @@ def _merged(st: _Setup, part: str, minutes: float | None) -> dict:
     records = a.pop("records")
     kw = dict(out_dir=out, hparams=st.hp, stats=st.stats, model_label="SmolLM2-135M", **a)
     if minutes != 0:  # 0: only merge and summarise what the workers wrote
-        start = time.time()
-        try:
-            run_evaluation(st.model, st.tok, records, on_case=_budget(minutes), progress=True, **kw)
-        except _Budget:
-            pass
-        finally:
-            _add_interval(st.layer, part, start, time.time())
+        budget = _budget(minutes)
+        with _Interval(st.layer, part) as iv:
+            try:
+                run_evaluation(st.model, st.tok, records, on_case=lambda c: (iv.tick(), budget(c)),
+                               progress=True, **kw)  # fmt: skip
+            except _Budget:
+                pass
     done = {str(c["case_id"]) for c in read_cases(out / CASES_FILE)}
     res = run_evaluation(st.model, st.tok, [r for r in records if str(r["case_id"]) in done], **kw)
     fams: dict[str, int] = {}
@@ -300,9 +324,8 @@ def run() -> dict:
 
     # ---------------------------------------------------------------- (b) sequential
     smin = _minutes("SEQ")
-    start = time.time()
-    s = st.sequential(max_seconds=None if smin is None else smin * 60)
-    _add_interval(LAYER, "sequential", start, time.time())
+    with _Interval(LAYER, "sequential"):
+        s = st.sequential(max_seconds=None if smin is None else smin * 60)
     plot_sequential(
         s, FIGURES / "eval-sequential.png", title=f"SmolLM2-135M, layer {LAYER}: sequential ROME edits"
     )

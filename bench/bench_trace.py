@@ -46,9 +46,10 @@ def run() -> dict:
 def _run() -> dict:
     from rompatch.arch import default_layer
     from rompatch.constants import data_dir
+    from rompatch.known_facts import trace_known
     from rompatch.models import load_model
     from rompatch.plotting import plot_average, plot_layer_curves, plot_trace_all
-    from rompatch.tracing import CATEGORIES, CausalTracer, embedding_std, trace_fact, trace_known
+    from rompatch.tracing import CATEGORIES, CausalTracer, embedding_std, trace_fact
 
     t_start = time.perf_counter()
     load_before = _load()

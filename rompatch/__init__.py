@@ -30,6 +30,7 @@ from .extract import extract_patch  # noqa: E402
 from .fingerprint import tensor_sha256  # noqa: E402
 from .fluency import GenerationSettings  # noqa: E402
 from .hub import pull_patch, push_patch  # noqa: E402  (also adds Patch.from_pretrained / push_to_hub)
+from .known_facts import AverageTrace, trace_known  # noqa: E402
 from .loading import load_patched  # noqa: E402
 from .models import load_model, model_identity  # noqa: E402
 from .patch import ParamInfo, Patch, RankOneDelta, load_patch, save_patch  # noqa: E402
@@ -39,7 +40,7 @@ from .rome import ROMEHyperParams, compute_delta  # noqa: E402
 from .sequential import run_sequential  # noqa: E402
 from .stack import stack_patches  # noqa: E402
 from .stats import SecondMoment, get_second_moment  # noqa: E402
-from .tracing import AverageTrace, TraceResult, embedding_std, trace_fact, trace_known  # noqa: E402
+from .tracing import TraceResult, embedding_std, trace_fact  # noqa: E402
 
 __all__ = [
     "__version__",

@@ -28,18 +28,10 @@ is bit-identical to the same patches applied in memory to the model loaded from 
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import hashlib
 import json
 import logging
-import math
 import os
-import shutil
-import socket
-import struct
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -67,8 +59,19 @@ from .errors import (
     NotAppliedError,
     PatchFormatError,
 )
-from .fingerprint import dtype_name
 from .patch import Patch, from_safetensors, to_metadata
+from .safetensors_io import (
+    SafetensorsWriter,
+    TensorEntry,
+    pwrite_all,
+    read_header,
+    read_range,
+    sha256_bytes,
+    sha256_range,
+    tensor_bytes,
+    to_tensor,
+)
+from .staging import copy_file, link_or_copy, staged_output
 
 log = logging.getLogger(__name__)
 
@@ -78,173 +81,6 @@ UNDO_FORMAT = "rompatch-undo"
 LINK_MIN_BYTES = 1 << 20  # untouched files at least this large are hard-linked; smaller ones copied
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_FILE_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "tokenizer*", "*.py"]
-
-# --------------------------------------------------------------------------- safetensors on disk
-
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-    "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """Where one tensor's bytes live: file (relative to the checkpoint folder) and absolute offset."""
-
-    key: str
-    file: str
-    dtype: str  # safetensors dtype code: "F32", "F16", "BF16", ...
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        try:
-            return ST_DTYPES[self.dtype]
-        except KeyError:
-            raise CheckpointError(
-                f"tensor '{self.key}' in {self.file} is stored as {self.dtype}; rompatch edits float32, "
-                "float16 and bfloat16 weights only (de-quantise the checkpoint first)"
-            ) from None
-
-    @property
-    def dtype_name(self) -> str:
-        return dtype_name(self.torch_dtype) if self.dtype in ST_DTYPES else self.dtype
-
-
-def read_header(path: str | os.PathLike, *, rel: str | None = None) -> tuple[list[TensorEntry], dict | None]:
-    """Parse a safetensors header: ``(entries sorted by offset, __metadata__)``. Reads no tensor data."""
-    path = Path(path)
-    rel = rel or path.name
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("shorter than 8 bytes")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
-                raise ValueError(f"header length {n} exceeds the file")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        meta = header.pop("__metadata__", None)
-        start = 8 + n
-        entries = []
-        for key, info in header.items():
-            b, e = (int(x) for x in info["data_offsets"])
-            shape = tuple(int(s) for s in info["shape"])
-            code = str(info["dtype"])
-            if not 0 <= b <= e or start + e > size:
-                raise ValueError(f"tensor '{key}' lies outside the file (truncated?)")
-            if code in _ITEMSIZE and math.prod(shape) * _ITEMSIZE[code] != e - b:
-                raise ValueError(f"tensor '{key}' has {e - b} bytes for shape {list(shape)} {code}")
-            entries.append(TensorEntry(key, rel, code, shape, start + b, e - b))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(
-            f"{path}: not a valid safetensors file ({e}); the file is truncated or corrupt, re-download or "
-            "re-save it"
-        ) from None
-    entries.sort(key=lambda t: t.offset)
-    return entries, meta
-
-
-def read_range(path: str | os.PathLike, offset: int, nbytes: int) -> bytearray:
-    """Read exactly ``nbytes`` at ``offset`` (looping: one read(2) returns at most ~2 GiB)."""
-    buf = bytearray(nbytes)
-    mv = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        got = 0
-        while got < nbytes:
-            k = f.readinto(mv[got:])
-            if not k:
-                raise CheckpointError(
-                    f"{path}: unexpected end of file; the file is truncated, re-download it"
-                )
-            got += k
-    return buf
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
-
-
-def to_tensor(buf: bytearray, entry: TensorEntry) -> torch.Tensor:
-    return torch.frombuffer(buf, dtype=entry.torch_dtype).reshape(entry.shape)
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The tensor's raw little-endian bytes (what safetensors stores)."""
-    return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def _sha256_range(path: Path, offset: int, nbytes: int, chunk: int = 64 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        left = nbytes
-        buf = bytearray(min(chunk, max(nbytes, 1)))
-        mv = memoryview(buf)
-        while left:
-            k = f.readinto(mv[: min(left, len(buf))])
-            if not k:
-                raise CheckpointError(
-                    f"{path}: unexpected end of file; the file is truncated, re-download it"
-                )
-            h.update(mv[:k])
-            left -= k
-    return h.hexdigest()
-
-
-def _sha256_bytes(b: bytes | bytearray | memoryview) -> str:
-    return hashlib.sha256(b).hexdigest()
-
-
-class _SafetensorsWriter:
-    """Writes a safetensors file whose tensor list is known up front; data may arrive in any order."""
-
-    def __init__(
-        self, path: Path, specs: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]
-    ):
-        header: dict[str, Any] = {"__metadata__": metadata}
-        self.slots: dict[str, tuple[int, int]] = {}
-        off = 0
-        for name, code, shape in specs:
-            n = math.prod(shape) * _ITEMSIZE[code]
-            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [off, off + n]}
-            self.slots[name] = (off, n)
-            off += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.start = 8 + len(raw)
-        self.size = self.start + off
-        self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        _pwrite_all(self.fd, memoryview(struct.pack("<Q", len(raw)) + raw), 0)
-        os.ftruncate(self.fd, self.size)
-        self.pending = set(self.slots)
-
-    def write(self, name: str, data: bytes | bytearray | memoryview) -> None:
-        off, n = self.slots[name]
-        data = memoryview(data).cast("B")
-        if len(data) != n:
-            raise AssertionError(f"{name}: {len(data)} bytes for a {n}-byte slot")
-        _pwrite_all(self.fd, data, self.start + off)
-        self.pending.discard(name)
-
-    def close(self) -> int:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if self.pending and sys.exc_info()[0] is None:
-            raise AssertionError(f"tensors never written: {sorted(self.pending)}")
-        return self.size
-
 
 # --------------------------------------------------------------------------------- checkpoints
 
@@ -423,7 +259,7 @@ class Checkpoint:
 
     def sha256(self, param: str) -> str:
         e = self.entry(param)
-        return _sha256_range(self.path / e.file, e.offset, e.nbytes)
+        return sha256_range(self.path / e.file, e.offset, e.nbytes)
 
     # ---- the record
 
@@ -451,7 +287,7 @@ class Checkpoint:
         if rec is not None and param in rec.tensors:
             e = self._undo_entries()[f"base.{param}"]
             raw = self.undo_tensor(f"base.{param}")
-            if _sha256_bytes(raw) != rec.tensors[param].sha256_base:
+            if sha256_bytes(raw) != rec.tensors[param].sha256_base:
                 raise CheckpointError(
                     f"{self.path / CHECKPOINT_UNDO}: the saved original of '{param}' does not match its recorded "
                     "sha256; the undo data is corrupt"
@@ -672,134 +508,6 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> tuple[Path, str | None]
     return folder, commit
 
 
-# ----------------------------------------------------------------------- staging and renaming
-
-_STAGE_MARK = ".rompatch-staging"
-_RENAME_EXCHANGE = 2
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE). False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd = -100
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(a))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _clean_stale(out: Path) -> None:
-    """Remove staging folders for ``out`` left by killed processes on this host."""
-    for d in out.parent.glob(f".{out.name}.rompatch-tmp.*"):
-        mark = d / _STAGE_MARK
-        try:
-            host, pid = mark.read_text().split()
-        except (OSError, ValueError):
-            continue
-        if host == socket.gethostname() and not _pid_alive(int(pid)):
-            log.info("removing staging folder %s left by killed process %s", d, pid)
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def _looks_like_model_folder(p: Path) -> bool:
-    if not any(p.iterdir()):
-        return True
-    return (p / "config.json").is_file() or (p / CHECKPOINT_RECORD).is_file() or any(p.glob("*.safetensors"))
-
-
-@contextmanager
-def staged_output(
-    out: str | os.PathLike, *, overwrite: bool = False, protect: Sequence[Path] = ()
-) -> Iterator[Path]:
-    """Yield an empty staging folder; on success, it becomes ``out`` in one rename (or atomic swap).
-
-    On any error (or a kill) ``out`` is left as it was. An existing ``out`` is refused unless
-    ``overwrite``; it must look like a model folder (or be empty), and must not contain a path in
-    ``protect`` (the input), which replacing it would delete.
-    """
-    out = Path(os.path.abspath(Path(out).expanduser()))
-    if out.exists():
-        if not overwrite:
-            raise CheckpointError(
-                f"{out} already exists; pass --overwrite (overwrite=True) to replace it, or choose another output"
-            )
-        if not out.is_dir():
-            raise CheckpointError(f"{out} exists and is not a folder; remove it or choose another output")
-        if not _looks_like_model_folder(out):
-            raise CheckpointError(
-                f"refusing to overwrite {out}: it does not look like a model folder (no config.json or "
-                "*.safetensors); remove it yourself or choose another output"
-            )
-        for p in protect:
-            p = Path(os.path.abspath(p))
-            if p != out and out in p.parents:
-                raise CheckpointError(f"{out} contains the input {p}; replacing it would delete the input")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.rompatch-tmp.{os.getpid()}.", dir=out.parent))
-    (tmp / _STAGE_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n")
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        (tmp / _STAGE_MARK).unlink()
-        if not out.exists():
-            try:
-                os.rename(tmp, out)
-            except OSError as e:
-                raise CheckpointError(
-                    f"{out} appeared while writing it ({e.strerror}); nothing was replaced"
-                ) from None
-        elif _exchange(tmp, out):
-            (tmp / _STAGE_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n")
-            shutil.rmtree(tmp, ignore_errors=True)  # the previous `out`
-        else:  # no atomic swap here: two renames, with the old folder kept until the new one is in place
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.rompatch-tmp.{os.getpid()}.", dir=out.parent))
-            os.rename(out, old / "old")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _copy_file(src: Path, dst: Path) -> None:
-    shutil.copyfile(src, dst)  # sendfile/copy_file_range in the kernel on Linux
-    try:
-        shutil.copymode(src, dst)
-    except OSError:
-        pass
-
-
-def _link_or_copy(src: Path, dst: Path, link: bool) -> str:
-    if link:
-        try:
-            os.link(os.path.realpath(src), dst)
-            return "linked"
-        except OSError:
-            pass
-    _copy_file(src, dst)
-    return "copied"
-
-
 def _pause_hook(count: int) -> None:
     want = os.environ.get(ENV_TEST_PAUSE_AFTER_SHARD)
     if want and count == int(want):
@@ -829,7 +537,7 @@ class _ShardCopier:
         self.futures: dict[str, Any] = {}
         for rel in sorted(set(files), key=src.files.index):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            self.futures[rel] = self.pool.submit(_copy_file, src.path / rel, dest / rel)
+            self.futures[rel] = self.pool.submit(copy_file, src.path / rel, dest / rel)
 
     def wait(self, rel: str) -> None:
         self.futures[rel].result()
@@ -894,7 +602,7 @@ def _fill(
             fd = os.open(d, os.O_WRONLY)
             try:
                 for e, value in values:
-                    _pwrite_all(fd, tensor_bytes(value), e.offset)
+                    pwrite_all(fd, tensor_bytes(value), e.offset)
                     stats.touched_bytes += e.nbytes
             finally:
                 os.close(fd)
@@ -902,9 +610,9 @@ def _fill(
             stats.rewritten.append(rel)
             log.info("rewrote %s (%d tensor(s))", rel, len(by_file[rel]))
         elif rel in weight_files or s.stat().st_size >= LINK_MIN_BYTES:
-            getattr(stats, _link_or_copy(s, d, link)).append(rel)
+            getattr(stats, link_or_copy(s, d, link)).append(rel)
         else:
-            _copy_file(s, d)
+            copy_file(s, d)
             stats.copied.append(rel)
         if rel in weight_files:
             count += 1
@@ -967,7 +675,7 @@ def _value(original: torch.Tensor, parts: Sequence[tuple[Patch, Sequence[int]]],
 
 
 def _sha(t: torch.Tensor) -> str:
-    return _sha256_bytes(tensor_bytes(t))
+    return sha256_bytes(tensor_bytes(t))
 
 
 def _full(p: Patch) -> tuple[Patch, range]:
@@ -1301,7 +1009,7 @@ def _write_into(
         return ckpt.original(name)
 
     undo = (
-        _SafetensorsWriter(tmp / CHECKPOINT_UNDO, undo_specs, {"format": UNDO_FORMAT, "format_version": "1"})
+        SafetensorsWriter(tmp / CHECKPOINT_UNDO, undo_specs, {"format": UNDO_FORMAT, "format_version": "1"})
         if applied
         else None
     )

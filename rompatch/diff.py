@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint, open_checkpoint, provided_ids, read_range, tensor_bytes
+from .checkpoint import Checkpoint, open_checkpoint, provided_ids
 from .errors import PatchFormatError
 from .fingerprint import dtype_name
 from .patch import Patch, RankOneDelta, load_patch
+from .safetensors_io import read_range, tensor_bytes
 from .stack import base_differences
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from .errors import MissingDependencyError
+from .known_facts import AverageTrace
 from .patch import atomic_write
-from .tracing import CATEGORIES, AverageTrace, TraceResult
+from .tracing import CATEGORIES, TraceResult
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 TITLES = {

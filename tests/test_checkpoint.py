@@ -23,7 +23,6 @@ from rompatch.checkpoint import (
     apply_to_checkpoint,
     checkpoint_log,
     open_checkpoint,
-    read_header,
     revert_checkpoint,
 )
 from rompatch.cli.main import cli
@@ -36,6 +35,7 @@ from rompatch.errors import (
 )
 from rompatch.fingerprint import tensor_sha256
 from rompatch.patch import save_patch
+from rompatch.safetensors_io import read_header
 from tests.ckpt_helpers import file_shas, read_tensor, save_sharded, tensor_shas, weight_files
 from tests.helpers import vector_patch
 from tests.tiny import make_model

@@ -15,21 +15,17 @@ from rompatch.arch import get_spec
 from rompatch.cli.main import cli
 from rompatch.errors import MissingDependencyError, TraceError
 from rompatch.hooks import TraceDict
+from rompatch.known_facts import _category_rows, load_known, predicts_attribute, save_average, trace_known
 from rompatch.tracing import (
     CATEGORIES,
     KINDS,
     CausalTracer,
-    _category_rows,
     _find_subject_span,
     _target_tokens,
     embedding_std,
-    load_known,
     load_trace,
-    predicts_attribute,
-    save_average,
     save_trace,
     trace_fact,
-    trace_known,
 )
 from tests.tiny import ARCHS, make_model
 from tests.tiny_tokenizer import make_tokenizer
@@ -353,8 +349,8 @@ def test_trace_known_average_and_resume(tok, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("traced again")
 
-    monkeypatch.setattr("rompatch.tracing.trace_fact", boom)
-    monkeypatch.setattr("rompatch.tracing.predicts_attribute", boom)
+    monkeypatch.setattr("rompatch.known_facts.trace_fact", boom)
+    monkeypatch.setattr("rompatch.known_facts.predicts_attribute", boom)
     again = trace_known(model, tok, [wrong, *recs], cache_dir=tmp_path / "cases", **opts)
     np.testing.assert_array_equal(again.mean_scores["mlp"], avg.mean_scores["mlp"])
     # other settings are not served from the cache

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import TraceError
+from ..known_facts import save_average, trace_known
 from ..models import load_model
 from ..tracing import (
     DEFAULT_BATCH_SIZE,
@@ -14,10 +15,8 @@ from ..tracing import (
     DEFAULT_SAMPLES,
     DEFAULT_WINDOW,
     KINDS,
-    save_average,
     save_trace,
     trace_fact,
-    trace_known,
 )
 from .common import device_option, dtype_option, echo_json, info, json_option, model_argument, revision_option
 
