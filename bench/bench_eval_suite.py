@@ -284,6 +284,14 @@ def _merged(st: _Setup, part: str, minutes: float | None) -> dict:
     return res
 
 
+# Runs whose interval was never written: the workers were killed at a session's end, before the
+# interval was kept up to date after every case (the per-case results they wrote are kept).
+UNTIMED = {
+    "counterfact": "not in that time: 71 CPU records of an earlier 2-worker run (stopped at a session's end "
+    "before it wrote its interval; about 45 min by its files' timestamps, beside other jobs)",
+}
+
+
 def _provenance_note(res: dict) -> str:
     p = res["provenance"]
     fams = ", ".join(f"{n} computed on {k}" for k, n in sorted(p["families"].items()))
@@ -324,8 +332,11 @@ def run() -> dict:
 
     # ---------------------------------------------------------------- (b) sequential
     smin = _minutes("SEQ")
-    with _Interval(LAYER, "sequential"):
-        s = st.sequential(max_seconds=None if smin is None else smin * 60)
+    if smin == 0:  # only summarise the checkpoints already written
+        s = st.sequential(max_seconds=0)
+    else:
+        with _Interval(LAYER, "sequential"):
+            s = st.sequential(max_seconds=smin * 60 if smin is not None else None)
     plot_sequential(
         s, FIGURES / "eval-sequential.png", title=f"SmolLM2-135M, layer {LAYER}: sequential ROME edits"
     )
@@ -348,7 +359,8 @@ def run() -> dict:
                      "note": f"{fs['n']} of {len(st.crecs)} records, unedited → edited"
                      + ("; top-5 sampling, 100 tokens incl. prompt" if k == "GE" else "")})  # fmt: skip
     rows.append({"metric": "CounterFact records evaluated", "value": fs["n"], "unit": "records",
-                 "note": f"of {len(st.crecs)}; {_time_note(LAYER, 'counterfact')}; {_provenance_note(f)}"})  # fmt: skip
+                 "note": f"of {len(st.crecs)}; {_time_note(LAYER, 'counterfact')}; {_provenance_note(f)}; "
+                         f"{UNTIMED['counterfact']}"})  # fmt: skip
 
     # ---------------------------------------------------------------- comparison tables
     zkeys = ["efficacy", "paraphrase", "specificity"]
