@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 TITLE = "Evaluation suite: zsRE, sequential editing and CounterFact with fluency on SmolLM2-135M (issue 6)"
@@ -270,16 +271,18 @@ def _merged(st: _Setup, part: str, minutes: float | None) -> dict:
     if minutes != 0:  # 0: only merge and summarise what the workers wrote
         budget = _budget(minutes)
         with _Interval(st.layer, part) as iv:
+
+            def on_case(c: dict) -> None:
+                iv.tick()
+                budget(c)
+
             try:
-                run_evaluation(st.model, st.tok, records, on_case=lambda c: (iv.tick(), budget(c)),
-                               progress=True, **kw)  # fmt: skip
+                run_evaluation(st.model, st.tok, records, on_case=on_case, progress=True, **kw)
             except _Budget:
                 pass
     done = {str(c["case_id"]) for c in read_cases(out / CASES_FILE)}
     res = run_evaluation(st.model, st.tok, [r for r in records if str(r["case_id"]) in done], **kw)
-    fams: dict[str, int] = {}
-    for cid in done:
-        fams[source.get(cid, "this run")] = fams.get(source.get(cid, "this run"), 0) + 1
+    fams = Counter(source.get(cid, "this run") for cid in done)
     res["provenance"] = {"families": fams, "computed_twice": twice, "same_scores": same}
     return res
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rompatch.arch import get_spec, module_io
 from rompatch.models import model_identity
 from rompatch.patch import ParamInfo, RankOneDelta, new_patch
 from rompatch.request import EditRequest
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def vector_patch(

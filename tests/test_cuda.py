@@ -14,10 +14,11 @@ from rompatch.create import create_patch
 from rompatch.fingerprint import tensor_sha256
 from rompatch.rome import compute_delta
 from rompatch.stats import get_second_moment
+from tests.helpers import needs_cuda
 from tests.test_create import HP, REQ, _greedy_next, _model, _tok
 from tests.tiny import ARCHS
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = needs_cuda
 
 CUDA = torch.device("cuda")
 

@@ -27,6 +27,7 @@ from rompatch.tracing import (
     save_trace,
     trace_fact,
 )
+from tests.helpers import needs_cuda
 from tests.tiny import ARCHS, make_model
 from tests.tiny_tokenizer import make_tokenizer
 
@@ -134,10 +135,7 @@ def test_trace_shapes_and_invariants(arch, tok_bos):
         assert r.answer_id == int(model(torch.tensor([r.token_ids])).logits[0, -1].argmax())
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3_text"])
 def test_restoring_every_token_at_a_layer_recovers_clean(arch, device, tok_bos):
     model = tiny(arch).to(device)
