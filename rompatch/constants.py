@@ -35,9 +35,9 @@ def cache_dir() -> Path:
     return base / "rompatch"
 
 
-def data_dir() -> Path:
-    """Where the shared evaluation data lives: $ROMPATCH_DATA, default ../shared/data from the repo root."""
+def data_dir() -> Path | None:
+    """The evaluation data folder from $ROMPATCH_DATA (CounterFact, known_1000, zsRE, WikiText-2), or
+    None when it is not set. The product never needs it: only evaluation, tracing's defaults and the
+    tests read it."""
     env = os.environ.get(ENV_DATA)
-    if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    return Path(env).expanduser() if env else None

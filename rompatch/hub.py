@@ -109,6 +109,27 @@ def is_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or env in _TRUE
 
 
+def hub_unavailable(repo_id: str, *, repo_type: str = "model", timeout: float = 3.0) -> str | None:
+    """Why ``repo_id`` cannot be read from the Hub now, or None when it can.
+
+    One probe (a HEAD request on the repo's API page, no retries, ``timeout`` seconds), so that a
+    machine without the Hub learns it in seconds instead of minutes of retry warnings.
+    ``HF_HUB_OFFLINE`` answers without a request.
+    """
+    if is_offline():
+        return "HF_HUB_OFFLINE is set"
+    from huggingface_hub import get_session
+
+    url = f"{_endpoint().rstrip('/')}/api/{repo_type}s/{repo_id}"
+    try:
+        r = get_session().head(url, timeout=timeout)
+    except Exception as e:  # connection refused, DNS, timeout, proxy: all mean "not reachable"
+        return f"the Hub at {_endpoint()} did not answer ({type(e).__name__})"
+    if r.status_code >= 400:
+        return f"the Hub at {_endpoint()} has no readable {repo_type} {repo_id} (HTTP {r.status_code})"
+    return None
+
+
 def _endpoint() -> str:
     from huggingface_hub import constants
 

@@ -25,11 +25,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .arch import ModelSpec, check_layer, get_spec, num_layers
-from .constants import cache_dir, data_dir
+from .constants import ENV_DATA, cache_dir, data_dir
 from .errors import StatsError
 from .fingerprint import dtype_name, tensor_sha256
 from .hooks import Trace
+from .hub import hub_unavailable
 from .patch import atomic_write
+from .sampled import DEFAULT_SAMPLED_TOKENS, SamplerSettings, bos_prefix, sampled_chunks, sampler_identity
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +46,26 @@ STATS_VERSION = 1
 
 @dataclass
 class TextSource:
-    """Where statistics text comes from. ``identity`` goes into the cache key and the patch."""
+    """Where statistics text comes from. ``identity`` goes into the cache key and the patch.
+
+    A corpus yields texts (``_texts``); the sampled source yields token sequences (``_chunks``).
+    ``reason`` says why this source was chosen, for the one line the CLI prints.
+    """
 
     name: str
     identity: dict[str, Any]
-    _texts: Any
+    _texts: Callable[[], Iterator[str]] | None = None
+    reason: str = ""
+    default_tokens: int = DEFAULT_STATS_TOKENS
+    _chunks: Callable[[int, bool], Iterator[list[int]]] | None = None
 
     def texts(self) -> Iterator[str]:
+        if self._texts is None:
+            raise StatsError(f"statistics source {self.name} yields tokens, not texts")
         yield from self._texts()
+
+    def describe(self) -> str:
+        return f"statistics text: {self.name}" + (f" ({self.reason})" if self.reason else "")
 
 
 _WIKITEXT_DETOK = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")]
@@ -97,36 +111,97 @@ def _jsonl(path: Path, field: str) -> Iterator[str]:
 
 
 def local_wikitext() -> list[Path] | None:
-    """WikiText-2 from the shared data folder ($ROMPATCH_DATA), if present: raw test, then valid."""
-    d = data_dir() / "wikitext-2"
-    files = [d / "raw" / "wiki.test.raw", d / "wiki.valid.tokens"]
+    """WikiText-2 from the shared data folder ($ROMPATCH_DATA), if set and present: raw test, then valid."""
+    d = data_dir()
+    if d is None:
+        return None
+    files = [d / "wikitext-2" / "raw" / "wiki.test.raw", d / "wikitext-2" / "wiki.valid.tokens"]
     return files if all(f.is_file() for f in files) else None
 
 
-def text_source(spec: str | None, *, text_field: str = "text") -> TextSource:
-    """Resolve ``--stats-data``: a .txt/.raw/.tokens file, a .jsonl file, or a HF dataset id
-    (``name[:config][@split]``, streamed with the ``datasets`` library). ``None``: WikiText-2 from
-    $ROMPATCH_DATA when present, else WikiText-103 from the Hub when it can be fetched."""
-    if spec is None:
-        files = local_wikitext()
-        if files:
-            sha = _file_sha(files)
+def _wikitext2_source(files: list[Path]) -> TextSource:
+    sha = _file_sha(files)
 
-            def gen():
-                for f in files:
-                    yield from _lines(f, detok=f.suffix == ".tokens")
+    def gen():
+        for f in files:
+            yield from _lines(f, detok=f.suffix == ".tokens")
 
-            return TextSource(
-                "wikitext-2 (test raw + valid)", {"source": "wikitext-2:test-raw+valid", "sha256": sha}, gen
-            )
+    return TextSource(
+        "wikitext-2 (test raw + valid)",
+        {"source": "wikitext-2:test-raw+valid", "sha256": sha},
+        gen,
+        reason=f"found under ${ENV_DATA}",
+    )
+
+
+def _sampled_source(model: Any, tok: Any, seed: int, reason: str) -> TextSource:
+    settings = SamplerSettings(seed=seed)
+    ident = sampler_identity(model, tok, settings, _tokenizer_sha(tok))
+
+    def chunks(n_tokens: int, progress: bool) -> Iterator[list[int]]:
+        return sampled_chunks(model, tok, ident, settings, n_tokens, progress=progress)
+
+    return TextSource(
+        f"text sampled from the model (seed {seed})",
+        ident,
+        reason=reason,
+        default_tokens=DEFAULT_SAMPLED_TOKENS,
+        _chunks=chunks,
+    )
+
+
+def _parse_sampled(spec: str) -> int | None:
+    """``sampled`` or ``sampled:SEED`` → the seed; anything else → None."""
+    m = re.fullmatch(r"sampled(?::(-?\d+))?", spec)
+    return None if m is None else int(m.group(1) or 0)
+
+
+def _default_source(model: Any, tok: Any, text_field: str) -> TextSource:
+    """$ROMPATCH_DATA's WikiText-2, else WikiText-103 from the Hub after one quick probe, else
+    text sampled from the model itself."""
+    files = local_wikitext()
+    if files:
+        return _wikitext2_source(files)
+    where = f"${ENV_DATA} is not set" if data_dir() is None else f"no WikiText-2 under ${ENV_DATA}"
+    why = hub_unavailable(HF_DEFAULT.split(":")[0], repo_type="dataset")
+    if why is None:
         try:
-            return _hf_source(HF_DEFAULT, text_field)
+            src = _hf_source(HF_DEFAULT, text_field)
+            src.reason = f"{where}; streamed from the Hub"
+            return src
         except StatsError as e:
-            raise StatsError(
-                "no statistics data: WikiText-2 is not under $ROMPATCH_DATA and the Hub default "
-                f"({HF_DEFAULT}) cannot be read ({e}); pass --stats-data FILE.txt, FILE.jsonl or a Hugging Face "
-                "dataset id, or use cached statistics (rompatch stats)"
-            ) from None
+            why = str(e)
+    if model is None or tok is None:
+        raise StatsError(
+            f"no statistics text: {where} and {why}; pass --stats-data FILE.txt, FILE.jsonl or a dataset id"
+        )
+    return _sampled_source(
+        model, tok, 0, f"{where} and {why}; a text corpus via --stats-data or ${ENV_DATA} gives better edits"
+    )
+
+
+def check_stats_data(spec: str | None, *, text_field: str = "text") -> None:
+    """Cheap checks of ``--stats-data`` before a model is loaded: a named file must exist and be text."""
+    if spec is None or _parse_sampled(spec) is not None:
+        return
+    text_source(spec, text_field=text_field)
+
+
+def text_source(
+    spec: str | None, *, text_field: str = "text", model: Any = None, tok: Any = None
+) -> TextSource:
+    """Resolve ``--stats-data``: a .txt/.raw/.tokens file, a .jsonl file, ``sampled[:SEED]`` (text
+    the model writes itself; needs ``model`` and ``tok``), or a HF dataset id
+    (``name[:config][@split]``, streamed with the ``datasets`` library). ``None``: WikiText-2 from
+    $ROMPATCH_DATA when present, else WikiText-103 from the Hub when it answers one quick probe,
+    else sampled text."""
+    if spec is None:
+        return _default_source(model, tok, text_field)
+    seed = _parse_sampled(spec)
+    if seed is not None:
+        if model is None or tok is None:
+            raise StatsError("--stats-data sampled needs the model: pass model= and tok=")
+        return _sampled_source(model, tok, seed, "asked for with --stats-data")
     path = Path(spec).expanduser()
     if path.exists() or re.search(r"\.(txt|raw|tokens|jsonl)$", spec):
         if not path.is_file():
@@ -144,12 +219,15 @@ def text_source(spec: str | None, *, text_field: str = "text") -> TextSource:
                 path.name,
                 {"source": f"file:{path.name}", "field": text_field, "sha256": sha},
                 lambda: _jsonl(path, text_field),
+                reason="--stats-data",
             )
         if path.suffix not in (".txt", ".raw", ".tokens", ".text", ""):
             raise StatsError(
                 f"statistics file {spec} must be .txt (plain text) or .jsonl (one JSON object per line)"
             )
-        return TextSource(path.name, {"source": f"file:{path.name}", "sha256": sha}, lambda: _lines(path))
+        return TextSource(
+            path.name, {"source": f"file:{path.name}", "sha256": sha}, lambda: _lines(path), reason="--stats-data"
+        )
     return _hf_source(spec, text_field)
 
 
@@ -183,7 +261,10 @@ def _hf_source(spec: str, text_field: str) -> TextSource:
                 yield t
 
     return TextSource(
-        spec, {"source": f"hf:{name}", "config": config, "split": split, "field": text_field}, gen
+        spec,
+        {"source": f"hf:{name}", "config": config, "split": split, "field": text_field},
+        gen,
+        reason="--stats-data",
     )
 
 
@@ -233,11 +314,19 @@ def _tokenizer_sha(tok: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _token_chunks(tok: Any, source: TextSource, seq_len: int, n_tokens: int) -> Iterator[list[int]]:
-    """Pack the source's texts into sequences of ``seq_len`` tokens (BOS first when the tokenizer adds one)."""
-    bos = tok("a", add_special_tokens=True)["input_ids"]
-    plain = tok("a", add_special_tokens=False)["input_ids"]
-    prefix = bos[: len(bos) - len(plain)] if bos[-len(plain) :] == plain else []
+def _token_chunks(tok: Any, source: TextSource, seq_len: int, n_tokens: int, progress: bool = False) -> Iterator[list[int]]:
+    """Pack the source's texts into sequences of ``seq_len`` tokens (BOS first when the tokenizer adds
+    one); a token source's sequences are taken as they are. Stops at ``n_tokens`` tokens."""
+    if source._chunks is not None:
+        produced = 0
+        for c in source._chunks(n_tokens, progress):
+            c = c[: n_tokens - produced]
+            yield c
+            produced += len(c)
+            if produced >= n_tokens:
+                return
+        return
+    prefix = bos_prefix(tok)
     sep = tok.eos_token_id
     body = seq_len - len(prefix)
     buf: list[int] = []
@@ -298,7 +387,7 @@ def collect_second_moment(
     )
     t0 = time.perf_counter()
     pending = sorted(x for x in snapshots if x < n_tokens)
-    chunks = _token_chunks(tok, source, seq_len, n_tokens)
+    chunks = _token_chunks(tok, source, seq_len, n_tokens, progress)
     while True:
         batch = [c for _, c in zip(range(batch_size), chunks)]
         if not batch:
@@ -404,23 +493,33 @@ def get_second_moment(
     layer: int,
     *,
     stats_data: str | None = None,
-    n_tokens: int = DEFAULT_STATS_TOKENS,
+    n_tokens: int | None = None,
     seq_len: int = DEFAULT_SEQ_LEN,
     text_field: str = "text",
     spec: ModelSpec | None = None,
     use_cache: bool = True,
     progress: bool = False,
+    notify: Callable[[str], None] | None = None,
 ) -> SecondMoment:
-    """Cached E[k kᵀ] for ``layer``: computed once per (weights, layer, data, budget, dtype, tokenizer)."""
+    """Cached E[k kᵀ] for ``layer``: computed once per (weights, layer, data, budget, dtype, tokenizer).
+
+    ``n_tokens`` None takes the source's default budget (100,000 tokens of a corpus, 16,384 of
+    sampled text). ``notify`` receives one line naming the statistics text and why it was chosen.
+    """
     spec = get_spec(model, spec)
     check_layer(model, layer)
-    seq_len = min(seq_len, max_positions(model))
-    if n_tokens < 1:
+    if n_tokens is not None and n_tokens < 1:
         raise StatsError(f"--stats-tokens must be positive, got {n_tokens}")
-    source = text_source(stats_data, text_field=text_field)
+    source = text_source(stats_data, text_field=text_field, model=model, tok=tok)
+    n_tokens = source.default_tokens if n_tokens is None else n_tokens
+    seq_len = source.identity["seq_len"] if source._chunks is not None else min(seq_len, max_positions(model))
     identity = stats_identity(model, tok, layer, source, n_tokens=n_tokens, seq_len=seq_len, spec=spec)
-    if use_cache and (hit := load_cached(identity)) is not None:
-        log.info("statistics for layer %d from cache (%d tokens)", layer, hit.count)
+    hit = load_cached(identity) if use_cache else None
+    line = f"{source.describe()}; {n_tokens:,} tokens at layer {layer}" + (", cached" if hit else "")
+    log.info(line)
+    if notify is not None:
+        notify(line)
+    if hit is not None:
         return hit
     sm = collect_second_moment(
         model,
@@ -443,6 +542,7 @@ def get_second_moment(
 
 __all__ = [
     "DEFAULT_STATS_TOKENS",
+    "check_stats_data",
     "SecondMoment",
     "TextSource",
     "collect_second_moment",

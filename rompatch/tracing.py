@@ -170,8 +170,9 @@ class EmbeddingStd:
 def wikitext_sample(*, max_chars: int = 200_000) -> tuple[list[str], str] | None:
     """Paragraphs of WikiText-2 test (``data_dir()/wikitext-2/wiki.test.tokens``, headings skipped,
     its `` @-@ `` style tokenization undone), in file order; ``None`` if the file is missing."""
-    path = data_dir() / WIKITEXT_FILE
-    if not path.is_file():
+    root = data_dir()
+    path = None if root is None else root / WIKITEXT_FILE
+    if path is None or not path.is_file():
         return None
     texts, total = [], 0
     with open(path, encoding="utf-8-sig") as f:
@@ -210,7 +211,7 @@ def embedding_std(
         sample = wikitext_sample()
         if sample is None:
             raise TraceError(
-                f"WikiText-2 not found at {data_dir() / WIKITEXT_FILE}; set ROMPATCH_DATA, or pass texts= "
+                f"WikiText-2 ({WIKITEXT_FILE}) not found under $ROMPATCH_DATA ({data_dir()}); set it, or pass texts= "
                 "or an absolute noise std"
             )
         texts, src = sample
@@ -270,7 +271,8 @@ def _resolve_noise(
             embed_std = embedding_std(model, tok, spec=spec)
         else:
             log.warning(
-                "WikiText-2 not found under %s; measuring the embedding std on the prompts", data_dir()
+                "WikiText-2 not found under $ROMPATCH_DATA (%s); measuring the embedding std on the prompts",
+                data_dir(),
             )
             embed_std = embedding_std(
                 model, tok, fallback_texts, spec=spec, source="the traced prompts (WikiText-2 not found)"
