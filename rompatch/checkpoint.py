@@ -403,33 +403,28 @@ def _read_record(ckpt: Checkpoint) -> Record | None:
 # --------------------------------------------------------------------------- opening / the Hub
 
 
-def _looks_like_path(ref: str) -> bool:
-    return (
-        ref.startswith(("/", "./", "../", "~", ".\\"))
-        or ref.count("/") > 1
-        or os.sep in ref
-        and "/" != os.sep
-    )
-
-
 def open_checkpoint(ref: str | os.PathLike, *, revision: str | None = None) -> Checkpoint:
-    """Open a local safetensors model folder, or fetch a Hub model (weights, config, tokenizer) first.
+    """Open a local safetensors model folder, an embedded model, or fetch a Hub model first.
 
-    Hub ids go through ``huggingface_hub.snapshot_download`` (so ``HF_ENDPOINT``, ``HF_TOKEN`` and
-    ``HF_HUB_OFFLINE`` apply): first the small files, then only the shards the index lists.
+    ``ref`` is resolved as ``load_model`` resolves it (``rompatch.models.local_model_path``): an
+    embedded alias is its converted folder (fetched and converted on first use), a missing local
+    path is a ``NoSuchFolderError`` before any Hub call. Hub ids go through
+    ``huggingface_hub.snapshot_download`` (so ``HF_ENDPOINT``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE``
+    apply): first the small files, then only the shards the index lists.
     """
-    p = Path(ref).expanduser()
-    if p.is_dir():
-        if revision is not None:
-            raise CheckpointError(f"{ref} is a local folder; --revision only applies to Hub ids")
-        return Checkpoint(p, source=_local_identity(p))
-    if p.exists():
+    from .models import local_model_path
+
+    p = local_model_path(ref)
+    if p is None:
+        folder, commit = _hub_snapshot(str(ref), revision)
+        return Checkpoint(folder, source={"model": str(ref), "revision": commit})
+    if not p.is_dir():
         raise CheckpointError(f"{ref} is a file; pass the model folder that holds it (with config.json)")
-    ref = str(ref)
-    if _looks_like_path(ref):
-        raise CheckpointError(f"{ref}: no such checkpoint folder")
-    folder, commit = _hub_snapshot(ref, revision)
-    return Checkpoint(folder, source={"model": ref, "revision": commit})
+    if revision is not None:
+        raise CheckpointError(
+            f"{ref} is a local folder or an embedded model; --revision only applies to Hub ids"
+        )
+    return Checkpoint(p, source=_local_identity(p))
 
 
 def _local_identity(path: Path) -> dict[str, Any]:
@@ -830,7 +825,7 @@ def apply_to_checkpoint(
 ) -> CheckpointResult:
     """Apply ``patches`` in order to the checkpoint ``base``, writing folder ``out``.
 
-    ``base``: a local model folder or a Hub id (see ``open_checkpoint``).
+    ``base``: a local model folder, an embedded alias or a Hub id (see ``open_checkpoint``).
     ``patches``: patch files, ``Patch`` objects or Hub references, one or a sequence (nested one
     level, such as a ``create_patch`` chain; see ``rompatch.refs``); all are resolved before the
     checkpoint is opened.
@@ -1071,7 +1066,7 @@ def revert_checkpoint(
     overwrite: bool = False,
     link: bool = True,
 ) -> CheckpointResult:
-    """Remove ``patches`` from a checkpoint (a local folder or a Hub id).
+    """Remove ``patches`` from a checkpoint (a local folder, an embedded alias or a Hub id).
 
     ``patches``: patch objects, files, Hub references or id prefixes of applied patches, one or a
     sequence (nested one level); an id is as ``rompatch.apply.revert_patch`` describes it.
@@ -1086,10 +1081,15 @@ def revert_checkpoint(
     Write to ``out`` (a new folder) or ``in_place=True`` (the folder is replaced atomically; files are
     never modified in place, so hard links into other folders are safe).
     """
+    from .models import embedded_alias
+
     if (out is None) == (not in_place):
         raise CheckpointError("pass exactly one of out=... (-o OUT) or in_place=True (--in-place)")
-    if in_place and not Path(checkpoint).expanduser().is_dir():
-        raise CheckpointError(f"{checkpoint}: --in-place needs a local folder; write to -o OUT instead")
+    if in_place and (embedded_alias(checkpoint) or not Path(checkpoint).expanduser().is_dir()):
+        raise CheckpointError(
+            f"{checkpoint}: --in-place needs a local folder (not a Hub id or an embedded model); write to "
+            "-o OUT instead"
+        )
     refs = flatten_patches(patches)
     ckpt = open_checkpoint(checkpoint)
     if in_place:
