@@ -20,6 +20,7 @@ from torch import nn
 from .errors import FingerprintMismatchError, LineageError, NotAppliedError, PatchFormatError
 from .fingerprint import dtype_name, tensor_sha256
 from .patch import Patch
+from .refs import PatchesLike, PatchLike, find_applied, flatten_patches, is_single_patch, resolve_patches
 
 log = logging.getLogger(__name__)
 _STATE_ATTR = "_rompatch_state"
@@ -73,13 +74,33 @@ def _expected_value(st: _State, name: str, patches: Sequence[Patch], dtype: torc
     return acc.to(dtype)
 
 
-def apply_patch(model: nn.Module, patch: Patch, *, force: bool = False) -> AppliedPatch:
+def apply_patch(
+    model: nn.Module, patch: PatchesLike, *, force: bool = False
+) -> AppliedPatch | list[AppliedPatch]:
     """Apply ``patch`` to ``model`` in place. Checks shapes, lineage and base fingerprints first.
+
+    ``patch``: a ``Patch``, a patch file, a Hub reference ``REPO_ID[/file.safetensors][@REV]``, or a
+    sequence of them applied in order (such as the list ``create_patch(..., mode="sequential")``
+    returns; see ``rompatch.refs``). Every reference is resolved before anything is applied, and a
+    sequence is all or nothing: when one patch fails, the ones this call applied are reverted.
+    Returns the ``AppliedPatch`` record, or the list of records when a sequence was given.
 
     A patch computed on top of others (non-empty lineage) needs those applied first. Each touched
     parameter must hash to the sha256 recorded in the patch (the value it was computed against);
     ``force=True`` applies anyway, logs a warning and records that it did.
     """
+    patches = resolve_patches(patch)
+    records: list[AppliedPatch] = []
+    try:
+        for p in patches:
+            records.append(_apply_one(model, p, force=force))
+    except BaseException:
+        revert_patch(model, [r.patch for r in records])
+        raise
+    return records[0] if is_single_patch(patch) else records
+
+
+def _apply_one(model: nn.Module, patch: Patch, *, force: bool) -> AppliedPatch:
     st = _state(model)
     if any(a.patch.id == patch.id for a in st.applied):
         raise LineageError(f"patch {patch.short_id} is already applied to this model")
@@ -141,26 +162,50 @@ def _rewrite(model: nn.Module, st: _State, name: str, p: nn.Parameter) -> None:
     p.data.copy_(value.to(p.device))
 
 
-def revert_patch(model: nn.Module, patch: Patch | str) -> None:
-    """Remove ``patch`` (or a patch id) from ``model``. Any position in the stack may be reverted.
+def revert_patch(model: nn.Module, patch: PatchesLike) -> None:
+    """Remove patches from ``model``. Any position in the stack may be reverted.
+
+    ``patch``: anything ``apply_patch`` takes, or the id (prefix) of an applied patch, as
+    ``applied_patches`` or ``rompatch log`` show it; sequences may mix them. A ``str`` of 4 to 64
+    hex digits that is not an existing file is an id (patch files end in ``.safetensors`` and Hub
+    references hold a ``/``, so neither is ever taken for one). Everything is checked before
+    anything is reverted: each patch must be applied, and no patch that stays applied may have been
+    computed on top of one being reverted. Patches are reverted newest first, so a
+    ``create_patch`` chain can be given in its own order.
 
     Touched parameters are recomputed from their snapshot, so the result is bit-identical to having
     applied only the remaining patches; with nothing left, the snapshot itself is restored.
     """
     st = _state(model)
-    pid = patch if isinstance(patch, str) else patch.id
-    idx = next((i for i, a in enumerate(st.applied) if a.patch.id == pid or a.patch.id.startswith(pid)), None)
+    targets = sorted({_applied_index(st, ref) for ref in flatten_patches(patch)}, reverse=True)
+    leaving = {st.applied[i].patch.id for i in targets}
+    for i in targets:
+        target = st.applied[i].patch
+        dependants = [
+            a.patch.short_id
+            for a in st.applied[i + 1 :]
+            if target.id in a.patch.lineage and a.patch.id not in leaving
+        ]
+        if dependants:
+            raise LineageError(
+                f"patch {target.short_id} cannot be reverted while {', '.join(dependants)} (computed on top "
+                "of it) is applied; revert that first"
+            )
+    for i in targets:  # newest first
+        _revert_at(model, st, i)
+
+
+def _applied_index(st: _State, ref: PatchLike) -> int:
+    """Position in the stack of the applied patch ``ref`` names (a patch, or an id prefix)."""
+    idx, pid = find_applied([a.patch for a in st.applied], ref, where="this model")
     if idx is None:
         applied = ", ".join(a.patch.short_id for a in st.applied) or "none"
         raise NotAppliedError(f"patch {pid[:12]} is not applied to this model (applied: {applied})")
-    target = st.applied[idx].patch
-    dependants = [a.patch.short_id for a in st.applied[idx + 1 :] if target.id in a.patch.lineage]
-    if dependants:
-        raise LineageError(
-            f"patch {target.short_id} cannot be reverted while {', '.join(dependants)} (computed on top of it) "
-            "is applied; revert that first"
-        )
-    del st.applied[idx]
+    return idx
+
+
+def _revert_at(model: nn.Module, st: _State, idx: int) -> None:
+    target = st.applied.pop(idx).patch
     for name in target.parameters:
         p = _param(model, name)
         still = any(name in a.patch.parameters for a in st.applied)
@@ -176,9 +221,21 @@ def revert_patch(model: nn.Module, patch: Patch | str) -> None:
     log.info("reverted patch %s", target.short_id)
 
 
-def verify_applied(model: nn.Module) -> None:
-    """Check every touched parameter still holds the patched value (catches silent reloads)."""
+def verify_applied(model: nn.Module, patches: PatchesLike | None = None) -> None:
+    """Check every touched parameter still holds the patched value (catches silent reloads).
+
+    With ``patches`` (anything ``apply_patch`` takes), also check that exactly those patches are
+    applied, in that order.
+    """
     st = _state(model)
+    if patches is not None:
+        want = [p.id for p in resolve_patches(patches)]
+        have = [a.patch.id for a in st.applied]
+        if have != want:
+            raise NotAppliedError(
+                f"the model holds patches [{', '.join(x[:12] for x in have)}] instead of "
+                f"[{', '.join(x[:12] for x in want)}]; apply or revert patches until they match"
+            )
     for name in st.snapshots:
         p = _param(model, name)
         expected = tensor_sha256(_expected_value(st, name, [a.patch for a in st.applied], p.dtype))
@@ -191,14 +248,14 @@ def verify_applied(model: nn.Module) -> None:
 
 
 @contextmanager
-def patched(model: nn.Module, *patches: Patch, force: bool = False) -> Iterator[nn.Module]:
-    """``with patched(model, p1, p2): ...``: apply in order, revert all on exit (even on error)."""
-    done: list[Patch] = []
+def patched(model: nn.Module, *patches: PatchesLike, force: bool = False) -> Iterator[nn.Module]:
+    """``with patched(model, p1, "p2.safetensors"): ...`` or ``with patched(model, chain): ...``.
+
+    Each argument is anything ``apply_patch`` takes. Applies the patches in order (all or nothing)
+    and reverts them all on exit, even on error.
+    """
+    records = apply_patch(model, [p for arg in patches for p in flatten_patches(arg)], force=force)
     try:
-        for p in patches:
-            apply_patch(model, p, force=force)
-            done.append(p)
         yield model
     finally:
-        for p in reversed(done):
-            revert_patch(model, p)
+        revert_patch(model, [r.patch for r in records])

@@ -60,6 +60,7 @@ from .errors import (
     PatchFormatError,
 )
 from .patch import Patch, from_safetensors, to_metadata
+from .refs import PatchesLike, PatchLike, find_applied, flatten_patches, resolve_patch
 from .safetensors_io import (
     SafetensorsWriter,
     TensorEntry,
@@ -402,33 +403,28 @@ def _read_record(ckpt: Checkpoint) -> Record | None:
 # --------------------------------------------------------------------------- opening / the Hub
 
 
-def _looks_like_path(ref: str) -> bool:
-    return (
-        ref.startswith(("/", "./", "../", "~", ".\\"))
-        or ref.count("/") > 1
-        or os.sep in ref
-        and "/" != os.sep
-    )
-
-
 def open_checkpoint(ref: str | os.PathLike, *, revision: str | None = None) -> Checkpoint:
-    """Open a local safetensors model folder, or fetch a Hub model (weights, config, tokenizer) first.
+    """Open a local safetensors model folder, an embedded model, or fetch a Hub model first.
 
-    Hub ids go through ``huggingface_hub.snapshot_download`` (so ``HF_ENDPOINT``, ``HF_TOKEN`` and
-    ``HF_HUB_OFFLINE`` apply): first the small files, then only the shards the index lists.
+    ``ref`` is resolved as ``load_model`` resolves it (``rompatch.models.local_model_path``): an
+    embedded alias is its converted folder (fetched and converted on first use), a missing local
+    path is a ``NoSuchFolderError`` before any Hub call. Hub ids go through
+    ``huggingface_hub.snapshot_download`` (so ``HF_ENDPOINT``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE``
+    apply): first the small files, then only the shards the index lists.
     """
-    p = Path(ref).expanduser()
-    if p.is_dir():
-        if revision is not None:
-            raise CheckpointError(f"{ref} is a local folder; --revision only applies to Hub ids")
-        return Checkpoint(p, source=_local_identity(p))
-    if p.exists():
+    from .models import local_model_path
+
+    p = local_model_path(ref)
+    if p is None:
+        folder, commit = _hub_snapshot(str(ref), revision)
+        return Checkpoint(folder, source={"model": str(ref), "revision": commit})
+    if not p.is_dir():
         raise CheckpointError(f"{ref} is a file; pass the model folder that holds it (with config.json)")
-    ref = str(ref)
-    if _looks_like_path(ref):
-        raise CheckpointError(f"{ref}: no such checkpoint folder")
-    folder, commit = _hub_snapshot(ref, revision)
-    return Checkpoint(folder, source={"model": ref, "revision": commit})
+    if revision is not None:
+        raise CheckpointError(
+            f"{ref} is a local folder or an embedded model; --revision only applies to Hub ids"
+        )
+    return Checkpoint(p, source=_local_identity(p))
 
 
 def _local_identity(path: Path) -> dict[str, Any]:
@@ -800,12 +796,9 @@ def _state(ckpt: Checkpoint, *, allow_modified: bool = False) -> Record:
     return rec
 
 
-def _resolve(ref: Patch | str | os.PathLike) -> tuple[Patch, str | None]:
-    if isinstance(ref, Patch):
-        return ref, None
-    from .refs import resolve_patch
-
-    return resolve_patch(ref), str(ref)
+def _resolve(ref: PatchLike) -> tuple[Patch, str | None]:
+    """The patch and, for a file or Hub reference, where it came from (recorded in the log)."""
+    return resolve_patch(ref), None if isinstance(ref, Patch) else str(ref)
 
 
 def _provided(applied: Sequence[AppliedEntry]) -> dict[str, tuple[int, range]]:
@@ -822,7 +815,7 @@ def _now() -> str:
 
 def apply_to_checkpoint(
     base: str | os.PathLike,
-    patches: Sequence[Patch | str | os.PathLike],
+    patches: PatchesLike,
     out: str | os.PathLike,
     *,
     overwrite: bool = False,
@@ -830,7 +823,12 @@ def apply_to_checkpoint(
     link: bool = True,
     revision: str | None = None,
 ) -> CheckpointResult:
-    """Apply ``patches`` in order to the checkpoint ``base`` (folder or Hub id), writing folder ``out``.
+    """Apply ``patches`` in order to the checkpoint ``base``, writing folder ``out``.
+
+    ``base``: a local model folder, an embedded alias or a Hub id (see ``open_checkpoint``).
+    ``patches``: patch files, ``Patch`` objects or Hub references, one or a sequence (nested one
+    level, such as a ``create_patch`` chain; see ``rompatch.refs``); all are resolved before the
+    checkpoint is opened.
 
     The model is never loaded; only shards holding touched tensors are rewritten (see the module
     docstring). Each touched tensor's sha256 must equal the patch's recorded fingerprint, and a patch's
@@ -838,10 +836,10 @@ def apply_to_checkpoint(
     continues); ``force=True`` applies anyway and records that it did. Nothing is written until every
     check has passed, and ``out`` appears in one rename.
     """
-    if not patches:
+    resolved = [_resolve(p) for p in flatten_patches(patches)]
+    if not resolved:
         raise PatchFormatError("no patches given; pass at least one patch file")
     ckpt = open_checkpoint(base, revision=revision)
-    resolved = [_resolve(p) for p in patches]
     rec = _state(ckpt)
     changed = sorted({n for p, _ in resolved for n in p.parameters})
     files = [ckpt.entry(n).file for n in changed]  # refuses unknown tensors before anything is written
@@ -1059,7 +1057,7 @@ def _write_into(
 
 def revert_checkpoint(
     checkpoint: str | os.PathLike,
-    patches: Sequence[Patch | str | os.PathLike] = (),
+    patches: PatchesLike = (),
     *,
     out: str | os.PathLike | None = None,
     in_place: bool = False,
@@ -1068,7 +1066,10 @@ def revert_checkpoint(
     overwrite: bool = False,
     link: bool = True,
 ) -> CheckpointResult:
-    """Remove ``patches`` (patch objects, files, or id prefixes of applied patches) from a checkpoint.
+    """Remove ``patches`` from a checkpoint (a local folder, an embedded alias or a Hub id).
+
+    ``patches``: patch objects, files, Hub references or id prefixes of applied patches, one or a
+    sequence (nested one level); an id is as ``rompatch.apply.revert_patch`` describes it.
 
     On a rompatch-written checkpoint the touched tensors are recomputed from the undo data: reverting
     everything restores them bit for bit (and drops the record), and reverting from the middle of a
@@ -1080,10 +1081,16 @@ def revert_checkpoint(
     Write to ``out`` (a new folder) or ``in_place=True`` (the folder is replaced atomically; files are
     never modified in place, so hard links into other folders are safe).
     """
+    from .models import embedded_alias
+
     if (out is None) == (not in_place):
         raise CheckpointError("pass exactly one of out=... (-o OUT) or in_place=True (--in-place)")
-    if in_place and not Path(checkpoint).expanduser().is_dir():
-        raise CheckpointError(f"{checkpoint}: --in-place needs a local folder; write to -o OUT instead")
+    if in_place and (embedded_alias(checkpoint) or not Path(checkpoint).expanduser().is_dir()):
+        raise CheckpointError(
+            f"{checkpoint}: --in-place needs a local folder (not a Hub id or an embedded model); write to "
+            "-o OUT instead"
+        )
+    refs = flatten_patches(patches)
     ckpt = open_checkpoint(checkpoint)
     if in_place:
         out = ckpt.path
@@ -1092,15 +1099,15 @@ def revert_checkpoint(
         if all:
             raise NotAppliedError(f"{ckpt.path} has no rompatch record; name the patches to subtract")
         return _revert_foreign(
-            ckpt, [_resolve(p)[0] for p in patches], out, overwrite=overwrite, force=force, link=link
+            ckpt, [resolve_patch(p) for p in refs], out, overwrite=overwrite, force=force, link=link
         )
     rec = _state(ckpt, allow_modified=force)
     if all:
         targets = list(range(len(rec.applied)))
     else:
-        if not patches:
+        if not refs:
             raise NotAppliedError("no patches given; name the patches to revert (file or id), or pass --all")
-        targets = sorted({_find_applied(rec, p, ckpt.path) for p in patches})
+        targets = sorted({_find_applied(rec, p, ckpt.path) for p in refs})
     removed = [rec.applied[k] for k in targets]
     remaining = [a for k, a in enumerate(rec.applied) if k not in targets]
     removed_ids = {pid for a in removed for pid in provided_ids(a.patch)}
@@ -1132,21 +1139,10 @@ def revert_checkpoint(
     )
 
 
-def _find_applied(rec: Record, ref: Patch | str | os.PathLike, where: Path) -> int:
-    if isinstance(ref, Patch) or os.path.isfile(ref):
-        pid = _resolve(ref)[0].id
-        hits = [k for k, a in enumerate(rec.applied) if a.patch.id == pid]
-    else:
-        pid = str(ref).lower()
-        if len(pid) < 4 or any(c not in "0123456789abcdef" for c in pid):
-            raise NotAppliedError(
-                f"{ref}: no such patch file, and not a patch id; see `rompatch log {where}`"
-            )
-        hits = [k for k, a in enumerate(rec.applied) if a.patch.id.startswith(pid)]
-        if len(hits) > 1:
-            raise NotAppliedError(f"patch id {ref} is ambiguous in {where}; give more characters")
-    if hits:
-        return hits[0]
+def _find_applied(rec: Record, ref: PatchLike, where: Path) -> int:
+    k, pid = find_applied([a.patch for a in rec.applied], ref, where=str(where))
+    if k is not None:
+        return k
     for a in rec.applied:
         if pid in provided_ids(a.patch):
             raise NotAppliedError(

@@ -13,6 +13,11 @@ ENV_DATA = "ROMPATCH_DATA"
 
 DEFAULT_MODEL = "smollm2-135m"
 
+# Where rompatch's source lives. rompatch is not released on a package index: install it from
+# this repository (pip install "rompatch @ git+URL") or from a checkout (pip install -e .).
+# A placeholder until the repository is published under its final address.
+PROJECT_URL = "https://github.com/OWNER/rompatch"
+
 # On-disk checkpoint bookkeeping written by `rompatch apply`.
 CHECKPOINT_RECORD = "rompatch.json"
 # Undo data (safetensors format). Deliberately NOT named *.safetensors: loaders such as vLLM glob

@@ -49,6 +49,10 @@ class CheckpointError(RompatchError, OSError):
     """An on-disk checkpoint is unusable for the requested operation."""
 
 
+class NoSuchFolderError(ModelLoadError, CheckpointError):
+    """A local model folder (or checkpoint) that does not exist; decided before any Hub call."""
+
+
 class LineageError(RompatchError, ValueError):
     """A patch needs another patch applied first (or a stack has conflicting lineage)."""
 

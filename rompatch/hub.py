@@ -33,6 +33,7 @@ from . import __version__
 from .errors import HubConnectionError, HubError, PatchFormatError, RompatchError
 from .modelcard import render_card
 from .patch import Patch, _validate, atomic_write, load_patch, to_metadata, to_tensors
+from .refs import PatchesLike, flatten_patches, is_local_patch_ref
 
 log = logging.getLogger(__name__)
 
@@ -480,8 +481,8 @@ def _serialize(patch: Patch) -> tuple[Patch, bytes]:
     return dataclasses.replace(patch, created_at=meta["created_at"]), data
 
 
-def _prepare(patches: Any, filenames: Sequence[str] | None) -> list[_Upload]:
-    items = list(patches) if isinstance(patches, (list, tuple)) else [patches]
+def _prepare(patches: PatchesLike, filenames: Sequence[str] | None) -> list[_Upload]:
+    items = flatten_patches(patches)
     if not items:
         raise HubError("nothing to push; pass at least one patch")
     if filenames is not None and len(filenames) != len(items):
@@ -492,9 +493,9 @@ def _prepare(patches: Any, filenames: Sequence[str] | None) -> list[_Upload]:
         if isinstance(item, Patch):
             patch, data = _serialize(item)
             name = name or f"patch-{patch.short_id}{PATCH_SUFFIX}"
-        elif os.path.isfile(item):
-            patch = load_patch(item)
-            data = Path(item).read_bytes()
+        elif is_local_patch_ref(item):
+            patch = load_patch(Path(item).expanduser())
+            data = Path(item).expanduser().read_bytes()
             name = name or Path(item).name
         else:
             path = pull_patch(str(item))
@@ -526,7 +527,7 @@ def _default_message(uploads: Sequence[_Upload]) -> str:
 
 
 def push_patch(
-    patches: Patch | str | os.PathLike | Sequence[Patch | str | os.PathLike],
+    patches: PatchesLike,
     repo_id: str,
     *,
     private: bool = False,
@@ -538,7 +539,8 @@ def push_patch(
 ) -> Any:
     """Upload patches and a generated README.md model card to ``repo_id`` in one commit.
 
-    ``patches``: ``Patch`` objects, local files or Hub references (uploaded under their file name, or
+    ``patches``: ``Patch`` objects, local files or Hub references, one or a sequence (nested one
+    level, see ``rompatch.refs``), uploaded under their file name (or
     ``patch-<short id>.safetensors`` for objects, or ``filenames``). The repo is created if needed
     (``private`` applies then; pushing with ``private=True`` to an existing public repo is refused).
     ``revision`` is the branch to commit to (created from main when missing). Files already in the
@@ -622,8 +624,8 @@ def _single_local_patch(folder: Path) -> Path:
 
 def _from_pretrained(cls: type[Patch], ref: str | os.PathLike, revision: str | None = None) -> Patch:
     """Load a patch from a local file, a local folder holding one patch, or a Hub reference."""
-    if isinstance(ref, os.PathLike) or os.path.exists(str(ref)):
-        path = Path(ref)
+    if is_local_patch_ref(ref):  # never sent to the Hub, so a missing file is reported as one
+        path = Path(ref).expanduser()
         return load_patch(_single_local_patch(path) if path.is_dir() else path)
     return resolve_hub_patch(str(ref), revision=revision)
 

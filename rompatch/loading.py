@@ -18,27 +18,14 @@ from typing import Any
 
 import torch
 
-from .apply import applied_patches, apply_patch, verify_applied
-from .errors import FingerprintMismatchError, ModelLoadError, NotAppliedError, PatchFormatError
+from .apply import apply_patch, verify_applied
+from .errors import FingerprintMismatchError, ModelLoadError, PatchFormatError
 from .fingerprint import dtype_name
 from .models import load_model
 from .patch import Patch
-from .refs import resolve_patch
+from .refs import PatchesLike, resolve_patches
 
 log = logging.getLogger(__name__)
-
-PatchLike = Patch | str | os.PathLike
-
-
-def _as_list(patches: PatchLike | Sequence[PatchLike]) -> list[PatchLike]:
-    if isinstance(patches, (Patch, str, os.PathLike)):
-        return [patches]
-    try:
-        return list(patches)
-    except TypeError:
-        raise PatchFormatError(
-            f"patches must be a Patch, a path, a Hub reference or a list of them, not {type(patches).__name__}"
-        ) from None
 
 
 def _base_of(patches: Sequence[Patch]) -> tuple[str, str | None]:
@@ -57,7 +44,7 @@ def _base_of(patches: Sequence[Patch]) -> tuple[str, str | None]:
 
 def load_patched(
     base: str | os.PathLike | None,
-    patches: PatchLike | Sequence[PatchLike],
+    patches: PatchesLike,
     *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
@@ -69,15 +56,15 @@ def load_patched(
 
     ``base``: an embedded alias, a local model folder or a Hub id; ``None`` uses the base model the
     patches record. ``patches``: one or a list of ``Patch`` objects, local patch files or Hub
-    references ``REPO_ID[/file.safetensors][@REV]``. ``revision`` applies to Hub references without
+    references ``REPO_ID[/file.safetensors][@REV]`` (nested one level, such as a ``create_patch``
+    chain inside a list; see ``rompatch.refs``). ``revision`` applies to Hub references without
     ``@REV`` (as in PEFT, it is the adapter's revision); ``base_revision`` to the base model.
     ``force=True`` applies patches whose base fingerprints do not match (logged and recorded).
 
     The returned model is verified: each patch is applied, and every touched tensor holds exactly
     the patched value.
     """
-    items = _as_list(patches)
-    resolved = [resolve_patch(p, revision=revision) for p in items]  # fail before loading the model
+    resolved = resolve_patches(patches, revision=revision)  # fail before loading the model
     if base is None:
         if not resolved:
             raise ModelLoadError("no base model and no patches; pass the base model to load")
@@ -103,12 +90,6 @@ def load_patched(
                     f"as {loaded_dtype}; load it with dtype={p.base['dtype']!r} (or force=True)"
                 ) from e
             raise
-    verify_applied(model)
-    applied = [p.id for p in applied_patches(model)]
-    if applied != [p.id for p in resolved]:
-        raise NotAppliedError(
-            f"the model holds patches {[x[:12] for x in applied]} instead of {[p.short_id for p in resolved]}; "
-            "this is a bug, please report it"
-        )
+    verify_applied(model, resolved)
     log.info("loaded %s with %d patch(es): %s", base, len(resolved), ", ".join(p.short_id for p in resolved))
     return model, tok

@@ -7,8 +7,10 @@ YAML front matter (what the Hub indexes)::
     library_name: rompatch
     tags: [rompatch, rome, model-editing]
 
-Body: a table of the edits (subject, prompt, old → new, layer), the metrics recorded at creation,
-each patch's id and lineage, and copy-paste usage for the CLI and for Python.
+Body: a table of the edits (subject, prompt, old → new, layer), the metrics recorded at creation
+(P(new) and P(true) before → after first), each patch's id and lineage, and copy-paste install
+instructions (from the repository, ``PROJECT_URL``: rompatch is not on a package index) and usage
+for the CLI and for Python.
 
 The generated part of the body sits between ``<!-- rompatch:begin -->`` and ``<!-- rompatch:end -->``.
 Re-rendering over an existing README replaces only that part: text the owner wrote outside the
@@ -20,11 +22,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import yaml
 
+from .constants import PROJECT_URL
 from .patch import Patch
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,11 @@ END = "<!-- rompatch:end -->"
 _YAML_BLOCK = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _MAX_METRIC_COLUMNS = 8
+# Shown first in "Metrics at creation", as "before → after" (the keys create_patch records).
+_PROBABILITY_METRICS = (
+    ("P(new)", "p_new_before", "p_new_after"),
+    ("P(true)", "p_true_before", "p_true_after"),
+)
 
 
 def hub_model_id(name: str | None) -> str | None:
@@ -124,7 +132,7 @@ def render_body(entries: Sequence[tuple[str, Patch]], *, repo_id: str) -> str:
     n_edits = sum(len(p.deltas) for _, p in entries)
     lines += [
         f"{n_edits} fact edit{'s' if n_edits != 1 else ''} of {base_txt}, as "
-        f"[rompatch](https://pypi.org/project/rompatch/) patch file{'s' if len(entries) != 1 else ''}: "
+        f"[rompatch]({PROJECT_URL}) patch file{'s' if len(entries) != 1 else ''}: "
         "rank-one updates (ROME, Meng et al. 2022) to MLP output matrices, with their provenance. "
         "A patch is applied to the base model's weights at load time and checked against the base "
         "tensors' sha256 fingerprints, so it is never applied to the wrong weights by accident.",
@@ -160,27 +168,23 @@ def render_body(entries: Sequence[tuple[str, Patch]], *, repo_id: str) -> str:
                 )
     lines.append("")
 
-    keys: list[str] = []
-    for _, p in entries:
-        for d in p.deltas:
-            for k in d.metrics:
-                if k not in keys:
-                    keys.append(k)
+    columns = _metric_columns([d for _, p in entries for d in p.deltas])
     lines += ["## Metrics at creation", ""]
-    if keys:
-        shown = keys[:_MAX_METRIC_COLUMNS]
+    if columns:
+        shown = columns[:_MAX_METRIC_COLUMNS]
         lines += [
-            "| file | subject | " + " | ".join(_cell(k) for k in shown) + " |",
+            "| file | subject | " + " | ".join(_cell(title) for title, _ in shown) + " |",
             "| --- | --- | " + " | ".join("---" for _ in shown) + " |",
         ]
         for f, p in entries:
             for d in p.deltas:
                 subj = d.request.subject if d.request else f"delta on layer {d.layer}"
-                vals = " | ".join(_fmt(d.metrics[k]) if k in d.metrics else "" for k in shown)
+                vals = " | ".join(value(d.metrics) for _, value in shown)
                 lines.append(f"| {_cell(f)} | {_cell(subj)} | {vals} |")
-        if len(keys) > len(shown):
+        if len(columns) > len(shown):
             lines.append("")
-            lines.append(f"More metrics ({', '.join(keys[len(shown) :])}): `rompatch show FILE --json`.")
+            more = ", ".join(title for title, _ in columns[len(shown) :])
+            lines.append(f"More metrics ({more}): `rompatch show FILE --json`.")
     else:
         lines.append("No metrics were recorded when these patches were created.")
     lines.append("")
@@ -214,7 +218,15 @@ def render_body(entries: Sequence[tuple[str, Patch]], *, repo_id: str) -> str:
     lines += [
         "## Usage",
         "",
-        "Command line (`pip install rompatch`):",
+        "rompatch is not released on a package index; install it from its repository:",
+        "",
+        "```bash",
+        f'pip install "rompatch @ git+{PROJECT_URL}"',
+        "# or, from a checkout of the repository:",
+        "pip install -e .",
+        "```",
+        "",
+        "Command line:",
         "",
         "```bash",
         f"rompatch pull {refs[0]}        # download; prints the local path",
@@ -238,6 +250,33 @@ def render_body(entries: Sequence[tuple[str, Patch]], *, repo_id: str) -> str:
         END,
     ]
     return "\n".join(lines) + "\n"
+
+
+def _metric_columns(deltas: Sequence[Any]) -> list[tuple[str, Callable[[Mapping[str, Any]], str]]]:
+    """``(title, cell)`` of each metric column: P(new) and P(true) before → after first, then every
+    other metric in the order first recorded."""
+
+    def single(key: str) -> Callable[[Mapping[str, Any]], str]:
+        return lambda m: _fmt(m[key]) if key in m else ""
+
+    def before_after(before: str, after: str) -> Callable[[Mapping[str, Any]], str]:
+        def cell(m: Mapping[str, Any]) -> str:
+            if before not in m and after not in m:
+                return ""
+            return f"{_fmt(m[before]) if before in m else '?'} → {_fmt(m[after]) if after in m else '?'}"
+
+        return cell
+
+    seen: list[str] = []
+    for d in deltas:
+        seen += [k for k in d.metrics if k not in seen]
+    paired = {k for _, before, after in _PROBABILITY_METRICS for k in (before, after)}
+    columns = [
+        (f"{title} before → after", before_after(before, after))
+        for title, before, after in _PROBABILITY_METRICS
+        if before in seen or after in seen
+    ]
+    return columns + [(k, single(k)) for k in seen if k not in paired]
 
 
 def _base_link(b: str) -> str:

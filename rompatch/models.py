@@ -25,9 +25,10 @@ from typing import Any
 import torch
 
 from .constants import CHECKPOINT_RECORD, DEFAULT_MODEL, cache_dir
-from .errors import DeviceError, ModelLoadError
+from .errors import DeviceError, ModelLoadError, NoSuchFolderError
 from .fingerprint import DTYPES, dtype_name
 from .predict import greedy
+from .refs import is_local_path
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,35 @@ def _check_conversion(folder: Path, spec: EmbeddedModel) -> None:
 # ------------------------------------------------------------------------------------- loading
 
 
+def embedded_alias(name_or_path: str | os.PathLike) -> str | None:
+    """``name_or_path`` when it is an embedded model's alias (a ``str``, never a path object)."""
+    return name_or_path if isinstance(name_or_path, str) and name_or_path in EMBEDDED else None
+
+
+def local_model_path(name_or_path: str | os.PathLike) -> Path | None:
+    """Where on disk the model ``name_or_path`` is, or ``None`` when it is a Hub id.
+
+    An embedded alias gives its converted folder (fetched and converted on first use; an alias
+    wins over a folder of the same name in the working directory, everywhere). An existing path
+    gives itself, ``~`` expanded. A missing path that can only be local (``rompatch.refs.is_local_path``,
+    or more than one ``/``: Hub ids have at most one) is a one-line ``NoSuchFolderError``, raised
+    before any Hub call.
+    """
+    alias = embedded_alias(name_or_path)
+    if alias is not None:
+        return ensure_embedded(alias)
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if is_local_path(name_or_path) or name.count("/") > 1:
+        raise NoSuchFolderError(
+            f"no such folder: {name}; pass an existing model folder, an embedded alias "
+            f"({', '.join(EMBEDDED)}) or a Hub id such as USER/MODEL"
+        )
+    return None
+
+
 def _load_folder(path: str, *, device: torch.device, dtype: torch.dtype, revision: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -253,7 +283,7 @@ def _load_folder(path: str, *, device: torch.device, dtype: torch.dtype, revisio
 
 
 def load_model(
-    name_or_path: str = DEFAULT_MODEL,
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
     *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
@@ -261,41 +291,40 @@ def load_model(
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from an embedded alias, a local folder or a Hub id.
 
+    A missing local folder (``./x``, ``/x``, ``~/x``, ``a/b/c``, a ``Path``) is reported as such,
+    never looked up on the Hub (see ``local_model_path``).
+
     ``device``: ``"auto"`` (default), ``"cpu"``, ``"cuda"``... ``dtype``: float32 (default),
     float16 or bfloat16. The model is in eval mode and knows where it came from
     (``model_identity(model)``), which patches record as their base.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
-    source: dict[str, Any] = {"model": str(name_or_path), "revision": revision}
-    if name_or_path in EMBEDDED:
-        path = str(ensure_embedded(name_or_path))
-        info = json.loads((Path(path) / SOURCE_FILE).read_text())
-        source["revision"] = f"gguf-sha256:{info.get('gguf_sha256', '')}"
-    elif os.path.isdir(name_or_path):
-        path = name_or_path
-        src = Path(path) / SOURCE_FILE
-        record = Path(path) / CHECKPOINT_RECORD
+    name = os.fspath(name_or_path)
+    local = local_model_path(name_or_path)
+    path = name if local is None else str(local)
+    source: dict[str, Any] = {"model": name, "revision": revision}
+    if local is not None:
+        if not local.is_dir():
+            raise ModelLoadError(
+                f"{name} is a file, not a model folder; pass the folder that holds config.json"
+            )
+        src = local / SOURCE_FILE
+        record = local / CHECKPOINT_RECORD
         if record.is_file():  # written by `rompatch apply`: this folder is base + patches
             rec = json.loads(record.read_text())
             source = {
-                "model": str(name_or_path),
+                "model": name,
                 "revision": None,
                 "base": rec.get("base"),
                 "applied": [a["patch_id"] for a in rec.get("applied", [])],
             }
-        elif src.is_file():  # an embedded model's folder used directly
+        elif src.is_file():  # an embedded model (by alias, or its converted folder used directly)
             info = json.loads(src.read_text())
             source = {
-                "model": info.get("alias", str(name_or_path)),
+                "model": info.get("alias", name),
                 "revision": f"gguf-sha256:{info.get('gguf_sha256', '')}",
             }
-    elif os.path.exists(name_or_path):
-        raise ModelLoadError(
-            f"{name_or_path} is a file, not a model folder; pass the folder that holds config.json"
-        )
-    else:
-        path = name_or_path
     try:
         model, tok = _load_folder(path, device=dev, dtype=dt, revision=revision)
     except (OSError, ValueError) as e:

@@ -36,6 +36,7 @@ from . import __version__
 from .arch import SPECS
 from .errors import ExportError, LineageError, PatchFormatError
 from .patch import Patch
+from .refs import PatchesLike, resolve_patches
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def _ordered(patches: Sequence[Patch], *, force: bool) -> list[Patch]:
 
 
 def peft_adapter(
-    patches: Patch | Sequence[Patch],
+    patches: PatchesLike,
     *,
     base_model_name_or_path: str | None = None,
     force: bool = False,
@@ -100,6 +101,8 @@ def peft_adapter(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The ``(adapter_config, tensors)`` of the LoRA adapter equal to ``patches`` applied in order.
 
+    ``patches``: a ``Patch``, a patch file, a Hub reference, or a sequence of them (see ``rompatch.refs``).
+
     ``num_layers``: also write all-zero LoRA weights for the edited module type on every other layer
     ``0..num_layers-1`` and give every module the same rank (zero-padded), for servers that load a
     module type only when every layer has weights for it (TGI, LoRAX). Still exactly the patch.
@@ -107,7 +110,7 @@ def peft_adapter(
     (for runtimes that scale by ``lora_alpha`` / each tensor's rank, like llama.cpp). Implied by
     ``num_layers``.
     """
-    plist = [patches] if isinstance(patches, Patch) else list(patches)
+    plist = resolve_patches(patches)
     if not plist:
         raise ExportError("no patch to export; pass at least one patch")
     plist = _ordered(plist, force=force)
@@ -217,7 +220,7 @@ def peft_adapter(
 
 
 def export_peft(
-    patch: Patch | Sequence[Patch],
+    patch: PatchesLike,
     out_dir: str | os.PathLike,
     *,
     base_model_name_or_path: str | None = None,
@@ -227,6 +230,9 @@ def export_peft(
 ) -> Path:
     """Write the PEFT LoRA adapter equal to ``patch`` (or a stack of patches, in order) into ``out_dir``.
 
+    ``patch``: a ``Patch``, a patch file, a Hub reference, or a sequence of them, such as the list
+    ``create_patch(..., mode="sequential")`` returns (see ``rompatch.refs``).
+
     ``out_dir`` must not exist, be empty, or hold a previous adapter export (which is replaced). The
     folder is written under a temporary name and renamed into place, so a failure leaves nothing.
     ``base_model_name_or_path`` defaults to the patch's base (an embedded alias becomes its upstream
@@ -234,14 +240,14 @@ def export_peft(
     ``num_layers``, ``uniform_rank``: exact zero padding for other runtimes (see ``peft_adapter``).
     """
     out = Path(out_dir)
+    plist = resolve_patches(patch)
     config, tensors = peft_adapter(
-        patch,
+        plist,
         base_model_name_or_path=base_model_name_or_path,
         force=force,
         num_layers=num_layers,
         uniform_rank=uniform_rank,
     )
-    plist = [patch] if isinstance(patch, Patch) else list(patch)
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

@@ -26,6 +26,7 @@ from typing import Any
 
 from .errors import BaseMismatchError, ConflictError, LineageError, PatchFormatError
 from .patch import ParamInfo, Patch, new_patch
+from .refs import PatchesLike, resolve_patches
 from .request import EditRequest
 
 log = logging.getLogger(__name__)
@@ -134,17 +135,18 @@ def find_conflicts(patches: Sequence[Patch]) -> list[Conflict]:
     return out
 
 
-def stack_patches(patches: Sequence[Patch | str | os.PathLike], *, allow_conflicts: bool = False) -> Patch:
+def stack_patches(patches: PatchesLike, *, allow_conflicts: bool = False) -> Patch:
     """One patch holding all deltas of ``patches`` in order (see the module docstring for its lineage).
+
+    ``patches``: patch files, ``Patch`` objects or Hub references, as a sequence (nested one level,
+    such as a ``create_patch`` chain; see ``rompatch.refs``).
 
     Raises BaseMismatchError for different base models (or inputs computed against different values
     of a tensor), LineageError for a repeated input or an input listed before one it was computed on
     top of, and ConflictError for edits of the same subject and relation with different targets
     (unless ``allow_conflicts``).
     """
-    from .refs import resolve_patch
-
-    ps = [resolve_patch(p) for p in patches]
+    ps = resolve_patches(patches)
     if not ps:
         raise PatchFormatError("no patches given; pass the patch files to stack")
     ids = [p.id for p in ps]

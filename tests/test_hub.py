@@ -23,6 +23,7 @@ import rompatch
 import rompatch.hub  # noqa: F401  (attaches Patch.from_pretrained / push_to_hub)
 from rompatch.apply import applied_patches
 from rompatch.cli.main import cli
+from rompatch.constants import PROJECT_URL
 from rompatch.errors import HubError, PatchFormatError
 from rompatch.hub import HubRef, parse_ref, pull_patch, push_patch, resolve_hub_patch
 from rompatch.loading import load_patched
@@ -179,7 +180,7 @@ def test_card_front_matter_and_body(tiny, tmp_path):
     body = card.text
     r = a.deltas[0].request
     assert f"| a.safetensors | {r.subject} | {r.prompt} | ? → Rome | 1 |" in body
-    assert "| 0.0123 | 0.91 | true |" in body  # metrics recorded at creation
+    assert "| 0.0123 → 0.91 | true |" in body  # metrics recorded at creation
     assert a_embedded.id in body and b2.id in body
     assert f"`{a_embedded.id[:12]}`" in body  # b's lineage
     # lineage order: a comes before b in the tables and in the usage
@@ -191,6 +192,31 @@ def test_card_front_matter_and_body(tiny, tmp_path):
         in body
     )
     assert body.count(BEGIN) == 1 and body.count(END) == 1
+
+
+def test_card_install_instructions_need_no_package_index_release(tiny):
+    text = render_card([("a.safetensors", tiny["a"])], repo_id="u/r")
+    assert "pip install rompatch" not in text and "pypi.org/project/rompatch" not in text
+    assert f'pip install "rompatch @ git+{PROJECT_URL}"' in text
+    assert "pip install -e ." in text
+    assert text.index("pip install") < text.index("rompatch pull")  # install comes before usage
+
+
+def test_card_metrics_put_p_new_and_p_true_first(tiny):
+    a = copy.deepcopy(tiny["a"])
+    metrics = {"delta_capped": False, "delta_norm": 6.37, "k_norm": 2.5, "layer": 4, "loss_first": 5.2,
+               "loss_last": 0.02, "nll_last": 0.01, "p_new_after": 0.982, "p_new_before": 0.0057,
+               "p_target_mean_after_opt": 0.99, "p_true_after": 2e-06, "p_true_before": 0.702, "seconds": 13.7}  # fmt: skip
+    a.deltas[0].metrics = metrics
+    body = render_card([("a.safetensors", a)], repo_id="u/r")
+    header = next(line for line in body.splitlines() if line.startswith("| file | subject | P("))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols[:5] == ["file", "subject", "P(new) before → after", "P(true) before → after", "delta_capped"]
+    assert len(cols) == 2 + 8  # at most eight metric columns
+    assert "| 0.0057 → 0.982 | 0.702 → 2e-06 | false | 6.37 |" in body
+    assert "More metrics (nll_last, p_target_mean_after_opt, seconds)" in body
+    a.deltas[0].metrics = {"p_new_after": 0.9, "converged": True}  # a missing side shows as ?
+    assert "| ? → 0.9 | true |" in render_card([("a.safetensors", a)], repo_id="u/r")
 
 
 def test_card_base_model_kinds(tiny):

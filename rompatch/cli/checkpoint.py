@@ -66,8 +66,9 @@ def apply_cmd(base, patches, out, overwrite, force, copy_files, revision, as_jso
 
     PATCH files (or Hub patch references) are applied in the order given.
 
-    BASE is a local model folder (model.safetensors, or shards with model.safetensors.index.json)
-    or a Hub model id. Only shards holding edited tensors are rewritten; the others are hard-linked
+    BASE is an embedded alias (smollm2-135m, gemma3-270m; fetched and converted on first use), a
+    local model folder (model.safetensors, or shards with model.safetensors.index.json) or a Hub
+    model id. Only shards holding edited tensors are rewritten; the others are hard-linked
     (or copied with --copy). OUT records the patches, so `rompatch revert` restores BASE exactly.
     """
     if not out:
@@ -95,7 +96,9 @@ def apply_cmd(base, patches, out, overwrite, force, copy_files, revision, as_jso
 def revert_cmd(checkpoint, patches, out, in_place, revert_all, force, overwrite, copy_files, as_json) -> None:
     """Remove patches from CHECKPOINT, writing OUT (-o) or replacing it (--in-place).
 
-    PATCH is a patch file or the id (prefix) of an applied patch, as `rompatch log` shows it. On a
+    CHECKPOINT is a local model folder, an embedded alias or a Hub model id (--in-place needs a
+    local folder). PATCH is a patch file, a Hub patch reference or the id (prefix, 4+ hex digits)
+    of an applied patch, as `rompatch log` shows it. On a
     checkpoint written by `rompatch apply`, tensors come back bit for bit from the undo data (no
     base or patch files needed). On any other checkpoint the deltas are subtracted and the largest
     rounding residual is reported.

@@ -6,7 +6,7 @@ import click
 
 from ..hub import pull_patch, push_patch
 from ..peft import export_peft
-from ..refs import resolve_patch
+from ..refs import resolve_patches
 from .common import echo_json, info, json_option, revision_option
 
 
@@ -85,7 +85,7 @@ def export_peft_cmd(patches, out_dir, base_model, force, num_layers, uniform_ran
 
     Rank = deltas per module, lora_A rows = uᵀ, lora_B columns = v, lora_alpha = r (scale 1).
     """
-    plist = [resolve_patch(p, revision=revision) for p in patches]
+    plist = resolve_patches(patches, revision=revision)
     out = export_peft(
         plist,
         out_dir,

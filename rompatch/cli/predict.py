@@ -7,7 +7,7 @@ import click
 from ..apply import patched
 from ..models import load_model
 from ..predict import greedy, top_next_tokens
-from ..refs import resolve_patch
+from ..refs import resolve_patches
 from .common import device_option, dtype_option, echo_json, json_option, model_argument, revision_option
 
 
@@ -47,7 +47,7 @@ def predict(
 
     With --patch, prints the result without and with the patches, so you see what they change.
     """
-    patches = [resolve_patch(r, revision=revision) for r in patch_refs]
+    patches = resolve_patches(patch_refs, revision=revision)
     m, tok = load_model(model, device=device, dtype=dtype)
     results = []
     for prompt in prompts:

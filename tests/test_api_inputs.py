@@ -1,0 +1,308 @@
+"""Every public function that takes patches takes them in every form, and model references resolve alike.
+
+Forms of "patches": a path (str or os.PathLike), a ``Patch``, a Hub reference, a sequence of these
+(nested one level), and the ``list[Patch]`` that ``create_patch(..., mode="sequential")`` returns.
+Functions: ``apply_patch``, ``revert_patch``, ``patched``, ``verify_applied``, ``export_peft``,
+``load_patched``. Also: the CLI's ``apply``/``revert`` take the embedded aliases, and a missing
+local model folder is reported as such before any Hub call.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from safetensors import safe_open
+
+import rompatch.hub
+from rompatch.apply import applied_patches, apply_patch, patched, revert_patch, verify_applied
+from rompatch.checkpoint import checkpoint_log
+from rompatch.cli.main import cli
+from rompatch.create import create_patch
+from rompatch.errors import LineageError, ModelLoadError, NotAppliedError, PatchFormatError
+from rompatch.fingerprint import tensor_sha256
+from rompatch.hub import push_patch
+from rompatch.loading import load_patched
+from rompatch.models import SOURCE_FILE, load_model
+from rompatch.patch import Patch, save_patch
+from rompatch.peft import ADAPTER_WEIGHTS, export_peft
+from rompatch.request import EditRequest
+from rompatch.rome import ROMEHyperParams
+from rompatch.stats import get_second_moment
+from tests.ckpt_helpers import file_shas, save_sharded
+from tests.helpers import vector_patch
+from tests.tiny import make_model
+from tests.tiny_tokenizer import make_tokenizer
+
+HP = ROMEHyperParams(layer=1, v_steps=8, v_lr=3.0, context_length_params=((3, 2),), max_update_ratio=0)
+REQS = [
+    EditRequest("The Space Needle is located in {}", "the city of", "Rome", "Seattle"),
+    EditRequest("{} plays the sport of", "Michael Jordan", "football"),
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, text_file):
+    """A tiny Llama folder, its model, a sequential chain of two edits (layer 1), and two single
+    patches on layers 2 and 3, all saved as files."""
+    root = tmp_path_factory.mktemp("api-inputs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ROMPATCH_CACHE", str(root / "cache"))
+        folder = root / "tiny"
+        make_model("llama", init_range=0.3).save_pretrained(folder)
+        make_tokenizer(bos=True).save_pretrained(folder)
+        model, tok = load_model(str(folder), device="cpu")
+        stats = get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=2000)
+        chain = create_patch(model, tok, REQS, hparams=HP, stats=stats, mode="sequential")
+    assert isinstance(chain, list) and chain[1].lineage == [chain[0].id]
+    a = vector_patch(model, 2, seed=1, subject="Alice")
+    b = vector_patch(model, 3, seed=2, subject="Bob")
+    paths = {"a": save_patch(a, root / "a.safetensors"), "b": save_patch(b, root / "b.safetensors")}
+    weights = {k: tensor_sha256(v) for k, v in model.state_dict().items()}
+    return {"root": root, "folder": folder, "model": model, "chain": chain, "a": a, "b": b,
+            "paths": paths, "weights": weights}  # fmt: skip
+
+
+FORMS = ["path", "pathlike", "patch", "hub", "sequence", "chain", "nested"]
+
+
+@pytest.fixture(params=FORMS)
+def given(request, env):
+    """``(what the caller passes, the patches it means, in order)`` for each form."""
+    a, b, chain, paths = env["a"], env["b"], env["chain"], env["paths"]
+    form = request.param
+    if form == "path":
+        return str(paths["a"]), [a]
+    if form == "pathlike":
+        return paths["a"], [a]
+    if form == "patch":
+        return a, [a]
+    if form == "hub":
+        hub_env = request.getfixturevalue("hub_env")
+        repo = f"{hub_env.user}/api-inputs"
+        push_patch([paths["a"]], repo)
+        return f"{repo}/a.safetensors", [a]
+    if form == "sequence":
+        return [str(paths["a"]), b], [a, b]
+    if form == "chain":
+        return chain, list(chain)
+    assert form == "nested"
+    return (chain, str(paths["b"])), [*chain, b]
+
+
+def fresh(env):
+    return copy.deepcopy(env["model"])
+
+
+def ids(patches) -> list[str]:
+    return [p.id for p in patches]
+
+
+def weights(model) -> dict[str, str]:
+    return {k: tensor_sha256(v) for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------- in memory
+
+
+def test_apply_patch_accepts(given, env):
+    arg, want = given
+    model = fresh(env)
+    apply_patch(model, arg)
+    assert ids(applied_patches(model)) == ids(want)
+    verify_applied(model)
+    assert weights(model) != env["weights"]
+
+
+def test_apply_patch_returns_one_record_per_patch(env):
+    model = fresh(env)
+    assert apply_patch(model, env["a"]).patch.id == env["a"].id  # one patch: one record, as before
+    records = apply_patch(model, env["chain"])
+    assert [r.patch.id for r in records] == ids(env["chain"])
+
+
+def test_revert_patch_accepts(given, env):
+    arg, want = given
+    model = fresh(env)
+    for p in want:
+        apply_patch(model, p)
+    revert_patch(model, arg)  # a chain is reverted newest first, whatever order it is given in
+    assert applied_patches(model) == []
+    assert weights(model) == env["weights"]
+
+
+def test_revert_patch_ids_and_paths_mixed(env):
+    model = fresh(env)
+    apply_patch(model, [env["a"], env["b"]])
+    revert_patch(model, [env["a"].short_id, str(env["paths"]["b"])])
+    assert applied_patches(model) == [] and weights(model) == env["weights"]
+
+
+def test_revert_patch_checks_everything_before_reverting(env):
+    model = fresh(env)
+    apply_patch(model, [env["a"], *env["chain"]])
+    with pytest.raises(LineageError, match="revert that first"):
+        revert_patch(model, [env["a"], env["chain"][0]])  # chain[1] was computed on top of chain[0]
+    assert ids(applied_patches(model)) == ids([env["a"], *env["chain"]])  # nothing was reverted
+    with pytest.raises(NotAppliedError, match="not applied"):
+        revert_patch(model, [env["a"], env["b"]])
+    assert ids(applied_patches(model)) == ids([env["a"], *env["chain"]])
+
+
+def test_patched_accepts(given, env):
+    arg, want = given
+    model = fresh(env)
+    with patched(model, arg) as m:
+        assert ids(applied_patches(m)) == ids(want)
+    assert applied_patches(model) == [] and weights(model) == env["weights"]
+
+
+def test_patched_mixes_paths_and_patches(env):
+    model = fresh(env)
+    with patched(model, str(env["paths"]["a"]), env["b"]):
+        assert ids(applied_patches(model)) == ids([env["a"], env["b"]])
+    with patched(model, env["chain"], env["paths"]["b"]):
+        assert ids(applied_patches(model)) == ids([*env["chain"], env["b"]])
+    assert weights(model) == env["weights"]
+
+
+def test_verify_applied_with_the_expected_patches(given, env):
+    arg, want = given
+    model = fresh(env)
+    apply_patch(model, want)
+    verify_applied(model, arg)
+    with pytest.raises(NotAppliedError, match="holds patches"):
+        verify_applied(model, want[:-1])  # one patch fewer than the model holds
+
+
+def test_apply_patch_is_all_or_nothing(env):
+    model = fresh(env)
+    orphan = env["chain"][1]  # needs chain[0] first
+    with pytest.raises(LineageError, match="apply that patch first"):
+        apply_patch(model, [env["a"], orphan])
+    assert applied_patches(model) == [] and weights(model) == env["weights"]
+    with pytest.raises(LineageError):
+        with patched(model, env["b"], orphan):
+            pass
+    assert applied_patches(model) == [] and weights(model) == env["weights"]
+
+
+def test_every_reference_resolves_before_anything_is_applied(env):
+    model = fresh(env)
+    with pytest.raises(PatchFormatError, match="no such patch file"):
+        apply_patch(model, [env["a"], str(env["root"] / "missing.safetensors")])
+    assert applied_patches(model) == []
+
+
+@pytest.mark.parametrize(
+    "ref", ["./nope.safetensors", "patches/nope.safetensors", "/no/such/dir/x.safetensors", "~/no-such-rompatch-dir/x.safetensors"]
+)  # fmt: skip
+def test_missing_local_patch_is_no_such_file_without_a_hub_call(env, ref, monkeypatch):
+    def no_hub(*a, **k):
+        raise AssertionError("a local path must never become a Hub request")
+
+    monkeypatch.setattr(rompatch.hub, "pull_patch", no_hub)
+    with pytest.raises(PatchFormatError, match="no such patch file") as ei:
+        apply_patch(fresh(env), ref)
+    assert "\n" not in str(ei.value)
+    with pytest.raises(PatchFormatError, match="no such patch file"):
+        load_patched(str(env["folder"]), [env["a"], ref])
+    with pytest.raises(PatchFormatError, match="no such patch file"):
+        Patch.from_pretrained(ref)
+    with pytest.raises(PatchFormatError, match="no such patch file"):
+        push_patch([env["a"], ref], "alice/never-pushed")
+
+
+@pytest.mark.parametrize("bad", [42, b"a.safetensors", [[[]]], {"a": 1}])
+def test_not_a_patch_is_one_line_error(env, bad):
+    with pytest.raises(PatchFormatError, match="patches must be a Patch, a path, a Hub reference or a list"):
+        apply_patch(fresh(env), bad)
+
+
+# ------------------------------------------------------------------------------- export, load
+
+
+def test_export_peft_accepts(given, env, tmp_path):
+    arg, want = given
+    out = export_peft(arg, tmp_path / "adapter")
+    with safe_open(str(out / ADAPTER_WEIGHTS), framework="pt") as f:
+        assert json.loads(f.metadata()["rompatch_patch_ids"]) == ids(want)
+
+
+def test_load_patched_accepts(given, env):
+    arg, want = given
+    model, _ = load_patched(str(env["folder"]), arg, device="cpu")
+    assert ids(applied_patches(model)) == ids(want)
+
+
+def test_push_patch_accepts_a_chain_in_a_list(env, hub_env):
+    repo = f"{hub_env.user}/chain"
+    push_patch([env["chain"], env["paths"]["a"]], repo)
+    files = hub_env.server.repo_files(repo)
+    assert [f"patch-{p.short_id}.safetensors" in files for p in env["chain"]] == [True, True]
+    assert "a.safetensors" in files
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+@pytest.mark.parametrize(
+    "ref",
+    ["./my-model-folder", "../no-such-rompatch/model", "/no/such/rompatch-model", "~/no-such-rompatch-model",
+     "some/deep/folder", Path("relative-missing-folder")],
+)  # fmt: skip
+def test_load_model_missing_folder_before_any_hub_call(ref, monkeypatch):
+    import rompatch.models as models
+
+    def no_load(*a, **k):
+        raise AssertionError("a missing local folder must not reach transformers or the Hub")
+
+    monkeypatch.setattr(models, "_load_folder", no_load)
+    with pytest.raises(ModelLoadError, match=r"no such folder: ") as ei:
+        load_model(ref)
+    assert str(ref) in str(ei.value) and "\n" not in str(ei.value)
+
+
+@pytest.fixture
+def alias_cache(tmp_path, monkeypatch):
+    """``smollm2-135m`` already converted in ROMPATCH_CACHE, as a tiny sharded model (no download)."""
+    import rompatch.checkpoint as checkpoint
+
+    def no_hub(*a, **k):
+        raise AssertionError("an embedded alias must not be looked up on the Hub")
+
+    monkeypatch.setattr(checkpoint, "_hub_snapshot", no_hub)
+    monkeypatch.setenv("ROMPATCH_CACHE", str(tmp_path / "cache"))
+    model = make_model("llama")
+    folder = save_sharded(model, tmp_path / "cache" / "models" / "smollm2-135m")
+    (folder / SOURCE_FILE).write_text(json.dumps({"alias": "smollm2-135m", "gguf_sha256": "0" * 64}))
+    p = vector_patch(model, 1)
+    path = save_patch(p, tmp_path / "p.safetensors")
+    return {"folder": folder, "patch": path, "id": p.id, "shas": file_shas(folder)}
+
+
+def test_cli_apply_takes_an_embedded_alias(alias_cache, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(cli, ["apply", "smollm2-135m", str(alias_cache["patch"]), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    log = checkpoint_log(tmp_path / "out")
+    assert log["base"]["model"] == "smollm2-135m" and log["base"]["revision"] == "gguf-sha256:" + "0" * 64
+    assert [e["id"] for e in log["applied"]] == [alias_cache["id"]]
+    assert file_shas(alias_cache["folder"]) == alias_cache["shas"]  # the converted model is untouched
+
+
+def test_cli_revert_takes_an_embedded_alias(alias_cache, tmp_path):
+    runner = CliRunner()
+    patch = str(alias_cache["patch"])
+    r = runner.invoke(cli, ["revert", "smollm2-135m", patch, "-o", str(tmp_path / "out")])
+    assert r.exit_code == 1 and "already equals patch" in r.stderr  # opened the alias's folder
+    r = runner.invoke(cli, ["revert", "smollm2-135m", patch, "-o", str(tmp_path / "out"), "--force"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "out" / "config.json").is_file()
+    r = runner.invoke(cli, ["revert", "smollm2-135m", patch, "--in-place", "--force"])
+    assert r.exit_code == 1 and "--in-place needs a local folder" in r.stderr
+    assert r.stderr.count("\n") == 1
+    assert file_shas(alias_cache["folder"]) == alias_cache["shas"]
