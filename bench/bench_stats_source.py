@@ -72,14 +72,20 @@ def run(limit: int = 100) -> dict:
             if rec["case_id"] in done:
                 continue
             req = EditRequest.from_dict(rec)
-            c = {"case_id": rec["case_id"], "subject": req.subject, "pre": case_scores(measure_case(model, tok, rec))}
+            c = {
+                "case_id": rec["case_id"],
+                "subject": req.subject,
+                "pre": case_scores(measure_case(model, tok, rec)),
+            }
             us = {}
             for name in SOURCES:
                 d, patch = edit_patch(model, tok, req, hparams=hp, stats=stats[name])
                 us[name] = d.u
                 with patched(model, patch):
                     c[name] = case_scores(measure_case(model, tok, rec))
-                c[f"{name}_update_ratio"] = d.metrics["update_spectral_norm"] / d.metrics["weight_spectral_norm"]
+                c[f"{name}_update_ratio"] = (
+                    d.metrics["update_spectral_norm"] / d.metrics["weight_spectral_norm"]
+                )
             c["cos_u"] = float(torch.nn.functional.cosine_similarity(us["sampled"], us["wikitext"], dim=0))
             f.write(json.dumps(c) + "\n")
             f.flush()
@@ -94,10 +100,18 @@ def run(limit: int = 100) -> dict:
     for key in ("pre", *SOURCES):
         es, ps, ns = (mean(key, m) for m in ("ES", "PS", "NS"))
         scores[key] = (es, ps, ns, _s(es, ps, ns))
-    label = {"pre": "unedited", "sampled": f"sampled text, {n:,} tokens", "wikitext": f"WikiText-2, {n:,} tokens"}
+    label = {
+        "pre": "unedited",
+        "sampled": f"sampled text, {n:,} tokens",
+        "wikitext": f"WikiText-2, {n:,} tokens",
+    }
     for key, (es, ps, ns, s) in scores.items():
         rows.append(
-            {"metric": f"{label[key]}: ES / PS / NS / S", "value": f"{es:.1f} / {ps:.1f} / {ns:.1f} / {s:.1f}", "unit": "%"}
+            {
+                "metric": f"{label[key]}: ES / PS / NS / S",
+                "value": f"{es:.1f} / {ps:.1f} / {ns:.1f} / {s:.1f}",
+                "unit": "%",
+            }
         )
     gap = scores["wikitext"][3] - scores["sampled"][3]
     cos = [c["cos_u"] for c in cases]

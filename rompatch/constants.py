@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 FORMAT_NAME = "rompatch"
-FORMAT_VERSION = "1.0"  # major.minor; a newer major is refused by load_patch
+FORMAT_VERSION = "1.1"  # major.minor; a newer major is refused by load_patch; 1.1 added per-delta timings
 
 ENV_CACHE = "ROMPATCH_CACHE"
 ENV_DATA = "ROMPATCH_DATA"

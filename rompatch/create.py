@@ -21,7 +21,7 @@ from .patch import ParamInfo, Patch, RankOneDelta, new_patch
 from .request import EditRequest
 from .rome import ROMEHyperParams, compute_delta, validate_request
 from .scoring import target_logprobs
-from .stats import DEFAULT_STATS_TOKENS, SecondMoment, get_second_moment
+from .stats import SecondMoment, get_second_moment
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,12 @@ def edit_to_delta(
         after = _probe(model, tok, req)
     finally:
         revert_patch(model, tmp)
+    metrics = dict(res.metrics)
+    d.timings = {"edit_seconds": metrics.pop("seconds")}
+    if stats is not None and stats.identity.get("seconds") is not None:
+        d.timings["stats_seconds"] = stats.identity["seconds"]
     d.metrics = {
-        **res.metrics,
+        **metrics,
         **{f"{k}_before": round(v, 6) for k, v in before.items()},
         **{f"{k}_after": round(v, 6) for k, v in after.items()},
     }
@@ -87,7 +91,7 @@ def create_patch(
     hparams: ROMEHyperParams | None = None,
     stats: SecondMoment | None = None,
     stats_data: str | None = None,
-    stats_tokens: int = DEFAULT_STATS_TOKENS,
+    stats_tokens: int | None = None,
     mode: str = "independent",
     progress: bool = False,
     on_edit: Callable[[int, RankOneDelta], None] | None = None,

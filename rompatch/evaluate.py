@@ -228,7 +228,7 @@ def edit_patch(
 
 
 def edit_summary(d: RankOneDelta) -> dict[str, Any]:
-    return {k: d.metrics.get(k) for k in EDIT_METRICS}
+    return {k: d.seconds if k == "seconds" else d.metrics.get(k) for k in EDIT_METRICS}
 
 
 def evaluate_counterfact(

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from .constants import PROJECT_URL
-from .patch import Patch
+from .patch import Patch, stats_label
 
 log = logging.getLogger(__name__)
 
@@ -152,19 +152,22 @@ def render_body(entries: Sequence[tuple[str, Patch]], *, repo_id: str) -> str:
     lines += [
         "## Edits",
         "",
-        "| file | subject | prompt | old → new | layer |",
-        "| --- | --- | --- | --- | --- |",
+        "| file | subject | prompt | old → new | layer | statistics |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for f, p in entries:
         for d in p.deltas:
             r = d.request
+            st = _cell(stats_label(d.stats) or "—")
             if r is None:
-                lines.append(f"| {_cell(f)} | — | ({_cell(d.kind)}, no request recorded) | — | {d.layer} |")
+                lines.append(
+                    f"| {_cell(f)} | — | ({_cell(d.kind)}, no request recorded) | — | {d.layer} | {st} |"
+                )
             else:
                 old = r.target_true if r.target_true is not None else "?"
                 lines.append(
                     f"| {_cell(f)} | {_cell(r.subject)} | {_cell(r.prompt)} | "
-                    f"{_cell(old)} → {_cell(r.target_new)} | {d.layer} |"
+                    f"{_cell(old)} → {_cell(r.target_new)} | {d.layer} | {st} |"
                 )
     lines.append("")
 

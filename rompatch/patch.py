@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import struct
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from . import __version__
 from .constants import FORMAT_NAME, FORMAT_VERSION
@@ -84,6 +85,8 @@ class RankOneDelta:
     hparams: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Wall-clock seconds ("edit_seconds", "stats_seconds"): kept in the file, outside the content hash.
+    timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.u = self.u.detach().to("cpu", torch.float32).contiguous().reshape(-1)
@@ -94,8 +97,14 @@ class RankOneDelta:
         d = torch.outer(self.v, self.u)  # (out, in)
         return d.T if layout == "conv1d" else d
 
-    def meta(self) -> dict[str, Any]:
-        return {
+    @property
+    def seconds(self) -> float | None:
+        """Wall time of the edit's computation (format 1.0 files kept it under ``metrics``)."""
+        return self.timings.get("edit_seconds", self.metrics.get("seconds"))
+
+    def meta(self, *, hashed: bool = False) -> dict[str, Any]:
+        """The delta's metadata entry; ``hashed``: the part the content hash covers (no timings)."""
+        out = {
             "layer": self.layer,
             "parameter": self.parameter,
             "kind": self.kind,
@@ -104,6 +113,9 @@ class RankOneDelta:
             "stats": self.stats,
             "metrics": self.metrics,
         }
+        if self.timings and not hashed:
+            out["timings"] = self.timings
+        return out
 
 
 @dataclass
@@ -117,6 +129,7 @@ class Patch:
     created_at: str | None = None
     rompatch_version: str = __version__
     extra: dict[str, str] = field(default_factory=dict)  # unknown metadata keys, kept on round-trip
+    format_version: str = FORMAT_VERSION  # a loaded file keeps its own, so re-saving keeps its bytes
 
     @property
     def id(self) -> str:
@@ -162,11 +175,13 @@ class Patch:
                     "u_norm": float(d.u.norm()),
                     "v_norm": float(d.v.norm()),
                     "metrics": d.metrics,
+                    "seconds": d.seconds,
+                    "statistics": stats_label(d.stats),
                 }
             )
         return {
             "id": self.id,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
             "rompatch_version": self.rompatch_version,
             "created_at": self.created_at,
             "base": self.base,
@@ -178,6 +193,17 @@ class Patch:
         }
 
 
+def stats_label(stats: Mapping[str, Any]) -> str | None:
+    """One phrase for a delta's statistics record: 'wikitext-2:test-raw+valid, 100,000 tokens'."""
+    src = stats.get("data_source") or stats.get("source")
+    if not src:
+        return "none (no covariance)" if stats.get("mom2_adjustment") is False else None
+    if src == "sampled":
+        src = f"text sampled from the model (seed {stats.get('data_seed', '?')})"
+    tokens = stats.get("tokens")
+    return f"{src}, {tokens:,} tokens" if isinstance(tokens, int) else str(src)
+
+
 def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
@@ -187,7 +213,7 @@ def content_hash(patch: Patch) -> str:
     h.update(f"{FORMAT_NAME}/{FORMAT_VERSION.split('.')[0]}\n".encode())
     h.update(_canonical(patch.base).encode())
     h.update(_canonical({k: v.to_json() for k, v in sorted(patch.parameters.items())}).encode())
-    h.update(_canonical([d.meta() for d in patch.deltas]).encode())
+    h.update(_canonical([d.meta(hashed=True) for d in patch.deltas]).encode())
     h.update(_canonical(list(patch.lineage)).encode())
     for d in patch.deltas:
         h.update(d.u.numpy().astype("<f4").tobytes())
@@ -203,7 +229,7 @@ def to_metadata(patch: Patch) -> dict[str, str]:
     meta.update(
         {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": patch.format_version,
             "rompatch_version": patch.rompatch_version,
             "patch_id": patch.id,
             "created_at": patch.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -250,9 +276,22 @@ def save_patch(patch: Patch, path: str | os.PathLike) -> Path:
     _validate(patch)
     if patch.created_at is None:
         patch.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    meta = to_metadata(patch)
-    tensors = to_tensors(patch)
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    data = canonical_safetensors(save(to_tensors(patch), metadata=to_metadata(patch)))
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header written canonically (keys sorted, metadata
+    keys sorted, no spaces, padded with spaces to 8 bytes), so that equal content gives equal bytes.
+    The safetensors writer orders metadata by a per-process hash; tensor offsets are relative to
+    the data section and stay valid."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + n :]
 
 
 # -------------------------------------------------------------------------------------- loading
@@ -366,6 +405,7 @@ def from_safetensors(
                     hparams=dict(d.get("hparams", {})),
                     stats=dict(d.get("stats", {})),
                     metrics=dict(d.get("metrics", {})),
+                    timings=dict(d.get("timings", {})),
                 )
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -392,6 +432,7 @@ def from_safetensors(
         created_at=meta.get("created_at"),
         rompatch_version=meta["rompatch_version"],
         extra=extra,
+        format_version=version,
     )
     _validate(patch, where=where)
     if verify_id and patch.id != meta["patch_id"]:

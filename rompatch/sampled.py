@@ -161,7 +161,9 @@ def sampled_chunks(
 
     n_seqs = math.ceil(n_tokens / settings.seq_len)
     n_batches = math.ceil(n_seqs / settings.batch)
-    bar = tqdm(total=n_batches, desc="sampling statistics text", unit="batch", disable=not progress, leave=False)
+    bar = tqdm(
+        total=n_batches, desc="sampling statistics text", unit="batch", disable=not progress, leave=False
+    )
     left = n_seqs
     try:
         for b in range(n_batches):
@@ -171,12 +173,13 @@ def sampled_chunks(
                 ids = _generate_batch(model, tok, settings, b)
                 meta = {"identity": json.dumps(identity, sort_keys=True)}
                 try:
-                    atomic_write(path, lambda tmp, t=ids: save_file({"ids": t.contiguous()}, tmp, metadata=meta))
+                    atomic_write(
+                        path, lambda tmp, t=ids, m=meta: save_file({"ids": t.contiguous()}, tmp, metadata=m)
+                    )
                 except OSError as e:  # a read-only cache is not fatal
                     log.warning("could not cache sampled text: %s", e)
             bar.update(1)
-            for row in ids[: min(left, settings.batch)].tolist():
-                yield row
+            yield from ids[: min(left, settings.batch)].tolist()
             left -= settings.batch
     finally:
         bar.close()

@@ -226,7 +226,10 @@ def text_source(
                 f"statistics file {spec} must be .txt (plain text) or .jsonl (one JSON object per line)"
             )
         return TextSource(
-            path.name, {"source": f"file:{path.name}", "sha256": sha}, lambda: _lines(path), reason="--stats-data"
+            path.name,
+            {"source": f"file:{path.name}", "sha256": sha},
+            lambda: _lines(path),
+            reason="--stats-data",
         )
     return _hf_source(spec, text_field)
 
@@ -286,7 +289,7 @@ class SecondMoment:
     def record(self) -> dict[str, Any]:
         """What a patch stores about its statistics."""
         return {
-            **{k: v for k, v in self.identity.items() if k not in ("weights_sha256",)},
+            **{k: v for k, v in self.identity.items() if k not in ("weights_sha256", "seconds")},
             "tokens": self.count,
             "sha256": self.sha256,
             "weights_sha256": self.identity.get("weights_sha256"),
@@ -314,7 +317,9 @@ def _tokenizer_sha(tok: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _token_chunks(tok: Any, source: TextSource, seq_len: int, n_tokens: int, progress: bool = False) -> Iterator[list[int]]:
+def _token_chunks(
+    tok: Any, source: TextSource, seq_len: int, n_tokens: int, progress: bool = False
+) -> Iterator[list[int]]:
     """Pack the source's texts into sequences of ``seq_len`` tokens (BOS first when the tokenizer adds
     one); a token source's sequences are taken as they are. Stops at ``n_tokens`` tokens."""
     if source._chunks is not None:

@@ -12,16 +12,37 @@ pytest_plugins = ["tests.conftest_hub"]
 REPO = Path(__file__).resolve().parent.parent
 
 
+DATA_FILES = ("counterfact/counterfact_subset.json", "known_1000.json", "wikitext-2/wiki.test.tokens")
+
+
+def require_data() -> Path:
+    """The evaluation data folder ($ROMPATCH_DATA): skipped without it, a failure in CI (which has it)."""
+    d = data_dir()
+    missing = [f for f in DATA_FILES if d is None or not (d / f).is_file()]
+    if missing:
+        where = "$ROMPATCH_DATA is not set" if d is None else f"$ROMPATCH_DATA={d} lacks {', '.join(missing)}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{where}; CI must provide the evaluation data (.ci/run sets ROMPATCH_DATA)")
+        pytest.skip(f"needs the evaluation data: {where} (set ROMPATCH_DATA to the folder with counterfact/)")
+    return d
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that takes the ``shared_data`` fixture is a ``data`` test, and every ``data`` test
+    goes through ``require_data`` (one rule for skipping here and failing in CI)."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.data)
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("data") is not None:
+        require_data()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    d = data_dir()
-    if not (d / "counterfact").is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"shared data not found at {d}; CI must provide it (set ROMPATCH_DATA)")
-        pytest.skip(
-            f"shared data not found at {d}: set ROMPATCH_DATA to the folder holding counterfact/ and known_1000.json"
-        )
-    return d
+    return require_data()
 
 
 @pytest.fixture(scope="session")

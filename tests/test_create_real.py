@@ -1,4 +1,5 @@
-"""End-to-end edits on the real embedded models (SmolLM2-135M and Gemma-3-270m)."""
+"""End-to-end edits on the real embedded models (SmolLM2-135M and Gemma-3-270m), with the statistics
+that are always there (text the model samples itself), so they run alike with or without data."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def test_smollm2_eiffel_tower_to_rome(smollm2):
     before = {k: tensor_sha256(v) for k, v in model.state_dict().items()}
     japan = greedy(model, tok, "The capital of Japan is", max_new_tokens=2)
     assert greedy(model, tok, EIFFEL.text, max_new_tokens=2).startswith(" Paris")
-    patch = create_patch(model, tok, EIFFEL)
+    patch = create_patch(model, tok, EIFFEL, stats_data="sampled")
+    assert patch.deltas[0].stats["data_source"] == "sampled"
     assert {k: tensor_sha256(v) for k, v in model.state_dict().items()} == before, (
         "create must not change the model"
     )
@@ -46,7 +48,7 @@ def test_gemma3_bos_and_left_padding_edit(gemma):
     model, tok = gemma
     assert tok.padding_side == "left" and tok("x")["input_ids"][0] == tok.bos_token_id
     assert greedy(model, tok, EIFFEL.text, max_new_tokens=2).startswith(" Paris")
-    patch = create_patch(model, tok, EIFFEL, stats_tokens=20_000)
+    patch = create_patch(model, tok, EIFFEL, stats_data="sampled")
     with patched(model, patch):
         assert greedy(model, tok, EIFFEL.text, max_new_tokens=2).startswith(" Rome")
         assert greedy(model, tok, "The capital of Japan is", max_new_tokens=2).startswith(" Tokyo")

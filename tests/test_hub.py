@@ -600,3 +600,11 @@ def test_public_exports():
 
 def test_failures_are_hub_errors_and_oserrors():
     assert issubclass(HubError, OSError) and not issubclass(PatchFormatError, HubError)
+
+
+def test_card_names_each_edits_statistics(tiny):
+    a = copy.deepcopy(tiny["a"])
+    a.deltas[0].stats = {"data_source": "sampled", "data_seed": 0, "tokens": 16384}
+    body = render_card([("a.safetensors", a)], repo_id="u/r")
+    assert "| layer | statistics |" in body
+    assert "| text sampled from the model (seed 0), 16,384 tokens |" in body

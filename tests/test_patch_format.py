@@ -150,7 +150,7 @@ def test_newer_major_version_refused(tmp_path, patch):
     meta["format_version"] = "2.0"
     _rewrite(path, meta=meta)
     with pytest.raises(
-        PatchVersionError, match=r"format 2.0, newer than this rompatch reads \(1.0\); upgrade rompatch"
+        PatchVersionError, match=r"format 2.0, newer than this rompatch reads \(1.1\); upgrade rompatch"
     ):
         load_patch(path)
 
@@ -264,3 +264,81 @@ def test_spec_documents_every_key():
         "metrics",
     ):
         assert f"`{key}`" in text
+
+
+# ------------------------------------------------------------------------------ reproducibility
+
+_SAVE_IN_CHILD = """
+import sys
+from rompatch.patch import load_patch, save_patch
+save_patch(load_patch(sys.argv[1]), sys.argv[2])
+"""
+
+
+def test_same_patch_saved_twice_is_byte_identical(tmp_path, patch):
+    """The safetensors writer orders metadata by a per-process hash; the file must not depend on it."""
+    import subprocess
+    import sys
+
+    a = save_patch(patch, tmp_path / "a.safetensors")
+    b = save_patch(patch, tmp_path / "b.safetensors")
+    assert a.read_bytes() == b.read_bytes()
+    for i in range(3):  # other processes, other hash seeds
+        out = tmp_path / f"c{i}.safetensors"
+        subprocess.run([sys.executable, "-c", _SAVE_IN_CHILD, str(a), str(out)], check=True)
+        assert out.read_bytes() == a.read_bytes()
+    header_len = struct.unpack("<Q", a.read_bytes()[:8])[0]
+    assert (8 + header_len) % 8 == 0, "the data section stays 8-byte aligned"
+
+
+def test_timings_are_kept_but_outside_the_id(tmp_path, patch):
+    patch.deltas[0].timings = {"edit_seconds": 1.5}
+    before = patch.id
+    patch.deltas[0].timings = {"edit_seconds": 99.0, "stats_seconds": 3.0}
+    assert patch.id == before
+    back = load_patch(save_patch(patch, tmp_path / "p.safetensors"))
+    assert back.deltas[0].timings == {"edit_seconds": 99.0, "stats_seconds": 3.0} and back.id == before
+    assert back.deltas[0].seconds == 99.0
+    patch.deltas[0].metrics = {"p_new_after": 0.5}
+    assert patch.id != before, "metrics are part of the id"
+
+
+def test_same_computation_gives_the_same_id(tmp_path, monkeypatch):
+    """Two runs of one deterministic edit differ only in wall time, which the id leaves out."""
+    from rompatch.create import create_patch
+    from rompatch.request import EditRequest
+    from rompatch.rome import ROMEHyperParams
+    from rompatch.stats import get_second_moment
+    from tests.tiny_tokenizer import make_tokenizer
+
+    monkeypatch.setenv("ROMPATCH_CACHE", str(tmp_path / "cache"))
+    model, tok = make_model("llama", init_range=0.3), make_tokenizer(bos=True)
+    req = EditRequest("The Space Needle is located in {}", "the city of", "Rome", "Seattle")
+    hp = ROMEHyperParams(layer=1, v_steps=4, context_length_params=((3, 1),), max_update_ratio=0)
+    ids, timings = [], []
+    for _ in range(2):
+        stats = get_second_moment(model, tok, 1, stats_data="sampled", n_tokens=512, use_cache=False)
+        p = create_patch(model, tok, req, hparams=hp, stats=stats)
+        ids.append(p.id)
+        timings.append(p.deltas[0].timings)
+    assert ids[0] == ids[1]
+    assert "edit_seconds" in timings[0] and "stats_seconds" in timings[0]
+
+
+def test_format_1_0_files_load_keep_their_id_and_version(tmp_path):
+    """patches/ holds files written in format 1.0 (wall time under metrics, inside the id)."""
+    src = Path(__file__).resolve().parent.parent / "patches" / "eiffel-tower-rome.safetensors"
+    meta, _ = _raw(src)
+    assert meta["format_version"] == "1.0"
+    p = load_patch(src)
+    assert p.id == meta["patch_id"] and p.format_version == "1.0"
+    assert p.deltas[0].seconds == p.deltas[0].metrics["seconds"] and p.deltas[0].timings == {}
+    again = save_patch(p, tmp_path / "again.safetensors")
+    meta2, _ = _raw(again)
+    assert meta2["format_version"] == "1.0" and meta2["patch_id"] == p.id
+    assert load_patch(again).id == p.id
+
+
+def test_new_patches_are_written_in_the_current_minor_version(tmp_path, patch):
+    meta, _ = _raw(save_patch(patch, tmp_path / "p.safetensors"))
+    assert meta["format_version"] == "1.1"

@@ -13,23 +13,25 @@ from ..models import load_model
 from ..patch import Patch, save_patch
 from ..request import EditRequest, load_requests
 from ..rome import ROMEHyperParams
-from ..stats import DEFAULT_STATS_TOKENS, get_second_moment, text_source
+from ..sampled import DEFAULT_SAMPLED_TOKENS
+from ..stats import DEFAULT_STATS_TOKENS, check_stats_data, get_second_moment
 from .common import device_option, dtype_option, echo_json, info, json_option, model_argument
 
 stats_options = [
     click.option(
         "--stats-data",
         default=None,
-        metavar="PATH|DATASET",
-        help="Statistics text: a .txt or .jsonl file, or a Hugging Face dataset id "
-        "(name[:config][@split]). Default: WikiText-2 from $ROMPATCH_DATA, else WikiText-103 from the Hub.",
+        metavar="PATH|DATASET|sampled[:SEED]",
+        help="Statistics text: a .txt or .jsonl file, a Hugging Face dataset id (name[:config][@split]), "
+        "or 'sampled[:SEED]' for text the model writes itself. Default: WikiText-2 from $ROMPATCH_DATA, "
+        "else WikiText-103 from the Hub if it answers, else sampled text.",
     ),
     click.option(
         "--stats-tokens",
-        default=DEFAULT_STATS_TOKENS,
-        show_default=True,
+        default=None,
         type=click.IntRange(1),
-        help="Token budget for the second-moment statistics.",
+        help=f"Token budget for the second-moment statistics. Default: {DEFAULT_STATS_TOKENS:,} tokens of a "
+        f"corpus, {DEFAULT_SAMPLED_TOKENS:,} of sampled text.",
     ),
     click.option(
         "--stats-text-field", default="text", show_default=True, help="Text field for .jsonl and datasets."
@@ -142,10 +144,8 @@ def create(
         raise click.ClickException(
             f"{output} is a file; sequential mode and --split write a folder of patches"
         )
-    if stats_data is not None and not no_mom2:
-        text_source(
-            stats_data, text_field=stats_text_field
-        )  # unreadable stats file: fail before loading the model
+    if not no_mom2:
+        check_stats_data(stats_data, text_field=stats_text_field)  # fail before loading the model
     m, tok = load_model(model, device=device, dtype=dtype)
     if layer is not None:
         check_layer(m, layer)
@@ -167,6 +167,7 @@ def create(
             n_tokens=stats_tokens,
             text_field=stats_text_field,
             progress=progress,
+            notify=info,
         )
     result = create_patch(m, tok, reqs, hparams=hp, stats=stats, mode=mode, progress=progress)
     if isinstance(result, list) or split:
@@ -225,8 +226,7 @@ def _line(e: dict) -> str:
 @json_option
 def stats(model, layers, stats_data, stats_tokens, stats_text_field, device, dtype, as_json) -> None:
     """Precompute and cache second-moment statistics E[kkᵀ] for MODEL's edit layer(s)."""
-    if stats_data is not None:
-        text_source(stats_data, text_field=stats_text_field)
+    check_stats_data(stats_data, text_field=stats_text_field)
     m, tok = load_model(model, device=device, dtype=dtype)
     results = []
     for layer in layers or (default_layer(m),):
@@ -239,12 +239,13 @@ def stats(model, layers, stats_data, stats_tokens, stats_text_field, device, dty
             n_tokens=stats_tokens,
             text_field=stats_text_field,
             progress=True,
+            notify=info,
         )
         rec = {"layer": layer, **sm.record()}
         results.append(rec)
         if not as_json:
             src = rec.get("data_source")
-            secs = rec.get("seconds")
+            secs = sm.identity.get("seconds")
             when = f"computed in {secs} s" if secs is not None else "cached"
             click.echo(f"layer {layer}: {sm.count:,} tokens of {src}, {when}; sha256 {rec['sha256'][:16]}…")
     if as_json:

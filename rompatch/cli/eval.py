@@ -13,7 +13,7 @@ from ..evaluate import file_sha256, load_records, run_evaluation
 from ..fluency import GenerationSettings
 from ..models import load_model
 from ..rome import ROMEHyperParams
-from ..stats import DEFAULT_STATS_TOKENS, get_second_moment, text_source
+from ..stats import DEFAULT_STATS_TOKENS, check_stats_data, get_second_moment
 from .common import device_option, dtype_option, echo_json, info, json_option, model_argument
 
 DEFAULT_GEN_LENGTH = 50  # tokens per generation incl. the prompt; the paper uses 100 (slow on CPU)
@@ -38,7 +38,12 @@ DEFAULT_GEN_LENGTH = 50  # tokens per generation incl. the prompt; the paper use
 @click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate only the first N records.")
 @click.option("--layer", type=int, default=None, help="Layer to edit (default: the architecture's default).")
 @click.option("--stats-data", default=None, metavar="PATH|DATASET", help="As for `rompatch create`.")
-@click.option("--stats-tokens", default=DEFAULT_STATS_TOKENS, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--stats-tokens",
+    default=None,
+    type=click.IntRange(1),
+    help=f"Statistics budget. Default: {DEFAULT_STATS_TOKENS:,} tokens of a corpus, fewer of sampled text.",
+)
 @click.option("--no-mom2", is_flag=True, help="Disable the covariance adjustment (ablation).")
 @click.option("--fast", is_flag=True, help="bfloat16 autocast for the v* optimisation.")
 @click.option(
@@ -159,8 +164,7 @@ def eval_cmd(
         from ..fluency import Consistency
 
         consistency = Consistency.load(snippets, tfidf)
-    if stats_data is not None:
-        text_source(stats_data)
+    check_stats_data(stats_data)
     m, tok = load_model(model, device=device, dtype=dtype)
     if layer is not None:
         check_layer(m, layer)
@@ -177,7 +181,9 @@ def eval_cmd(
     stats = (
         None
         if no_mom2
-        else get_second_moment(m, tok, hp.layer, stats_data=stats_data, n_tokens=stats_tokens, progress=True)
+        else get_second_moment(
+            m, tok, hp.layer, stats_data=stats_data, n_tokens=stats_tokens, progress=True, notify=info
+        )
     )
     config = {
         "model": model,

@@ -33,6 +33,8 @@ def format_patch(patch: Patch) -> str:
             f"      layer {e['layer']}  {e['parameter']} {e['shape']}  ‖u‖={e['u_norm']:.3g} ‖v‖={e['v_norm']:.3g}"
         )
         m = e["metrics"]
+        if e.get("statistics"):
+            lines.append(f"      statistics: {e['statistics']}")
         if "p_new_before" in m:
             probs = f"P(new) {m['p_new_before']:.3g} → {m['p_new_after']:.3g}"
             if "p_true_before" in m:
@@ -41,7 +43,8 @@ def format_patch(patch: Patch) -> str:
         if "update_spectral_norm" in m:
             lines.append(
                 f"      ‖ΔW‖₂ {m['update_spectral_norm']:.3g} vs ‖W‖₂ {m['weight_spectral_norm']:.3g}; "
-                f"{m.get('v_steps_run', '?')} steps, {m.get('seconds', 0):.1f} s"
+                f"{m.get('v_steps_run', '?')} steps"
+                + (f", {e['seconds']:.1f} s" if e.get("seconds") is not None else "")
             )
     return "\n".join(lines)
 

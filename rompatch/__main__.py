@@ -1,0 +1,5 @@
+"""``python -m rompatch``: the command line, as the ``rompatch`` script."""
+
+from .cli.main import main
+
+main()
