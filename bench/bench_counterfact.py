@@ -13,8 +13,15 @@ import statistics
 import time
 from pathlib import Path
 
+from bench.data import data_file, missing_data
+
 TITLE = "Edit quality: SmolLM2-135M on CounterFact (all records in shared data)"
 FULL_ONLY = True
+
+
+def skip_reason() -> str | None:
+    return missing_data("counterfact/counterfact_subset.json")
+
 
 WORK = Path(__file__).resolve().parent / "results"
 
@@ -58,14 +65,13 @@ def compare_runs() -> list[str]:
 
 def run(limit: int | None = None, layer: int | None = None, fast: bool = False) -> dict:
     from rompatch.arch import default_layer
-    from rompatch.constants import data_dir
     from rompatch.evaluate import evaluate_counterfact, load_counterfact, summarize, update_too_large
     from rompatch.models import load_model
     from rompatch.rome import ROMEHyperParams
     from rompatch.stats import DEFAULT_STATS_TOKENS, get_second_moment
 
     limit = limit or int(os.environ.get("ROMPATCH_BENCH_LIMIT", "0")) or None
-    records = load_counterfact(str(data_dir() / "counterfact" / "counterfact_subset.json"), limit=limit)
+    records = load_counterfact(str(data_file("counterfact/counterfact_subset.json")), limit=limit)
     model, tok = load_model("smollm2-135m", device="cpu")
     layer = default_layer(model) if layer is None else layer
     hp = ROMEHyperParams(layer=layer, optim_autocast="bfloat16" if fast else "none")

@@ -8,8 +8,15 @@ import time
 
 import torch
 
+from bench.data import data_file, missing_data
+
 TITLE = "Edit engine speed and statistics budget (SmolLM2-135M, CPU)"
 FULL_ONLY = False
+
+
+def skip_reason() -> str | None:
+    return missing_data("counterfact/counterfact_subset.json", "wikitext-2/raw/wiki.test.raw")
+
 
 # Layer 6, not the default 4: the reference ROME timings this is compared with (29.5 s per edit,
 # 2,082 tok/s) were taken at layer 6. At layer 4 each optimisation step replays 26 blocks instead
@@ -19,12 +26,11 @@ BUDGETS = (10_000, 20_000, 50_000, 100_000, 200_000, 500_000)
 
 
 def _load():
-    from rompatch.constants import data_dir
     from rompatch.evaluate import load_counterfact
     from rompatch.models import load_model
 
     model, tok = load_model("smollm2-135m", device="cpu")
-    records = load_counterfact(str(data_dir() / "counterfact" / "counterfact_subset.json"))
+    records = load_counterfact(str(data_file("counterfact/counterfact_subset.json")))
     return model, tok, records
 
 

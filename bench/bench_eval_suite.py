@@ -26,8 +26,19 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from bench.data import data_file, missing_data
+
 TITLE = "Evaluation suite: zsRE, sequential editing and CounterFact with fluency on SmolLM2-135M (issue 6)"
 FULL_ONLY = True
+
+
+def skip_reason() -> str | None:
+    return missing_data(
+        "counterfact/counterfact_subset.json",
+        "zsre/zsre_mend_eval_subset.json",
+        "wikitext-2/raw/wiki.test.raw",
+    )
+
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work"
@@ -88,7 +99,6 @@ class _Setup:
         import torch
 
         from rompatch.arch import default_layer
-        from rompatch.constants import data_dir
         from rompatch.evaluate import load_records
         from rompatch.models import load_model
         from rompatch.rome import ROMEHyperParams
@@ -111,9 +121,9 @@ class _Setup:
             "hparams": self.hp.to_dict(),
             "stats": self.stats.sha256[:16],
         }
-        _, self.zrecs = load_records(str(data_dir() / "zsre" / "zsre_mend_eval_subset.json"), kind="zsre")
+        _, self.zrecs = load_records(str(data_file("zsre/zsre_mend_eval_subset.json")), kind="zsre")
         _, self.crecs = load_records(
-            str(data_dir() / "counterfact" / "counterfact_subset.json"), kind="counterfact"
+            str(data_file("counterfact/counterfact_subset.json")), kind="counterfact"
         )
 
     def out(self, part: str) -> Path:

@@ -16,20 +16,18 @@ import statistics
 import time
 from pathlib import Path
 
+from bench.data import data_file, missing_data
+
 TITLE = "Statistics without a data folder: sampled text vs WikiText-2 (SmolLM2-135M, 100 CounterFact records)"
 FULL_ONLY = True
 
-OUT = Path(__file__).resolve().parent / "results" / "stats-source.jsonl"
-SOURCES = ("sampled", "wikitext")
-
 
 def skip_reason() -> str | None:
-    from rompatch.constants import data_dir
+    return missing_data("counterfact/counterfact_subset.json", "wikitext-2/raw/wiki.test.raw")
 
-    d = data_dir()
-    if d is None or not (d / "counterfact" / "counterfact_subset.json").is_file():
-        return "needs CounterFact and WikiText-2 under $ROMPATCH_DATA"
-    return None
+
+OUT = Path(__file__).resolve().parent / "results" / "stats-source.jsonl"
+SOURCES = ("sampled", "wikitext")
 
 
 def _s(es: float, ps: float, ns: float) -> float:
@@ -41,7 +39,6 @@ def run(limit: int = 100) -> dict:
 
     from rompatch.apply import patched
     from rompatch.arch import default_layer
-    from rompatch.constants import data_dir
     from rompatch.evaluate import case_scores, edit_patch, load_counterfact, measure_case
     from rompatch.models import load_model
     from rompatch.request import EditRequest
@@ -50,7 +47,7 @@ def run(limit: int = 100) -> dict:
     from rompatch.stats import get_second_moment, local_wikitext
 
     limit = int(os.environ.get("ROMPATCH_BENCH_LIMIT", "0")) or limit
-    records = load_counterfact(str(data_dir() / "counterfact" / "counterfact_subset.json"), limit=limit)
+    records = load_counterfact(str(data_file("counterfact/counterfact_subset.json")), limit=limit)
     model, tok = load_model("smollm2-135m", device="cpu")
     layer = default_layer(model)
     hp = ROMEHyperParams(layer=layer)

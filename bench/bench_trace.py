@@ -11,8 +11,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.data import data_file, missing_data
+
 TITLE = "Causal tracing: SmolLM2-135M (CPU), Eiffel Tower heatmaps and the average over known facts"
 FULL_ONLY = True
+
+
+def skip_reason() -> str | None:
+    return missing_data("known_1000.json")
+
 
 HERE = Path(__file__).resolve().parent
 FIGURES = HERE / "figures"
@@ -45,7 +52,6 @@ def run() -> dict:
 
 def _run() -> dict:
     from rompatch.arch import default_layer
-    from rompatch.constants import data_dir
     from rompatch.known_facts import trace_known
     from rompatch.models import load_model
     from rompatch.plotting import plot_average, plot_layer_curves, plot_trace_all
@@ -75,7 +81,7 @@ def _run() -> dict:
     avg = trace_known(
         model,
         tok,
-        data_dir() / "known_1000.json",
+        data_file("known_1000.json"),
         kinds=KNOWN_KINDS,
         embed_std=es,
         time_budget=budget,

@@ -136,6 +136,8 @@ def _wikitext2_source(files: list[Path]) -> TextSource:
 
 def _sampled_source(model: Any, tok: Any, seed: int, reason: str) -> TextSource:
     settings = SamplerSettings(seed=seed)
+    if max_positions(model) < settings.seq_len:  # a model with a short context samples shorter texts
+        settings = SamplerSettings(seed=seed, seq_len=max_positions(model))
     ident = sampler_identity(model, tok, settings, _tokenizer_sha(tok))
 
     def chunks(n_tokens: int, progress: bool) -> Iterator[list[int]]:
