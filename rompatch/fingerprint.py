@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -35,16 +37,33 @@ class TensorMemo:
 
     Keyed by identity, storage, version counter, shape, dtype and device, plus any ``extra`` key;
     holds at most ``size`` entries (cleared when full: these are large, rarely-changing values).
+
+    Each entry holds a weak reference to its tensor, is served only to that same object, and is
+    dropped when the tensor is freed. The key alone is not enough: once a tensor is freed, CPython
+    gives its id to the next object and the allocator its memory to the next tensor, so a new
+    tensor of the same shape (another layer's statistics) would be served the freed tensor's result
+    (its LU factors). A strong reference would also prevent that, but would keep freed tensors
+    alive (gigabytes of weights on a GPU); keying by content would hash the whole tensor on every
+    call, the cost these memos exist to remove. A weak reference costs one object per entry.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._d: dict[tuple, Any] = {}
+        self._d: dict[tuple, tuple[weakref.ref, Any]] = {}
 
     def get(self, t: torch.Tensor, compute: Callable[[], Any], *extra: Any) -> Any:
         key = (id(t), t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device, *extra)
-        if key not in self._d:
-            if len(self._d) >= self.size:
-                self._d.clear()
-            self._d[key] = compute()
-        return self._d[key]
+        entry = self._d.get(key)
+        if entry is not None and entry[0]() is t:
+            return entry[1]
+        value = compute()
+        if len(self._d) >= self.size:
+            self._d.clear()
+        self._d[key] = (weakref.ref(t, partial(self._drop, key)), value)
+        return value
+
+    def _drop(self, key: tuple, ref: weakref.ref) -> None:
+        """The tensor of ``key``'s entry was freed: drop its result (unless the key was reused)."""
+        entry = self._d.get(key)
+        if entry is not None and entry[0] is ref:
+            del self._d[key]
