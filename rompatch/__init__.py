@@ -29,7 +29,7 @@ from .evaluate import evaluate_counterfact, load_records, run_evaluation, summar
 from .extract import extract_patch  # noqa: E402
 from .fingerprint import tensor_sha256  # noqa: E402
 from .fluency import GenerationSettings  # noqa: E402
-from .hub import pull_patch, push_patch  # noqa: E402  (also adds Patch.from_pretrained / push_to_hub)
+from .hub import pull_patch, push_patch  # noqa: E402
 from .known_facts import AverageTrace, trace_known  # noqa: E402
 from .loading import load_patched  # noqa: E402
 from .models import load_model, model_identity  # noqa: E402

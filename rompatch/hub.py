@@ -1,4 +1,4 @@
-"""Share patches through the Hugging Face Hub: references, push, pull, and ``Patch`` Hub methods.
+"""Share patches through the Hugging Face Hub: references, push, pull (``Patch``'s Hub methods call these).
 
 A Hub reference is ``REPO_ID[/path/in/repo.safetensors][@REVISION]``:
 
@@ -606,7 +606,7 @@ def push_patch(
     return info
 
 
-# --------------------------------------------------------------------- Patch's PEFT-style methods
+# ------------------------------------------------------------------- behind Patch.from_pretrained
 
 
 def _single_local_patch(folder: Path) -> Path:
@@ -622,39 +622,21 @@ def _single_local_patch(folder: Path) -> Path:
     )
 
 
-def _from_pretrained(cls: type[Patch], ref: str | os.PathLike, revision: str | None = None) -> Patch:
-    """Load a patch from a local file, a local folder holding one patch, or a Hub reference."""
+def from_pretrained(ref: str | os.PathLike, revision: str | None = None) -> Patch:
+    """Load a patch from a local file, a local folder holding one patch, or a Hub reference
+    (what ``Patch.from_pretrained`` does)."""
     if is_local_patch_ref(ref):  # never sent to the Hub, so a missing file is reported as one
         path = Path(ref).expanduser()
         return load_patch(_single_local_patch(path) if path.is_dir() else path)
     return resolve_hub_patch(str(ref), revision=revision)
 
 
-def _push_to_hub(
-    self: Patch,
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    token: str | None = None,
-    filename: str | None = None,
-    base_model: str | None = None,
-) -> Any:
-    """Upload this patch (and a model card) to ``repo_id``; see ``rompatch.push_patch``."""
-    return push_patch(
-        [self],
-        repo_id,
-        private=private,
-        revision=revision,
-        message=commit_message,
-        token=token,
-        filenames=[filename] if filename else None,
-        base_model=base_model,
-    )
-
-
-Patch.from_pretrained = classmethod(_from_pretrained)  # type: ignore[attr-defined]
-Patch.push_to_hub = _push_to_hub  # type: ignore[attr-defined]
-
-__all__ = ["HubRef", "parse_ref", "pull_patch", "push_patch", "resolve_hub_patch", "is_offline"]
+__all__ = [
+    "HubRef",
+    "parse_ref",
+    "pull_patch",
+    "push_patch",
+    "resolve_hub_patch",
+    "is_offline",
+    "from_pretrained",
+]

@@ -153,7 +153,41 @@ class Patch:
     def save(self, path: str | os.PathLike) -> Path:
         return save_patch(self, path)
 
-    # Hub methods are defined in rompatch.hub and attached there to keep this module I/O-local.
+    # The Hub methods, PEFT-style. Their implementation is rompatch.hub, which is built on this
+    # module (it loads, validates and serialises patches with the functions below): importing it at
+    # the top here would be an import loop, so each method imports it when called.
+
+    @classmethod
+    def from_pretrained(cls, ref: str | os.PathLike, revision: str | None = None) -> Patch:
+        """Load a patch from a local file, a local folder holding one patch, or a Hub reference."""
+        from . import hub
+
+        return hub.from_pretrained(ref, revision=revision)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        token: str | None = None,
+        filename: str | None = None,
+        base_model: str | None = None,
+    ) -> Any:
+        """Upload this patch (and a model card) to ``repo_id``; see ``rompatch.push_patch``."""
+        from . import hub
+
+        return hub.push_patch(
+            [self],
+            repo_id,
+            private=private,
+            revision=revision,
+            message=commit_message,
+            token=token,
+            filenames=[filename] if filename else None,
+            base_model=base_model,
+        )
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able description, as printed by ``rompatch show --json``."""

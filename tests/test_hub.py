@@ -20,7 +20,6 @@ import yaml
 from click.testing import CliRunner
 
 import rompatch
-import rompatch.hub  # noqa: F401  (attaches Patch.from_pretrained / push_to_hub)
 from rompatch.apply import applied_patches
 from rompatch.cli.main import cli
 from rompatch.constants import PROJECT_URL

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import rompatch.hub  # noqa: F401  (attaches Patch.from_pretrained / push_to_hub)
 from rompatch.apply import applied_patches, verify_applied
 from rompatch.arch import get_spec
 from rompatch.errors import (
