@@ -33,9 +33,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -678,7 +677,12 @@ def _full(p: Patch) -> tuple[Patch, range]:
     return p, range(len(p.deltas))
 
 
-_BLOCK_ELEMS = 1 << 18  # rows are processed in blocks of about this many elements (1 MB in float32)
+_BLOCK_ELEMS = 1 << 18  # rows are hashed in blocks of about this many elements (1 MB in float32)
+# ... and computed in sub-blocks below torch's intra-op grain size (at::internal::GRAIN_SIZE, 32768
+# elements): torch runs an elementwise op on fewer elements on the calling thread, so the arithmetic
+# stays on one core (the shard copy and the hashing use others) without changing torch's
+# process-wide thread count. Rows longer than that are one sub-block each (torch may split those).
+_SUB_BLOCK_ELEMS = (1 << 15) - 1
 
 
 def _chain(
@@ -706,21 +710,26 @@ def _chain(
     rows = original.shape[0]
     cols = original.numel() // rows
     step = max(1, _BLOCK_ELEMS // cols)
+    sub = max(1, _SUB_BLOCK_ELEMS // cols)
     out = torch.empty_like(original)
-    prod = torch.empty((min(step, rows), cols), dtype=torch.float32)
-    with _single_thread(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="rompatch-sha") as hashing:
+    acc = torch.empty((min(sub, rows), cols), dtype=torch.float32)
+    prod = torch.empty_like(acc)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rompatch-sha") as hashing:
         for r in range(0, rows, step):
             n = min(step, rows - r)
             if orig_h is not None:
                 hashing.submit(orig_h.update, tensor_bytes(original[r : r + n]))
-            acc = original[r : r + n].to(torch.float32, copy=True)
-            for i, (_, fs, h) in enumerate(steps):
-                for a_, b_ in fs:
-                    torch.mul(a_[r : r + n, None], b_[None, :], out=prod[:n])  # outer(a, b), rows r..r+n
-                    acc.add_(prod[:n])
-                # the cast of each patch's sum (the last one straight into the result); same rounding as .to()
-                blk = out[r : r + n] if i == len(steps) - 1 else torch.empty_like(original[r : r + n])
-                blk.copy_(acc)
+            # each patch's cast sum of rows r..r+n (the last one straight into the result)
+            blks = [torch.empty_like(original[r : r + n]) for _ in steps[:-1]] + [out[r : r + n]]
+            for s in range(r, r + n, sub):
+                m = min(sub, r + n - s)
+                acc[:m].copy_(original[s : s + m])  # exact: float32 holds every value of the narrower dtypes
+                for (_, fs, _), blk in zip(steps, blks):
+                    for a_, b_ in fs:
+                        torch.mul(a_[s : s + m, None], b_[None, :], out=prod[:m])  # outer(a, b), rows s..s+m
+                        acc[:m].add_(prod[:m])
+                    blk[s - r : s - r + m].copy_(acc[:m])  # the cast of the sum; same rounding as .to()
+            for (_, _, h), blk in zip(steps, blks):
                 hashing.submit(h.update, tensor_bytes(blk))
     before = original_sha or orig_h.hexdigest()  # type: ignore[union-attr]
     prints: dict[int, dict[str, str]] = {}
@@ -728,17 +737,6 @@ def _chain(
         prints[k] = {"before": before, "after": h.hexdigest()}
         before = prints[k]["after"]
     return out, prints, prints[steps[0][0]]["before"]
-
-
-@contextmanager
-def _single_thread() -> Iterator[None]:
-    """Cache-sized tensor ops run best on one intra-op thread (the shard copy uses another core)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------------ results

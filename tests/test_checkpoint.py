@@ -20,6 +20,8 @@ from transformers import AutoModelForCausalLM
 from rompatch.apply import apply_patch
 from rompatch.arch import get_spec
 from rompatch.checkpoint import (
+    AppliedEntry,
+    _chain,
     apply_to_checkpoint,
     checkpoint_log,
     open_checkpoint,
@@ -34,7 +36,7 @@ from rompatch.errors import (
     NotAppliedError,
 )
 from rompatch.fingerprint import tensor_sha256
-from rompatch.patch import save_patch
+from rompatch.patch import ParamInfo, RankOneDelta, new_patch, save_patch
 from rompatch.safetensors_io import read_header
 from tests.ckpt_helpers import file_shas, read_tensor, save_sharded, tensor_shas, weight_files
 from tests.helpers import vector_patch
@@ -137,6 +139,52 @@ def test_apply_equals_in_memory_and_revert_restores_every_tensor(tmp_path, arch,
     assert not (tmp_path / "reverted" / CHECKPOINT_UNDO).exists()
     assert file_shas(base) == inputs_before, "the input folder is never modified"
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chain_is_the_in_memory_sum_over_blocks_and_sub_blocks(dtype, layout):
+    """A matrix of several row blocks and sub-blocks, neither a multiple of the row count: the value
+    and every fingerprint are those of cast(original + Σ deltas) computed whole, as in-memory apply does."""
+    rows, cols = 6000, 100  # 3 hashing blocks of ≤ 2621 rows, computed 327 rows at a time
+    g = torch.Generator().manual_seed(0)
+    original = torch.randn(rows, cols, generator=g).to(dtype)
+    name = "w"
+    n_in, n_out = (rows, cols) if layout == "conv1d" else (cols, rows)
+    patches = []
+    for k in range(3):
+        deltas = [
+            RankOneDelta(
+                u=torch.randn(n_in, generator=g), v=torch.randn(n_out, generator=g), layer=0, parameter=name
+            )
+            for _ in range(k + 1)
+        ]
+        info = ParamInfo(
+            shape=(rows, cols), dtype=str(dtype).removeprefix("torch."), sha256="0" * 64, layout=layout
+        )
+        patches.append(new_patch(deltas, base={"model": "m", "model_type": "llama"}, parameters={name: info}))
+
+    value, prints, base_sha = _chain(original, [AppliedEntry(p) for p in patches], name, None)
+
+    acc = original.to(torch.float32, copy=True)
+    expected = []
+    for p in patches:
+        for d in p.deltas:
+            acc.add_(d.matrix(layout))
+        expected.append(acc.to(dtype, copy=True))
+    assert torch.equal(value, expected[-1]) and value.dtype == dtype
+    assert base_sha == tensor_sha256(original)
+    shas = [tensor_sha256(original)] + [tensor_sha256(e) for e in expected]
+    assert prints == {k: {"before": shas[k], "after": shas[k + 1]} for k in range(3)}
+
+
+def test_checkpoint_apply_leaves_torch_thread_count_alone(tmp_path, monkeypatch):
+    """No process-wide setting: another thread using torch meanwhile keeps its intra-op threads."""
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    model, base = make_ckpt(tmp_path)
+    apply_to_checkpoint(base, [vector_patch(model, layer=1)], tmp_path / "out")
+    assert calls == []
 
 
 def test_single_file_checkpoint_and_bare_model_keys(tmp_path):
