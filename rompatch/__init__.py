@@ -1,118 +1,117 @@
-"""rompatch: rank-one fact edits (ROME) as small, reviewable, revertible patch files."""
+"""rompatch: rank-one fact edits (ROME) as small, reviewable, revertible patch files.
 
-__version__ = "0.1.0"
+Every public name is imported from its submodule on first use (PEP 562), so ``import rompatch``
+(and ``rompatch --help``) does not import torch; ``from rompatch import X`` works as usual.
+"""
 
-from .apply import applied_patches, apply_patch, patched, revert_patch, verify_applied  # noqa: E402
-from .arch import ModelSpec, default_layer, get_spec, register_spec  # noqa: E402
-from .checkpoint import apply_to_checkpoint, checkpoint_log, open_checkpoint, revert_checkpoint  # noqa: E402
-from .create import create_patch  # noqa: E402
-from .diff import diff  # noqa: E402
-from .errors import (  # noqa: E402
-    ArchitectureError,
-    BaseMismatchError,
-    CheckpointError,
-    ConflictError,
-    EvalError,
-    ExportError,
-    FingerprintMismatchError,
-    HubError,
-    LineageError,
-    ModelLoadError,
-    NotAppliedError,
-    PatchFormatError,
-    PatchVersionError,
-    RequestError,
-    RompatchError,
-    StatsError,
-)
-from .evaluate import evaluate_counterfact, load_records, run_evaluation, summarize  # noqa: E402
-from .extract import extract_patch  # noqa: E402
-from .fingerprint import tensor_sha256  # noqa: E402
-from .fluency import GenerationSettings  # noqa: E402
-from .hub import pull_patch, push_patch  # noqa: E402
-from .known_facts import AverageTrace, trace_known  # noqa: E402
-from .loading import load_patched  # noqa: E402
-from .models import load_model, model_identity  # noqa: E402
-from .patch import ParamInfo, Patch, RankOneDelta, load_patch, save_patch  # noqa: E402
-from .peft import export_peft  # noqa: E402
-from .request import EditRequest, load_requests  # noqa: E402
-from .rome import ROMEHyperParams, compute_delta  # noqa: E402
-from .sequential import run_sequential  # noqa: E402
-from .stack import stack_patches  # noqa: E402
-from .stats import SecondMoment, get_second_moment  # noqa: E402
-from .tracing import TraceResult, embedding_std, trace_fact  # noqa: E402
+from __future__ import annotations
 
-__all__ = [
-    "__version__",
+import importlib
+import sys
+import types
+from typing import Any
+
+from ._version import __version__
+
+# Each public name and the submodule that defines it.
+_EXPORTS = {
     # requests and architectures
-    "EditRequest",
-    "load_requests",
-    "ModelSpec",
-    "get_spec",
-    "register_spec",
-    "default_layer",
+    "EditRequest": "request",
+    "load_requests": "request",
+    "ModelSpec": "arch",
+    "get_spec": "arch",
+    "register_spec": "arch",
+    "default_layer": "arch",
     # models
-    "load_model",
-    "model_identity",
+    "load_model": "models",
+    "model_identity": "models",
     # patches
-    "Patch",
-    "RankOneDelta",
-    "ParamInfo",
-    "load_patch",
-    "save_patch",
-    "tensor_sha256",
+    "Patch": "patch",
+    "RankOneDelta": "patch",
+    "ParamInfo": "patch",
+    "load_patch": "patch",
+    "save_patch": "patch",
+    "tensor_sha256": "fingerprint",
     # in-memory apply / revert
-    "apply_patch",
-    "revert_patch",
-    "patched",
-    "applied_patches",
-    "verify_applied",
+    "apply_patch": "apply",
+    "revert_patch": "apply",
+    "patched": "apply",
+    "applied_patches": "apply",
+    "verify_applied": "apply",
     # errors
-    "RompatchError",
-    "PatchFormatError",
-    "PatchVersionError",
-    "RequestError",
-    "ArchitectureError",
-    "FingerprintMismatchError",
-    "LineageError",
-    "NotAppliedError",
-    "ModelLoadError",
-    "HubError",
-    "ExportError",
-    "StatsError",
+    "RompatchError": "errors",
+    "PatchFormatError": "errors",
+    "PatchVersionError": "errors",
+    "RequestError": "errors",
+    "ArchitectureError": "errors",
+    "FingerprintMismatchError": "errors",
+    "LineageError": "errors",
+    "NotAppliedError": "errors",
+    "ModelLoadError": "errors",
+    "HubError": "errors",
+    "ExportError": "errors",
+    "StatsError": "errors",
     # the edit engine
-    "ROMEHyperParams",
-    "compute_delta",
-    "create_patch",
-    "SecondMoment",
-    "get_second_moment",
-    "evaluate_counterfact",
-    "summarize",
-    "run_evaluation",
-    "load_records",
-    "run_sequential",
-    "GenerationSettings",
-    "EvalError",
+    "ROMEHyperParams": "rome",
+    "compute_delta": "rome",
+    "create_patch": "create",
+    "SecondMoment": "stats",
+    "get_second_moment": "stats",
+    "evaluate_counterfact": "evaluate",
+    "summarize": "evaluate",
+    "run_evaluation": "evaluate",
+    "load_records": "evaluate",
+    "run_sequential": "sequential",
+    "GenerationSettings": "fluency",
+    "EvalError": "errors",
     # sharing and loading
-    "load_patched",
-    "push_patch",
-    "pull_patch",
-    "export_peft",
+    "load_patched": "loading",
+    "push_patch": "hub",
+    "pull_patch": "hub",
+    "export_peft": "peft",
     # checkpoints on disk
-    "apply_to_checkpoint",
-    "revert_checkpoint",
-    "checkpoint_log",
-    "open_checkpoint",
-    "stack_patches",
-    "diff",
-    "extract_patch",
-    "CheckpointError",
-    "ConflictError",
-    "BaseMismatchError",
+    "apply_to_checkpoint": "checkpoint",
+    "revert_checkpoint": "checkpoint",
+    "checkpoint_log": "checkpoint",
+    "open_checkpoint": "checkpoint",
+    "stack_patches": "stack",
+    "diff": "diff",
+    "extract_patch": "extract",
+    "CheckpointError": "errors",
+    "ConflictError": "errors",
+    "BaseMismatchError": "errors",
     # locating facts
-    "trace_fact",
-    "trace_known",
-    "TraceResult",
-    "AverageTrace",
-    "embedding_std",
-]
+    "trace_fact": "tracing",
+    "trace_known": "known_facts",
+    "TraceResult": "tracing",
+    "AverageTrace": "known_facts",
+    "embedding_std": "tracing",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Keeps a public name from being replaced by the submodule of the same name (``rompatch.diff``
+    is the function, as ``from rompatch import diff`` gives): importing a submodule sets it as an
+    attribute of the package, and for ``diff`` that would hide the function."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return  # the submodule stays reachable through sys.modules and `from rompatch.diff import ...`
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .constants import (
     CHECKPOINT_RECORD,
     CHECKPOINT_UNDO,

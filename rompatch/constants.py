@@ -29,6 +29,17 @@ SAFE_INDEX = "model.safetensors.index.json"
 # folder, so a test can SIGKILL the process mid-write. Never set it outside tests.
 ENV_TEST_PAUSE_AFTER_SHARD = "ROMPATCH_TEST_PAUSE_AFTER_SHARD"
 
+# Statistics budgets: tokens of a corpus, and of text sampled from the model (see bench/RESULTS.md).
+DEFAULT_STATS_TOKENS = 100_000
+DEFAULT_SAMPLED_TOKENS = 16_384  # two batches of 64 sequences of 128 tokens
+
+# Causal tracing's defaults (rompatch.tracing).
+TRACE_KINDS = ("hidden", "mlp", "attn")
+TRACE_SAMPLES = 10
+TRACE_NOISE = 3.0  # multiplier of the embedding std (the paper's 3σ)
+TRACE_WINDOW = 10
+TRACE_BATCH_SIZE = 128  # corrupted rows per forward pass (at most)
+
 
 def cache_dir() -> Path:
     """rompatch's cache root: $ROMPATCH_CACHE, else $XDG_CACHE_HOME/rompatch, else ~/.cache/rompatch."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 from .errors import HubConnectionError, HubError, PatchFormatError, RompatchError
 from .modelcard import render_card
 from .patch import Patch, _validate, atomic_write, load_patch, to_metadata, to_tensors

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from . import __version__
+from ._version import __version__
 from .constants import FORMAT_NAME, FORMAT_VERSION
 from .errors import PatchFormatError, PatchVersionError
 from .fingerprint import dtype_name, tensor_sha256

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from . import __version__
+from ._version import __version__
 from .arch import SPECS
 from .errors import ExportError, LineageError, PatchFormatError
 from .patch import Patch

@@ -54,6 +54,11 @@ import numpy as np
 import torch
 
 from .arch import ModelSpec, get_spec, num_layers
+from .constants import TRACE_BATCH_SIZE as DEFAULT_BATCH_SIZE
+from .constants import TRACE_KINDS as KINDS
+from .constants import TRACE_NOISE as DEFAULT_NOISE
+from .constants import TRACE_SAMPLES as DEFAULT_SAMPLES
+from .constants import TRACE_WINDOW as DEFAULT_WINDOW
 from .constants import data_dir
 from .errors import ArchitectureError, TraceError
 from .hooks import Trace, TraceDict
@@ -61,7 +66,6 @@ from .patch import atomic_write
 
 log = logging.getLogger(__name__)
 
-KINDS = ("hidden", "mlp", "attn")
 CATEGORIES = (
     "first subject token",
     "middle subject tokens",
@@ -70,10 +74,6 @@ CATEGORIES = (
     "further tokens",
     "last token",
 )
-DEFAULT_SAMPLES = 10
-DEFAULT_NOISE = 3.0  # multiplier of the embedding std (the paper's 3σ)
-DEFAULT_WINDOW = 10
-DEFAULT_BATCH_SIZE = 128  # corrupted rows per forward pass (at most)
 WIKITEXT_FILE = Path("wikitext-2") / "wiki.test.tokens"
 STD_MAX_TOKENS = 20_000
 TRACE_FORMAT = "rompatch-trace/1"

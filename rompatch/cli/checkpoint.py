@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from ..checkpoint import CheckpointResult, apply_to_checkpoint, checkpoint_log, revert_checkpoint
-from ..diff import diff as diff_any
-from ..extract import extract_patch
-from ..patch import Patch, save_patch
-from ..stack import stack_patches
 from .common import echo_json, info, json_option, revision_option
+
+if TYPE_CHECKING:
+    from ..checkpoint import CheckpointResult
+    from ..patch import Patch
 
 out_option = click.option(
     "-o",
@@ -73,6 +73,8 @@ def apply_cmd(base, patches, out, overwrite, force, copy_files, revision, as_jso
     """
     if not out:
         raise click.UsageError("missing -o/--out OUT (the folder to write)")
+    from ..checkpoint import apply_to_checkpoint
+
     r = apply_to_checkpoint(
         base, list(patches), out, overwrite=overwrite, force=force, link=not copy_files, revision=revision
     )
@@ -107,6 +109,8 @@ def revert_cmd(checkpoint, patches, out, in_place, revert_all, force, overwrite,
         raise click.UsageError("pass exactly one of -o/--out OUT or --in-place")
     if revert_all and patches:
         raise click.UsageError("pass either PATCH... or --all, not both")
+    from ..checkpoint import revert_checkpoint
+
     r = revert_checkpoint(
         checkpoint,
         list(patches),
@@ -126,6 +130,8 @@ def revert_cmd(checkpoint, patches, out, in_place, revert_all, force, overwrite,
 @json_option
 def log_cmd(checkpoint, no_verify, as_json) -> None:
     """The patches applied to CHECKPOINT, in order, with their edits and fingerprints."""
+    from ..checkpoint import checkpoint_log
+
     r = checkpoint_log(checkpoint, verify=not no_verify)
     if as_json:
         echo_json(r)
@@ -159,6 +165,8 @@ def log_cmd(checkpoint, no_verify, as_json) -> None:
 def _save(patch: Patch, out: str, overwrite: bool) -> Path:
     if Path(out).exists() and not overwrite:
         raise click.ClickException(f"{out} already exists; pass --overwrite to replace it")
+    from ..patch import save_patch
+
     return save_patch(patch, out)
 
 
@@ -176,6 +184,8 @@ def stack_cmd(patches, out, allow_conflicts, overwrite, as_json) -> None:
     Refuses patches on different base models, and (unless --allow-conflicts) edits of the same
     subject and relation with different targets. Lineage between the inputs is kept inside the stack.
     """
+    from ..stack import stack_patches
+
     p = stack_patches(list(patches), allow_conflicts=allow_conflicts)
     path = _save(p, out, overwrite)
     if as_json:
@@ -201,6 +211,8 @@ def extract_cmd(base, edited, out, max_rank, revision, overwrite, as_json) -> No
     deltas (the requests are unknown). Apply the result to BASE to reproduce EDITED.
     """
     import json
+
+    from ..extract import extract_patch
 
     p = extract_patch(base, edited, max_rank=max_rank, revision=revision)
     path = _save(p, out, overwrite)
@@ -234,7 +246,9 @@ def diff_cmd(a, b, base, as_json) -> None:
     (with cosines of u and v). Checkpoints: tensors that differ, with the numerical rank and relative
     size of each difference. Checkpoint and patch: whether the checkpoint contains the patch.
     """
-    r = diff_any(a, b, base=base)
+    from ..diff import diff
+
+    r = diff(a, b, base=base)
     if as_json:
         echo_json(r)
         return

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from ..arch import check_layer, default_layer
-from ..create import create_patch
-from ..models import load_model
-from ..patch import Patch, save_patch
+from ..constants import DEFAULT_SAMPLED_TOKENS, DEFAULT_STATS_TOKENS
 from ..request import EditRequest, load_requests
-from ..rome import ROMEHyperParams
-from ..sampled import DEFAULT_SAMPLED_TOKENS
-from ..stats import DEFAULT_STATS_TOKENS, check_stats_data, get_second_moment
 from .common import device_option, dtype_option, echo_json, info, json_option, model_argument
+
+if TYPE_CHECKING:
+    from ..patch import Patch
 
 stats_options = [
     click.option(
@@ -125,6 +124,12 @@ def create(
     rompatch create smollm2-135m --prompt "{} is located in the city of" \\
         --subject "The Eiffel Tower" --target Rome --target-true Paris -o eiffel-rome.safetensors
     """
+    from ..create import create_patch
+    from ..models import load_model
+    from ..patch import save_patch
+    from ..rome import ROMEHyperParams
+    from ..stats import check_stats_data, get_second_moment
+
     if requests_file:
         if prompt or subject or target_new:
             raise click.UsageError("give either --requests FILE or --prompt/--subject/--target, not both")
@@ -226,6 +231,9 @@ def _line(e: dict) -> str:
 @json_option
 def stats(model, layers, stats_data, stats_tokens, stats_text_field, device, dtype, as_json) -> None:
     """Precompute and cache second-moment statistics E[kkᵀ] for MODEL's edit layer(s)."""
+    from ..models import load_model
+    from ..stats import check_stats_data, get_second_moment
+
     check_stats_data(stats_data, text_field=stats_text_field)
     m, tok = load_model(model, device=device, dtype=dtype)
     results = []

@@ -8,12 +8,8 @@ from pathlib import Path
 import click
 
 from ..arch import check_layer, default_layer
+from ..constants import DEFAULT_STATS_TOKENS
 from ..errors import EvalError
-from ..evaluate import file_sha256, load_records, run_evaluation
-from ..fluency import GenerationSettings
-from ..models import load_model
-from ..rome import ROMEHyperParams
-from ..stats import DEFAULT_STATS_TOKENS, check_stats_data, get_second_moment
 from .common import device_option, dtype_option, echo_json, info, json_option, model_argument
 
 DEFAULT_GEN_LENGTH = 50  # tokens per generation incl. the prompt; the paper uses 100 (slow on CPU)
@@ -146,6 +142,12 @@ def eval_cmd(
     (and consistency RS with --snippets). zsRE: efficacy, paraphrase and specificity as
     token-level accuracy. With --out DIR an interrupted run resumes where it stopped.
     """
+    from ..evaluate import file_sha256, load_records, run_evaluation
+    from ..fluency import GenerationSettings
+    from ..models import load_model
+    from ..rome import ROMEHyperParams
+    from ..stats import check_stats_data, get_second_moment
+
     if tfidf and not snippets:
         raise EvalError("--tfidf needs --snippets (the reference texts RS compares against)")
     if plot and out_dir:

@@ -6,28 +6,18 @@ from pathlib import Path
 
 import click
 
+from ..constants import TRACE_BATCH_SIZE, TRACE_KINDS, TRACE_NOISE, TRACE_SAMPLES, TRACE_WINDOW
 from ..errors import TraceError
-from ..known_facts import save_average, trace_known
-from ..models import load_model
-from ..tracing import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_NOISE,
-    DEFAULT_SAMPLES,
-    DEFAULT_WINDOW,
-    KINDS,
-    save_trace,
-    trace_fact,
-)
 from .common import device_option, dtype_option, echo_json, info, json_option, model_argument, revision_option
 
 
 def _kinds(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
     if not value:
-        return KINDS
+        return TRACE_KINDS
     kinds = [k.strip() for v in value for k in v.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in KINDS]
+    bad = [k for k in kinds if k not in TRACE_KINDS]
     if bad or not kinds:
-        raise click.BadParameter(f"{', '.join(bad) or '(none)'}; choose from {', '.join(KINDS)}")
+        raise click.BadParameter(f"{', '.join(bad) or '(none)'}; choose from {', '.join(TRACE_KINDS)}")
     return tuple(dict.fromkeys(kinds))
 
 
@@ -44,7 +34,7 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -
 @click.option("--target", help="Measure this answer's probability instead of the model's top prediction.")
 @click.option(
     "--samples",
-    default=DEFAULT_SAMPLES,
+    default=TRACE_SAMPLES,
     show_default=True,
     type=click.IntRange(1),
     help="Noise draws per cell.",
@@ -53,7 +43,7 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -
     "--noise",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help=f"Noise std as a multiple of the embedding std measured on WikiText-2 [default: {DEFAULT_NOISE:g}].",
+    help=f"Noise std as a multiple of the embedding std measured on WikiText-2 [default: {TRACE_NOISE:g}].",
 )
 @click.option(
     "--noise-std",
@@ -63,7 +53,7 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -
 )
 @click.option(
     "--window",
-    default=DEFAULT_WINDOW,
+    default=TRACE_WINDOW,
     show_default=True,
     type=click.IntRange(1),
     help="Layers restored together for the mlp and attn kinds.",
@@ -77,7 +67,7 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -
 @click.option("--limit", type=click.IntRange(1), default=None, help="--known: trace at most N facts.")
 @click.option(
     "--batch-size",
-    default=DEFAULT_BATCH_SIZE,
+    default=TRACE_BATCH_SIZE,
     show_default=True,
     type=click.IntRange(1),
     help="Corrupted rows per forward pass.",
@@ -150,13 +140,15 @@ def trace(
         require_matplotlib()  # fail before minutes of tracing
     opts = dict(
         samples=samples,
-        noise=DEFAULT_NOISE if noise is None else noise,
+        noise=TRACE_NOISE if noise is None else noise,
         noise_std=noise_std,
         window=window,
         kinds=kinds,
         batch_size=batch_size,
         seed=seed,
     )
+    from ..models import load_model
+
     m, tok = load_model(model, device=device, dtype=dtype, revision=revision)
     if known_file is None:
         _single(m, tok, model, prompt, subject, target, opts, output, plot, as_json)
@@ -165,6 +157,8 @@ def trace(
 
 
 def _single(m, tok, model, prompt, subject, target, opts, output, plot, as_json) -> None:
+    from ..tracing import save_trace, trace_fact
+
     r = trace_fact(m, tok, prompt, subject, target=target, **opts)
     files = []
     if output is not None:
@@ -218,6 +212,8 @@ def _single(m, tok, model, prompt, subject, target, opts, output, plot, as_json)
 
 
 def _known(m, tok, model, known_file, limit, opts, output, plot, as_json) -> None:
+    from ..known_facts import save_average, trace_known
+
     avg = trace_known(
         m,
         tok,

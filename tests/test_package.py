@@ -1,0 +1,76 @@
+"""The package itself: lazy public names, and what importing it (or asking the CLI for help) costs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import rompatch
+from rompatch import constants, sampled, stats
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (nothing imported yet) that imports this checkout's rompatch."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_import_rompatch_does_not_import_torch():
+    _python(
+        "import rompatch, sys\nassert 'torch' not in sys.modules, 'torch imported'\nprint(rompatch.__version__)"
+    )
+
+
+def test_cli_help_does_not_import_torch():
+    out = _python(
+        "import runpy, sys\n"
+        "sys.argv = ['rompatch', '--help']\n"
+        "try:\n"
+        "    runpy.run_module('rompatch', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    for cmd in ("create", "apply", "trace", "eval", "push", "show"):
+        assert f"  {cmd} " in out.stdout
+
+
+def test_every_public_name_resolves_and_is_listed():
+    for name in rompatch.__all__:
+        assert getattr(rompatch, name) is not None, name
+    assert set(rompatch.__all__) <= set(dir(rompatch))
+
+
+def test_diff_is_the_function_even_after_its_module_is_imported():
+    """``rompatch.diff`` is both a public function and the submodule defining it."""
+    _python(
+        "import rompatch, rompatch.extract  # extract imports the rompatch.diff module first\n"
+        "from rompatch.diff import diff_patches\n"
+        "assert callable(rompatch.diff) and rompatch.diff.__module__ == 'rompatch.diff', rompatch.diff\n"
+    )
+
+
+def test_patch_hub_methods_need_no_import_of_rompatch_hub():
+    """``Patch.from_pretrained`` is a method of ``Patch``, not attached when rompatch.hub is imported."""
+    _python(
+        "import sys\n"
+        "from rompatch.patch import Patch\n"
+        "assert 'rompatch.hub' not in sys.modules\n"
+        "p = Patch.from_pretrained('patches/eiffel-tower-rome.safetensors')\n"
+        "assert p.deltas and callable(p.push_to_hub)\n"
+    )
+
+
+def test_cli_defaults_are_the_librarys():
+    """The CLI shows these defaults without importing torch, so constants.py holds them; the
+    statistics modules must use the same values (until they import them from constants.py)."""
+    assert stats.DEFAULT_STATS_TOKENS == constants.DEFAULT_STATS_TOKENS
+    assert sampled.DEFAULT_SAMPLED_TOKENS == constants.DEFAULT_SAMPLED_TOKENS
