@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import rompatch
 from rompatch import constants, sampled, stats
 
@@ -74,3 +76,12 @@ def test_cli_defaults_are_the_librarys():
     statistics modules must use the same values (until they import them from constants.py)."""
     assert stats.DEFAULT_STATS_TOKENS == constants.DEFAULT_STATS_TOKENS
     assert sampled.DEFAULT_SAMPLED_TOKENS == constants.DEFAULT_SAMPLED_TOKENS
+
+
+def test_ships_its_type_hints():
+    """PEP 561: a py.typed marker in the package, put into the wheel by pyproject's package data
+    (setuptools 68, the oldest the build allows, does not add it by itself)."""
+    assert (REPO / "rompatch" / "py.typed").is_file()
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "py.typed" in config["tool"]["setuptools"]["package-data"]["rompatch"]
