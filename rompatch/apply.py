@@ -30,13 +30,11 @@ _STATE_ATTR = "_rompatch_state"
 class AppliedPatch:
     patch: Patch
     forced: bool = False
-    sha_after: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class _State:
     snapshots: dict[str, torch.Tensor] = field(default_factory=dict)  # param -> pre-patch copy (CPU)
-    snapshot_sha: dict[str, str] = field(default_factory=dict)
     applied: list[AppliedPatch] = field(default_factory=list)
 
 
@@ -145,11 +143,9 @@ def _apply_one(model: nn.Module, patch: Patch, *, force: bool) -> AppliedPatch:
     for name, p in params.items():
         if name not in st.snapshots:
             st.snapshots[name] = p.data.detach().to("cpu", copy=True)
-            st.snapshot_sha[name] = tensor_sha256(st.snapshots[name])
     st.applied.append(record)
     for name, p in params.items():
         _rewrite(model, st, name, p)
-        record.sha_after[name] = tensor_sha256(p.data)
     log.info(
         "applied patch %s (%d deltas)%s", patch.short_id, len(patch.deltas), " [forced]" if force else ""
     )
@@ -211,13 +207,9 @@ def _revert_at(model: nn.Module, st: _State, idx: int) -> None:
         still = any(name in a.patch.parameters for a in st.applied)
         if still:
             _rewrite(model, st, name, p)
-            for a in st.applied:
-                if name in a.sha_after:
-                    a.sha_after[name] = tensor_sha256(p.data)
         else:
             with torch.no_grad():
                 p.data.copy_(st.snapshots.pop(name).to(p.device))
-            st.snapshot_sha.pop(name)
     log.info("reverted patch %s", target.short_id)
 
 

@@ -7,7 +7,7 @@ declared per architecture, because a square matrix would make any shape-based gu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ArchitectureError
@@ -193,7 +193,3 @@ def edited_weight(model: Any, layer: int, spec: ModelSpec | None = None):
             f"module '{name}' not found in this {spec.model_type} model; the ModelSpec does not match it"
         ) from None
     return mod.weight
-
-
-def with_overrides(spec: ModelSpec, **changes: Any) -> ModelSpec:
-    return replace(spec, **changes)

@@ -13,7 +13,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -523,7 +523,3 @@ def new_patch(
     p = Patch(deltas=list(deltas), base=dict(base), parameters=dict(parameters), lineage=list(lineage))
     _validate(p)
     return p
-
-
-def with_lineage(patch: Patch, lineage: Sequence[str]) -> Patch:
-    return replace(patch, lineage=list(lineage))
