@@ -51,6 +51,11 @@ _EXPORTS = {
     "HubError": "errors",
     "ExportError": "errors",
     "StatsError": "errors",
+    "NoSuchFolderError": "errors",
+    "HubConnectionError": "errors",
+    "DeviceError": "errors",
+    "TraceError": "errors",
+    "MissingDependencyError": "errors",
     # the edit engine
     "ROMEHyperParams": "rome",
     "compute_delta": "rome",

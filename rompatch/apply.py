@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import FingerprintMismatchError, LineageError, NotAppliedError, PatchFormatError
+from .errors import BaseMismatchError, FingerprintMismatchError, LineageError, NotAppliedError
 from .fingerprint import dtype_name, tensor_sha256
 from .patch import Patch
 from .refs import PatchesLike, PatchLike, find_applied, flatten_patches, is_single_patch, resolve_patches
@@ -55,7 +55,7 @@ def _param(model: nn.Module, name: str) -> nn.Parameter:
     try:
         return model.get_parameter(name)
     except AttributeError:
-        raise PatchFormatError(
+        raise BaseMismatchError(
             f"the patch edits '{name}', which this model does not have; it was made for another architecture"
         ) from None
 
@@ -117,7 +117,7 @@ def _apply_one(model: nn.Module, patch: Patch, *, force: bool) -> AppliedPatch:
     for name, info in patch.parameters.items():
         p = params[name]
         if tuple(p.shape) != tuple(info.shape):
-            raise PatchFormatError(
+            raise BaseMismatchError(
                 f"'{name}' has shape {list(p.shape)} in this model but {list(info.shape)} in the patch; "
                 "the patch is for a different model"
             )
@@ -135,7 +135,10 @@ def _apply_one(model: nn.Module, patch: Patch, *, force: bool) -> AppliedPatch:
             )
             if not force:
                 raise FingerprintMismatchError(
-                    msg + "; use the patch's base model, or force=True to apply anyway"
+                    msg + "; use the patch's base model, or force=True to apply anyway",
+                    parameter=name,
+                    expected=info.sha256,
+                    found=actual,
                 )
             log.warning("%s; applying anyway (force)", msg)
 
@@ -235,7 +238,10 @@ def verify_applied(model: nn.Module, patches: PatchesLike | None = None) -> None
         if actual != expected:
             raise FingerprintMismatchError(
                 f"'{name}' no longer holds the patched value (sha256 {actual[:16]}…, expected {expected[:16]}…); "
-                "the weights were changed or reloaded after patching"
+                "the weights were changed or reloaded after patching",
+                parameter=name,
+                expected=expected,
+                found=actual,
             )
 
 

@@ -51,6 +51,7 @@ from .constants import (
     SAFE_WEIGHTS,
 )
 from .errors import (
+    BaseMismatchError,
     CheckpointError,
     FingerprintMismatchError,
     HubError,
@@ -460,25 +461,29 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> tuple[Path, str | None]
             raise CheckpointError(f"{repo_id}: no such checkpoint folder, and not a valid Hub id") from None
         except GatedRepoError:
             raise HubError(
-                f"{repo_id} is gated; accept its terms on the Hub and set HF_TOKEN (or `hf auth login`)"
+                f"{repo_id} is gated; accept its terms on the Hub and set HF_TOKEN (or `hf auth login`)",
+                repo_id=repo_id,
             ) from None
         except RepositoryNotFoundError:
             raise HubError(
-                f"{repo_id}: no such local folder or Hub model (or it is private: set HF_TOKEN)"
+                f"{repo_id}: no such local folder or Hub model (or it is private: set HF_TOKEN)",
+                repo_id=repo_id,
             ) from None
         except RevisionNotFoundError:
             raise HubError(
-                f"{repo_id}: no revision {rev!r} on the Hub; pass an existing branch, tag or commit"
+                f"{repo_id}: no revision {rev!r} on the Hub; pass an existing branch, tag or commit",
+                repo_id=repo_id,
             ) from None
         except LocalEntryNotFoundError:
             raise HubError(
                 f"{repo_id} is not in the local Hugging Face cache and the Hub cannot be reached (offline or "
-                "HF_HUB_OFFLINE=1); connect, or pass a local folder"
+                "HF_HUB_OFFLINE=1); connect, or pass a local folder",
+                repo_id=repo_id,
             ) from None
         except HfHubHTTPError as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise HubError(
-                f"{repo_id}: Hub request failed ({first}); retry, or pass a local folder"
+                f"{repo_id}: Hub request failed ({first}); retry, or pass a local folder", repo_id=repo_id
             ) from None
 
     folder = fetch(HUB_FILE_PATTERNS, revision)
@@ -499,7 +504,9 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> tuple[Path, str | None]
                 'Convert once: python -c "from transformers import AutoModelForCausalLM as M; '
                 f"M.from_pretrained('{repo_id}').save_pretrained('local-copy')\", then pass local-copy"
             )
-        raise HubError(f"{repo_id}: some shards listed in {SAFE_INDEX} could not be fetched; retry")
+        raise HubError(
+            f"{repo_id}: some shards listed in {SAFE_INDEX} could not be fetched; retry", repo_id=repo_id
+        )
     return folder, commit
 
 
@@ -908,7 +915,7 @@ def _check_apply(
         for name, info in patch.parameters.items():
             e = ckpt.entry(name)
             if e.shape != tuple(info.shape):
-                raise PatchFormatError(
+                raise BaseMismatchError(
                     f"'{name}' has shape {list(e.shape)} in {ckpt.path} but {list(info.shape)} in patch "
                     f"{patch.short_id}; the patch is for a different model"
                 )
@@ -945,7 +952,12 @@ def _fingerprint_mismatch(ckpt: Checkpoint, patch: Patch, name: str, actual: str
         f"{ckpt.path} has {actual}{hint}"
     )
     if not force:
-        raise FingerprintMismatchError(msg + ", or pass --force (force=True) to apply anyway")
+        raise FingerprintMismatchError(
+            msg + ", or pass --force (force=True) to apply anyway",
+            parameter=name,
+            expected=info.sha256,
+            found=actual,
+        )
     log.warning("%s; applying anyway (force)", msg)
     return True
 
@@ -1170,7 +1182,7 @@ def _revert_foreign(
         first = next(p for p in patches if name in p.parameters)
         info = first.parameters[name]
         if e.shape != tuple(info.shape):
-            raise PatchFormatError(
+            raise BaseMismatchError(
                 f"'{name}' has shape {list(e.shape)} in {ckpt.path} but {list(info.shape)} in the patch"
             )
         if ckpt.sha256(name) == info.sha256 and not force:

@@ -1,9 +1,13 @@
 """One error hierarchy. Each error subclasses a builtin so callers can catch either.
 
-Messages are one line: what is wrong, and how to fix it. The CLI prints them as they are.
+Messages are one line: what is wrong, and how to fix it. The CLI prints them as they are. Where a
+caller needs the particulars (which parameter, which repo, which path), the error carries them as
+attributes too; they are None where the code raising it does not know them.
 """
 
 from __future__ import annotations
+
+import os
 
 
 class RompatchError(Exception):
@@ -30,7 +34,24 @@ class ArchitectureError(RompatchError, KeyError):
 
 
 class FingerprintMismatchError(RompatchError, ValueError):
-    """A base tensor's sha256 differs from the one recorded in the patch."""
+    """A tensor's sha256 differs from the one expected: the base value recorded in the patch, or
+    (``verify_applied``) the patched value.
+
+    ``parameter``: the tensor's name; ``expected`` and ``found``: the full sha256 hex digests.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        parameter: str | None = None,
+        expected: str | None = None,
+        found: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+        self.expected = expected
+        self.found = found
 
 
 class NotAppliedError(RompatchError, ValueError):
@@ -50,7 +71,14 @@ class CheckpointError(RompatchError, OSError):
 
 
 class NoSuchFolderError(ModelLoadError, CheckpointError):
-    """A local model folder (or checkpoint) that does not exist; decided before any Hub call."""
+    """A local model folder (or checkpoint) that does not exist; decided before any Hub call.
+
+    ``path``: the folder that was asked for.
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class LineageError(RompatchError, ValueError):
@@ -62,7 +90,15 @@ class ConflictError(RompatchError, ValueError):
 
 
 class HubError(RompatchError, OSError):
-    """A Hub operation failed (missing repo or file, no token, offline cache miss, ...)."""
+    """A Hub operation failed (missing repo or file, no token, offline cache miss, ...).
+
+    ``repo_id``: the Hub repo the operation was about (None before one is known, e.g. for an
+    unparsable reference).
+    """
+
+    def __init__(self, message: str, *, repo_id: str | None = None) -> None:
+        super().__init__(message)
+        self.repo_id = repo_id
 
 
 class DeviceError(RompatchError, RuntimeError):
@@ -74,7 +110,8 @@ class ExportError(RompatchError, ValueError):
 
 
 class BaseMismatchError(RompatchError, ValueError):
-    """Patches (or a patch and a checkpoint) were computed on different base models."""
+    """Patches, or a patch and the model or checkpoint it is applied to, are for different base models
+    (another architecture, other shapes, another model_type)."""
 
 
 class TraceError(RompatchError, ValueError):

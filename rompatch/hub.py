@@ -234,10 +234,10 @@ def _hub_errors(
                 f"cannot {action}: the connection to {_endpoint()} failed ({type(e).__name__}: "
                 f"{_first_line(e)}); check the network connection or HF_ENDPOINT and try again"
             )
-            raise HubConnectionError(_scrub(msg, token)) from None
+            raise HubConnectionError(_scrub(msg, token), repo_id=repo_id) from None
         else:
             raise
-        raise HubError(_scrub(msg, token)) from None
+        raise HubError(_scrub(msg, token), repo_id=repo_id) from None
 
 
 # ------------------------------------------------------------------------------------ the cache
@@ -365,16 +365,19 @@ def _choose(repo_id: str, revision: str | None, found: list[str], *, cached_only
         if cached_only:
             raise HubError(
                 f"no patch of {repo_id}@{rev} is in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
-                "downloading; run `rompatch pull` once with network access, or unset HF_HUB_OFFLINE"
+                "downloading; run `rompatch pull` once with network access, or unset HF_HUB_OFFLINE",
+                repo_id=repo_id,
             )
         raise HubError(
             f"{repo_id}@{rev} holds no rompatch patch (a .safetensors file with rompatch metadata); "
-            "check the repo id and revision"
+            "check the repo id and revision",
+            repo_id=repo_id,
         )
     names = ", ".join(found[:10]) + (f", ... ({len(found) - 10} more)" if len(found) > 10 else "")
     raise HubError(
         f"{repo_id}@{rev} holds {len(found)} patches{' in the cache' if cached_only else ''} ({names}); "
-        f"name one, e.g. {repo_id}/{found[0]}"
+        f"name one, e.g. {repo_id}/{found[0]}",
+        repo_id=repo_id,
     )
 
 
@@ -440,7 +443,9 @@ def pull_patch(
     r = parse_ref(ref, revision=revision)
     filename = r.path or _find_patch_file(r)
     if filename.startswith("/") or any(part in ("", ".", "..") for part in filename.split("/")):
-        raise HubError(f"{r.repo_id} lists an unsafe file path {filename!r}; refusing to download it")
+        raise HubError(
+            f"{r.repo_id} lists an unsafe file path {filename!r}; refusing to download it", repo_id=r.repo_id
+        )
     cached = _download(r.repo_id, filename, r.revision, action=f"download {r.repo_id}/{filename}")
     try:
         load_patch(cached)
@@ -554,12 +559,16 @@ def push_patch(
         raise HubError(f"'{repo_id}' is not a valid Hub repo id; write USER/REPO (or ORG/REPO)")
     uploads = _prepare(patches, filenames)  # reads and validates everything before any network call
     if is_offline():
-        raise HubError("cannot push while HF_HUB_OFFLINE=1; unset HF_HUB_OFFLINE to push, nothing was pushed")
+        raise HubError(
+            "cannot push while HF_HUB_OFFLINE=1; unset HF_HUB_OFFLINE to push, nothing was pushed",
+            repo_id=repo_id,
+        )
     tok = token or get_token()
     if not tok:
         raise HubError(
             "no Hugging Face token: set HF_TOKEN or run `hf auth login` with a token that can write; "
-            "nothing was pushed"
+            "nothing was pushed",
+            repo_id=repo_id,
         )
     api = HfApi(token=tok, library_name="rompatch", library_version=__version__)
     branch = revision if revision not in (None, "main") else None
@@ -568,7 +577,8 @@ def push_patch(
         if private and not api.repo_info(repo_id).private:
             raise HubError(
                 f"{repo_id} already exists and is public, but --private was asked; make it private on the "
-                "Hub first, or push without --private; nothing was pushed"
+                "Hub first, or push without --private; nothing was pushed",
+                repo_id=repo_id,
             )
         if branch is not None:
             api.create_branch(repo_id, branch=branch, exist_ok=True)

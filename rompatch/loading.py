@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .apply import apply_patch, verify_applied
-from .errors import FingerprintMismatchError, ModelLoadError, PatchFormatError
+from .errors import BaseMismatchError, FingerprintMismatchError, ModelLoadError
 from .fingerprint import dtype_name
 from .models import load_model
 from .patch import Patch
@@ -77,7 +77,7 @@ def load_patched(
     for p in resolved:
         want = p.base.get("model_type")
         if want and want != model_type:
-            raise PatchFormatError(
+            raise BaseMismatchError(
                 f"patch {p.short_id} was made for a {want} model ({p.base.get('model')}), but {base} is a "
                 f"{model_type} model; load the patch's base model"
             )
@@ -87,7 +87,10 @@ def load_patched(
             if p.base.get("dtype") and p.base["dtype"] != loaded_dtype:
                 raise FingerprintMismatchError(
                     f"patch {p.short_id} was computed on {p.base['dtype']} weights but the model was loaded "
-                    f"as {loaded_dtype}; load it with dtype={p.base['dtype']!r} (or force=True)"
+                    f"as {loaded_dtype}; load it with dtype={p.base['dtype']!r} (or force=True)",
+                    parameter=e.parameter,
+                    expected=e.expected,
+                    found=e.found,
                 ) from e
             raise
     verify_applied(model, resolved)

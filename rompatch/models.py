@@ -265,7 +265,8 @@ def local_model_path(name_or_path: str | os.PathLike) -> Path | None:
     if is_local_path(name_or_path) or name.count("/") > 1:
         raise NoSuchFolderError(
             f"no such folder: {name}; pass an existing model folder, an embedded alias "
-            f"({', '.join(EMBEDDED)}) or a Hub id such as USER/MODEL"
+            f"({', '.join(EMBEDDED)}) or a Hub id such as USER/MODEL",
+            path=path,
         )
     return None
 

@@ -22,7 +22,7 @@ from rompatch.apply import applied_patches, apply_patch, patched, revert_patch, 
 from rompatch.checkpoint import checkpoint_log
 from rompatch.cli.main import cli
 from rompatch.create import create_patch
-from rompatch.errors import LineageError, ModelLoadError, NotAppliedError, PatchFormatError
+from rompatch.errors import LineageError, ModelLoadError, NoSuchFolderError, NotAppliedError, PatchFormatError
 from rompatch.fingerprint import tensor_sha256
 from rompatch.hub import push_patch
 from rompatch.loading import load_patched
@@ -264,6 +264,7 @@ def test_load_model_missing_folder_before_any_hub_call(ref, monkeypatch):
     with pytest.raises(ModelLoadError, match=r"no such folder: ") as ei:
         load_model(ref)
     assert str(ref) in str(ei.value) and "\n" not in str(ei.value)
+    assert isinstance(ei.value, NoSuchFolderError) and ei.value.path == Path(ref).expanduser()
 
 
 @pytest.fixture

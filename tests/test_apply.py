@@ -9,7 +9,7 @@ import torch
 
 from rompatch.apply import applied_patches, apply_patch, patched, revert_patch, verify_applied
 from rompatch.arch import get_spec
-from rompatch.errors import FingerprintMismatchError, LineageError, NotAppliedError
+from rompatch.errors import BaseMismatchError, FingerprintMismatchError, LineageError, NotAppliedError
 from rompatch.fingerprint import tensor_sha256
 from tests.helpers import vector_patch
 from tests.tiny import ARCHS, make_model
@@ -104,6 +104,7 @@ def test_fingerprint_mismatch_names_parameter_and_both_hashes():
         apply_patch(other, patch)
     msg = str(ei.value)
     assert name in msg and expect[:16] in msg and actual[:16] in msg and "force=True" in msg
+    assert (ei.value.parameter, ei.value.expected, ei.value.found) == (name, expect, actual)
     assert tensor_sha256(other.get_parameter(name)) == actual, "a refused apply changes nothing"
     rec = apply_patch(other, patch, force=True)
     assert rec.forced
@@ -165,5 +166,20 @@ def test_verify_applied_detects_silent_reload():
     name = patch.deltas[0].parameter
     with torch.no_grad():
         model.get_parameter(name).copy_(make_model("llama").get_parameter(name))  # "reloaded" base weights
-    with pytest.raises(FingerprintMismatchError, match="no longer holds the patched value"):
+    with pytest.raises(FingerprintMismatchError, match="no longer holds the patched value") as ei:
         verify_applied(model)
+    assert ei.value.parameter == name and ei.value.found == tensor_sha256(model.get_parameter(name))
+    assert ei.value.expected != ei.value.found and ei.value.expected[:16] in str(ei.value)
+
+
+def test_patch_for_another_model_is_a_base_mismatch():
+    """Not a format problem: the file is fine, the model is the wrong one."""
+    patch = vector_patch(make_model("llama"), layer=1)
+    with pytest.raises(BaseMismatchError, match="which this model does not have; it was made for another"):
+        apply_patch(make_model("gpt2"), patch)
+    wider = make_model("llama", intermediate_size=128)
+    with pytest.raises(
+        BaseMismatchError, match=r"has shape \[64, 128\] in this model but \[64, 96\] in the patch"
+    ):
+        apply_patch(wider, patch)
+    assert applied_patches(wider) == []

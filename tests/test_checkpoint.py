@@ -30,6 +30,7 @@ from rompatch.checkpoint import (
 from rompatch.cli.main import cli
 from rompatch.constants import CHECKPOINT_RECORD, CHECKPOINT_UNDO, ENV_TEST_PAUSE_AFTER_SHARD
 from rompatch.errors import (
+    BaseMismatchError,
     CheckpointError,
     FingerprintMismatchError,
     LineageError,
@@ -297,6 +298,7 @@ def test_fingerprint_mismatch_refused_with_names_and_hashes_then_forced(tmp_path
         apply_to_checkpoint(base, [patch], tmp_path / "out")
     msg = str(ei.value)
     assert f"'{name}'" in msg and expect in msg and actual in msg and "--force" in msg
+    assert (ei.value.parameter, ei.value.expected, ei.value.found) == (name, expect, actual)
     assert "\n" not in msg
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
@@ -306,6 +308,16 @@ def test_fingerprint_mismatch_refused_with_names_and_hashes_then_forced(tmp_path
     assert entry["forced"] is True and entry["forced_reasons"] == ["fingerprint"]
     revert_checkpoint(tmp_path / "out", [patch], in_place=True)
     assert tensor_shas(tmp_path / "out") == tensor_shas(base)
+
+
+def test_patch_for_other_shapes_is_a_base_mismatch(tmp_path):
+    _, base = make_ckpt(tmp_path)
+    patch = vector_patch(make_model("llama", intermediate_size=128), layer=1)
+    with pytest.raises(BaseMismatchError, match=r"has shape \[64, 96\] in .* but \[64, 128\] in patch"):
+        apply_to_checkpoint(base, [patch], tmp_path / "out")
+    with pytest.raises(BaseMismatchError, match=r"has shape \[64, 96\] in .* but \[64, 128\] in the patch"):
+        revert_checkpoint(base, [patch], out=tmp_path / "reverted")  # base has no record: subtracts
+    assert leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
 
 
 def test_dtype_mismatch_is_explained(tmp_path):

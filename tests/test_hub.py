@@ -304,6 +304,7 @@ def test_offline_from_cache(hub_env, tiny):
     with pytest.raises(HubError, match=r"holds 2 patches in the cache .*darrieux-german.safetensors") as ei:
         pull_patch(repo)
     one_line_error(ei.value)
+    assert ei.value.repo_id == repo
     with pytest.raises(HubError, match="HF_HUB_OFFLINE=1") as ei:
         push_patch(tiny["paths"]["a"], repo)
     one_line_error(ei.value)
@@ -409,6 +410,7 @@ def test_push_private_repo_hidden_from_others(hub_env, tiny, monkeypatch):
     with pytest.raises(HubError, match=r"not found .*\(or it is private") as ei:
         pull_patch(repo)
     one_line_error(ei.value, hub_env.token, hub_env.other_token)
+    assert ei.value.repo_id == repo
     with pytest.raises(HubError, match="403 Forbidden|not found") as ei:
         push_patch(tiny["paths"]["b"], repo)
     one_line_error(ei.value, hub_env.token, hub_env.other_token)

@@ -15,6 +15,7 @@ import torch
 from rompatch.apply import applied_patches, verify_applied
 from rompatch.arch import get_spec
 from rompatch.errors import (
+    BaseMismatchError,
     FingerprintMismatchError,
     HubError,
     LineageError,
@@ -163,8 +164,12 @@ def test_load_patched_resolves_patches_before_loading_the_model(tiny, monkeypatc
 
 
 def test_load_patched_wrong_dtype_names_the_fix(tiny):
-    with pytest.raises(FingerprintMismatchError, match=r"computed on float32 weights .* dtype='float32'"):
+    with pytest.raises(
+        FingerprintMismatchError, match=r"computed on float32 weights .* dtype='float32'"
+    ) as ei:
         load_patched(str(tiny["folder"]), tiny["a"], device="cpu", dtype="bfloat16")
+    name = tiny["a"].deltas[0].parameter
+    assert ei.value.parameter == name and ei.value.expected == tiny["a"].parameters[name].sha256
 
 
 def test_load_patched_force_applies_on_mismatch(tiny):
@@ -175,7 +180,7 @@ def test_load_patched_force_applies_on_mismatch(tiny):
 
 def test_load_patched_wrong_architecture(tiny, tmp_path):
     gpt = save_tiny(tmp_path / "gpt2-tiny", "gpt2")
-    with pytest.raises(PatchFormatError, match="made for a llama model"):
+    with pytest.raises(BaseMismatchError, match="made for a llama model"):
         load_patched(str(gpt), tiny["a"], device="cpu")
 
 

@@ -85,3 +85,12 @@ def test_ships_its_type_hints():
     tomllib = pytest.importorskip("tomllib")
     config = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert "py.typed" in config["tool"]["setuptools"]["package-data"]["rompatch"]
+
+
+def test_every_error_class_is_exported():
+    from rompatch import errors
+
+    classes = {
+        n for n, c in vars(errors).items() if isinstance(c, type) and issubclass(c, errors.RompatchError)
+    }
+    assert classes - set(rompatch.__all__) == set()
