@@ -31,7 +31,7 @@ ENV_TEST_PAUSE_AFTER_SHARD = "ROMPATCH_TEST_PAUSE_AFTER_SHARD"
 
 # Statistics budgets: tokens of a corpus, and of text sampled from the model (see bench/RESULTS.md).
 DEFAULT_STATS_TOKENS = 100_000
-DEFAULT_SAMPLED_TOKENS = 16_384  # two batches of 64 sequences of 128 tokens
+DEFAULT_SAMPLED_TOKENS = 16_384  # two batches of 64 sequences of 128 tokens: see bench/RESULTS.md
 
 # Causal tracing's defaults (rompatch.tracing).
 TRACE_KINDS = ("hidden", "mlp", "attn")

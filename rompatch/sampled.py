@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .constants import cache_dir
+from .constants import DEFAULT_SAMPLED_TOKENS, cache_dir
 from .fingerprint import tensor_sha256
 from .patch import atomic_write
 
@@ -58,9 +58,6 @@ class SamplerSettings:
     batch: int = 64  # sequences per generated (and cached) batch
     top_p: float = 0.95
     temperature: float = 1.0
-
-
-DEFAULT_SAMPLED_TOKENS = 16_384  # two batches of 64 sequences of 128 tokens: see bench/RESULTS.md
 
 
 def bos_prefix(tok: Any) -> list[int]:

@@ -25,17 +25,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .arch import ModelSpec, check_layer, get_spec, num_layers
-from .constants import ENV_DATA, cache_dir, data_dir
+from .constants import DEFAULT_SAMPLED_TOKENS, DEFAULT_STATS_TOKENS, ENV_DATA, cache_dir, data_dir
 from .errors import StatsError
 from .fingerprint import dtype_name, tensor_sha256
 from .hooks import Trace
 from .hub import hub_unavailable
 from .patch import atomic_write
-from .sampled import DEFAULT_SAMPLED_TOKENS, SamplerSettings, bos_prefix, sampled_chunks, sampler_identity
+from .sampled import SamplerSettings, bos_prefix, sampled_chunks, sampler_identity
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STATS_TOKENS = 100_000
 DEFAULT_SEQ_LEN = 512
 HF_DEFAULT = "Salesforce/wikitext:wikitext-103-raw-v1"
 STATS_VERSION = 1

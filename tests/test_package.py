@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 import rompatch
-from rompatch import constants, sampled, stats
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,13 +68,6 @@ def test_patch_hub_methods_need_no_import_of_rompatch_hub():
         "p = Patch.from_pretrained('patches/eiffel-tower-rome.safetensors')\n"
         "assert p.deltas and callable(p.push_to_hub)\n"
     )
-
-
-def test_cli_defaults_are_the_librarys():
-    """The CLI shows these defaults without importing torch, so constants.py holds them; the
-    statistics modules must use the same values (until they import them from constants.py)."""
-    assert stats.DEFAULT_STATS_TOKENS == constants.DEFAULT_STATS_TOKENS
-    assert sampled.DEFAULT_SAMPLED_TOKENS == constants.DEFAULT_SAMPLED_TOKENS
 
 
 def test_ships_its_type_hints():
