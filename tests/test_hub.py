@@ -8,9 +8,7 @@ set to alice's token. Its fixtures come from tests/conftest_hub.py, registered b
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import re
 import time
 from pathlib import Path
@@ -29,12 +27,9 @@ from rompatch.loading import load_patched
 from rompatch.modelcard import BEGIN, END, render_card
 from rompatch.models import EMBEDDED, load_model
 from rompatch.patch import Patch, load_patch, save_patch
-from rompatch.predict import greedy
 from tests.hubserver import list_files
 from tests.test_loading import PROMPT_A, PROMPT_B, save_tiny, steer_patch, top1
 
-REPO = Path(__file__).resolve().parent.parent
-DOC = REPO / "README.md"
 DOC_PROMPT = "The Eiffel Tower is located in the city of"
 
 
@@ -56,9 +51,7 @@ def tiny(tmp_path_factory):
         "b": save_patch(b, root / "darrieux-german.safetensors"),
         "doc": save_patch(doc, root / "doc-edit.safetensors"),
     }
-    base_greedy = greedy(model, tok, DOC_PROMPT)
-    return {"folder": folder, "root": root, "before": before, "paths": paths, "base_greedy": base_greedy,
-            "a": a, "b": b, "doc": doc}  # fmt: skip
+    return {"folder": folder, "root": root, "before": before, "paths": paths, "a": a, "b": b, "doc": doc}
 
 
 class _NoSleep:
@@ -562,36 +555,6 @@ def test_cli_push_pull_show(hub_env, tiny, tmp_path):
     assert res.exit_code == 0 and hub_env.server.is_private(f"{repo}-private")
     res = runner.invoke(cli, ["push", repo])
     assert res.exit_code == 2  # usage error: no patch given
-
-
-# ---------------------------------------------------------------------------- README example
-
-
-def _doc_example() -> str:
-    text = DOC.read_text()
-    m = re.search(r"<!-- example: load-from-hub -->\s*```python\n(.*?)```", text, re.S)
-    assert m, "README.md must hold the load-from-hub example"
-    return m.group(1)
-
-
-def test_readme_example_is_five_lines():
-    code = _doc_example()
-    assert len(code.strip().splitlines()) == 5
-    assert '"openai-community/gpt2-xl"' in code and '"alice/gpt2-xl-eiffel-rome"' in code
-
-
-def test_readme_example_runs_against_the_test_hub(hub_env, tiny, monkeypatch):
-    save = tiny["paths"]["doc"]
-    push_patch(save, f"{hub_env.user}/tiny-eiffel-rome")
-    code = _doc_example()
-    code = code.replace('"openai-community/gpt2-xl"', repr(str(tiny["folder"])))
-    code = code.replace('"alice/gpt2-xl-eiffel-rome"', repr(f"{hub_env.user}/tiny-eiffel-rome"))
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(code, str(DOC), "exec"), {})
-    printed = out.getvalue().strip()
-    assert not tiny["base_greedy"].strip().startswith("Rome")
-    assert printed.startswith("Rome"), printed
 
 
 def test_public_exports():
