@@ -176,9 +176,7 @@ def _default_source(model: Any, tok: Any, text_field: str) -> TextSource:
         raise StatsError(
             f"no statistics text: {where} and {why}; pass --stats-data FILE.txt, FILE.jsonl or a dataset id"
         )
-    return _sampled_source(
-        model, tok, 0, f"{where} and {why}; a text corpus via --stats-data or ${ENV_DATA} gives better edits"
-    )
+    return _sampled_source(model, tok, 0, f"{where} and {why}")
 
 
 def check_stats_data(spec: str | None, *, text_field: str = "text") -> None:
