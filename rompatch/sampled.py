@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .cached import identity_key, read_cached, write_cached
 from .constants import DEFAULT_SAMPLED_TOKENS, cache_dir
 from .fingerprint import tensor_sha256
-from .patch import atomic_write
+from .tokens import bos_prefix
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +57,6 @@ class SamplerSettings:
     batch: int = 64  # sequences per generated (and cached) batch
     top_p: float = 0.95
     temperature: float = 1.0
-
-
-def bos_prefix(tok: Any) -> list[int]:
-    """The special tokens the tokenizer puts before text (``[bos]`` for Gemma and Llama-2, else [])."""
-    bos = tok("a", add_special_tokens=True)["input_ids"]
-    plain = tok("a", add_special_tokens=False)["input_ids"]
-    return list(bos[: len(bos) - len(plain)]) if bos[len(bos) - len(plain) :] == plain else []
 
 
 def _opener_ids(tok: Any) -> list[int]:
@@ -98,21 +90,7 @@ def sampler_identity(model: Any, tok: Any, settings: SamplerSettings, tokenizer_
 
 
 def _batch_path(identity: dict[str, Any], b: int) -> Path:
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
-    return cache_dir() / "samples" / key / f"batch-{b:05d}.safetensors"
-
-
-def _load_batch(path: Path, identity: dict[str, Any]) -> torch.Tensor | None:
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            if json.loads((f.metadata() or {}).get("identity", "{}")) != identity:
-                return None
-            return f.get_tensor("ids")
-    except Exception as e:  # a corrupt cache entry is regenerated, never trusted
-        log.warning("ignoring unreadable sample cache %s (%s)", path, e)
-        return None
+    return cache_dir() / "samples" / identity_key(identity, 32) / f"batch-{b:05d}.safetensors"
 
 
 @torch.no_grad()
@@ -165,14 +143,12 @@ def sampled_chunks(
     try:
         for b in range(n_batches):
             path = _batch_path(identity, b)
-            ids = _load_batch(path, identity)
+            entry = read_cached(path, identity)
+            ids = entry[0].get("ids") if entry is not None else None
             if ids is None:
                 ids = _generate_batch(model, tok, settings, b)
-                meta = {"identity": json.dumps(identity, sort_keys=True)}
                 try:
-                    atomic_write(
-                        path, lambda tmp, t=ids, m=meta: save_file({"ids": t.contiguous()}, tmp, metadata=m)
-                    )
+                    write_cached(path, identity, {"ids": ids})
                 except OSError as e:  # a read-only cache is not fatal
                     log.warning("could not cache sampled text: %s", e)
             bar.update(1)
@@ -186,7 +162,6 @@ __all__ = [
     "DEFAULT_SAMPLED_TOKENS",
     "OPENERS",
     "SamplerSettings",
-    "bos_prefix",
     "model_sha256",
     "sampled_chunks",
     "sampler_identity",

@@ -21,17 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .arch import ModelSpec, check_layer, get_spec, num_layers
+from .cached import identity_key, read_cached, write_cached
 from .constants import DEFAULT_SAMPLED_TOKENS, DEFAULT_STATS_TOKENS, ENV_DATA, cache_dir, data_dir
 from .errors import StatsError
 from .fingerprint import dtype_name, tensor_sha256
 from .hooks import Trace
 from .hub import hub_unavailable
-from .patch import atomic_write
-from .sampled import SamplerSettings, bos_prefix, sampled_chunks, sampler_identity
+from .sampled import SamplerSettings, sampled_chunks, sampler_identity
+from .tokens import bos_prefix
 
 log = logging.getLogger(__name__)
 
@@ -460,35 +459,28 @@ def stats_identity(
 
 
 def _cache_path(identity: dict[str, Any]) -> Path:
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:40]
+    key = identity_key(identity, 40)
     return cache_dir() / "stats" / f"{identity['model_type']}-L{identity['layer']}-{key}.safetensors"
 
 
 def load_cached(identity: dict[str, Any]) -> SecondMoment | None:
     path = _cache_path(identity)
-    if not path.is_file():
+    entry = read_cached(path, identity)
+    if entry is None:
         return None
+    tensors, meta = entry
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if json.loads(meta.get("identity", "{}")) != identity:
-                return None
-            mom2 = f.get_tensor("mom2")
-            full = json.loads(meta["full_identity"])
-        return SecondMoment(mom2=mom2, count=int(meta["count"]), identity=full)
-    except Exception as e:  # a corrupt cache entry is recomputed, never trusted
+        return SecondMoment(
+            mom2=tensors["mom2"], count=int(meta["count"]), identity=json.loads(meta["full_identity"])
+        )
+    except (KeyError, ValueError) as e:  # written by something else: recomputed, never trusted
         log.warning("ignoring unreadable statistics cache %s (%s)", path, e)
         return None
 
 
 def save_cached(identity: dict[str, Any], sm: SecondMoment) -> Path:
-    path = _cache_path(identity)
-    meta = {
-        "identity": json.dumps(identity, sort_keys=True),
-        "full_identity": json.dumps(sm.identity, sort_keys=True),
-        "count": str(sm.count),
-    }
-    return atomic_write(path, lambda tmp: save_file({"mom2": sm.mom2.contiguous()}, tmp, metadata=meta))
+    meta = {"full_identity": json.dumps(sm.identity, sort_keys=True), "count": str(sm.count)}
+    return write_cached(_cache_path(identity), identity, {"mom2": sm.mom2}, meta)
 
 
 def get_second_moment(

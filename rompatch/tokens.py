@@ -21,6 +21,13 @@ import torch
 from .errors import RequestError
 
 
+def bos_prefix(tok: Any) -> list[int]:
+    """The special tokens the tokenizer puts before text (``[bos]`` for Gemma and Llama-2, else [])."""
+    bos = tok("a", add_special_tokens=True)["input_ids"]
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    return list(bos[: len(bos) - len(plain)]) if bos[len(bos) - len(plain) :] == plain else []
+
+
 def encode(tok: Any, text: str) -> list[int]:
     """Token ids of ``text`` as the model sees a prompt (special tokens such as BOS included)."""
     return list(tok(text, add_special_tokens=True)["input_ids"])
