@@ -112,7 +112,7 @@ def build_checkpoint(folder: Path) -> dict:
 
 def make_patch(folder: Path, path: Path, layer: int, *, scale: float = 0.01, seed: int = 0):
     """A random rank-one patch on ``layer``'s down_proj, fingerprinted from the bytes on disk."""
-    from rompatch.checkpoint import open_checkpoint
+    from rompatch.checkpoint.operations import open_checkpoint
     from rompatch.patch import ParamInfo, RankOneDelta, new_patch, save_patch
 
     ck = open_checkpoint(folder)
@@ -134,7 +134,7 @@ def make_patch(folder: Path, path: Path, layer: int, *, scale: float = 0.01, see
 _CHILD = r"""
 import json, os, sys, time
 t0 = time.perf_counter()
-import rompatch.checkpoint as C
+import rompatch.checkpoint.operations as C
 t1 = time.perf_counter()
 op, args = sys.argv[1], json.loads(sys.argv[2])
 c1 = time.process_time()
@@ -194,9 +194,9 @@ def _copy_time(src: Path, dst: Path) -> tuple[float, float]:
 
 
 def _extract_smollm2(work: Path) -> dict:
-    from rompatch.checkpoint import apply_to_checkpoint
-    from rompatch.diff import diff_patches
-    from rompatch.extract import extract_patch
+    from rompatch.checkpoint.diff import diff_patches
+    from rompatch.checkpoint.extract import extract_patch
+    from rompatch.checkpoint.operations import apply_to_checkpoint
     from rompatch.models import ensure_embedded
     from rompatch.patch import load_patch
 
@@ -219,8 +219,8 @@ def _extract_smollm2(work: Path) -> dict:
 
 
 def run() -> dict:
-    from rompatch.checkpoint import open_checkpoint
-    from rompatch.extract import extract_patch
+    from rompatch.checkpoint.extract import extract_patch
+    from rompatch.checkpoint.operations import open_checkpoint
     from rompatch.fingerprint import tensor_sha256
 
     work = Path(tempfile.mkdtemp(prefix="rompatch-bench-ckpt."))
@@ -265,7 +265,7 @@ def run() -> dict:
         t = time.perf_counter()
         ex = extract_patch(base, out)
         extract_s = time.perf_counter() - t
-        from rompatch.diff import diff_patches
+        from rompatch.checkpoint.diff import diff_patches
 
         (pair,) = diff_patches(patch, ex)["both"]
         smol = _extract_smollm2(work)
@@ -298,7 +298,7 @@ def run() -> dict:
             "unit": "MB",
             "target": "≈ touched tensors + runtime",
             "note": f"touched tensor {touched / mb:.1f} MB ({name} {list(entry.shape)} bf16); a Python that only "
-            f"imports rompatch.checkpoint peaks at {idle['maxrss'] / mb:.0f} MB, so apply adds "
+            f"imports rompatch.checkpoint.operations peaks at {idle['maxrss'] / mb:.0f} MB, so apply adds "
             f"{(apply_rss - idle['maxrss']) / mb:.0f} MB ({(apply_rss - idle['maxrss']) / touched:.1f}× the tensor); "
             f"checkpoint is {info['bytes'] / mb:.0f} MB",
         },

@@ -65,7 +65,12 @@ def compare_runs() -> list[str]:
 
 def run(limit: int | None = None, layer: int | None = None, fast: bool = False) -> dict:
     from rompatch.arch import default_layer
-    from rompatch.evaluate import evaluate_counterfact, load_counterfact, summarize, update_too_large
+    from rompatch.evaluation.evaluate import (
+        evaluate_counterfact,
+        load_counterfact,
+        summarize,
+        update_too_large,
+    )
     from rompatch.models import load_model
     from rompatch.rome import ROMEHyperParams
     from rompatch.stats import DEFAULT_STATS_TOKENS, get_second_moment

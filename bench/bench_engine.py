@@ -26,7 +26,7 @@ BUDGETS = (10_000, 20_000, 50_000, 100_000, 200_000, 500_000)
 
 
 def _load():
-    from rompatch.evaluate import load_counterfact
+    from rompatch.evaluation.evaluate import load_counterfact
     from rompatch.models import load_model
 
     model, tok = load_model("smollm2-135m", device="cpu")
@@ -65,7 +65,7 @@ def run() -> dict:
     from rompatch.apply import patched
     from rompatch.context import context_templates
     from rompatch.create import create_patch
-    from rompatch.evaluate import case_scores, measure_case
+    from rompatch.evaluation.evaluate import case_scores, measure_case
     from rompatch.request import EditRequest
     from rompatch.rome import ROMEHyperParams, compute_delta
     from rompatch.stats import DEFAULT_STATS_TOKENS, collect_second_moment, get_second_moment, text_source

@@ -99,7 +99,7 @@ class _Setup:
         import torch
 
         from rompatch.arch import default_layer
-        from rompatch.evaluate import load_records
+        from rompatch.evaluation.evaluate import load_records
         from rompatch.models import load_model
         from rompatch.rome import ROMEHyperParams
         from rompatch.stats import DEFAULT_STATS_TOKENS, get_second_moment
@@ -130,7 +130,7 @@ class _Setup:
         return WORK / f"eval-{part}-L{self.layer}"
 
     def eval_args(self, part: str) -> dict:
-        from rompatch.fluency import GenerationSettings
+        from rompatch.evaluation.fluency import GenerationSettings
 
         if part == "zsre":
             return dict(records=self.zrecs, kind="zsre",
@@ -140,8 +140,8 @@ class _Setup:
                     config={**self.base_cfg, "kind": "counterfact", "generation": gen.to_dict()})  # fmt: skip
 
     def sequential(self, max_seconds: float | None = None) -> dict:
-        from rompatch.fluency import GenerationSettings
-        from rompatch.sequential import run_sequential
+        from rompatch.evaluation.fluency import GenerationSettings
+        from rompatch.evaluation.sequential import run_sequential
 
         gen = GenerationSettings(max_out_len=50, seed=0)
         return run_sequential(
@@ -217,7 +217,7 @@ def _pending(out: Path, records: list, n: int) -> list:
     Every worker of one n-way run computes the same list, so ``pending[i::n]`` splits it without
     overlap, while results of earlier runs (another n, another machine) are kept and not redone.
     """
-    from rompatch.evaluate import CASES_FILE, read_cases
+    from rompatch.evaluation.evaluate import CASES_FILE, read_cases
 
     own = {f"shard-{j}of{n}" for j in range(n)}
     other = {
@@ -231,7 +231,7 @@ def _pending(out: Path, records: list, n: int) -> list:
 
 def work(part: str, setup: _Setup | None = None) -> None:
     """This worker's share (ROMPATCH_BENCH_SHARD=i/n) of ``part``, resumable, in its own folder."""
-    from rompatch.evaluate import run_evaluation
+    from rompatch.evaluation.evaluate import run_evaluation
 
     if part not in PARTS:
         raise SystemExit(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
@@ -254,7 +254,7 @@ def work(part: str, setup: _Setup | None = None) -> None:
 
 def _merged(st: _Setup, part: str, minutes: float | None) -> dict:
     """Merge the shards' cases into the part's folder, compute what is missing, and summarise."""
-    from rompatch.evaluate import CASES_FILE, read_cases, run_evaluation
+    from rompatch.evaluation.evaluate import CASES_FILE, read_cases, run_evaluation
 
     out = st.out(part)
     out.mkdir(parents=True, exist_ok=True)
@@ -327,7 +327,7 @@ def _time_note(layer: int, part: str) -> str:
 
 
 def run() -> dict:
-    from rompatch.evalplot import plot_distributions, plot_sequential
+    from rompatch.evaluation.plot import plot_distributions, plot_sequential
 
     st = _Setup()
     LAYER = st.layer

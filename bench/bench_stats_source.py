@@ -39,7 +39,7 @@ def run(limit: int = 100) -> dict:
 
     from rompatch.apply import patched
     from rompatch.arch import default_layer
-    from rompatch.evaluate import case_scores, edit_patch, load_counterfact, measure_case
+    from rompatch.evaluation.evaluate import case_scores, edit_patch, load_counterfact, measure_case
     from rompatch.models import load_model
     from rompatch.request import EditRequest
     from rompatch.rome import ROMEHyperParams

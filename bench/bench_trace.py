@@ -52,10 +52,10 @@ def run() -> dict:
 
 def _run() -> dict:
     from rompatch.arch import default_layer
-    from rompatch.known_facts import trace_known
     from rompatch.models import load_model
-    from rompatch.plotting import plot_average, plot_layer_curves, plot_trace_all
-    from rompatch.tracing import CATEGORIES, CausalTracer, embedding_std, trace_fact
+    from rompatch.tracing.known_facts import trace_known
+    from rompatch.tracing.plotting import plot_average, plot_layer_curves, plot_trace_all
+    from rompatch.tracing.trace import CATEGORIES, CausalTracer, embedding_std, trace_fact
 
     t_start = time.perf_counter()
     load_before = _load()
@@ -259,7 +259,7 @@ def _run() -> dict:
     )
     return {
         "setup": "SmolLM2-135M-Instruct (de-quantised Q4_1 GGUF, float32) on CPU with 1 torch thread (the machine "
-        "is shared; see the note below); rompatch.tracing defaults (prefix reuse, up to 128 corrupted rows per "
+        "is shared; see the note below); rompatch.tracing.trace defaults (prefix reuse, up to 128 corrupted rows per "
         "forward pass).",
         "rows": rows,
         "markdown": markdown,

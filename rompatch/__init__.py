@@ -7,8 +7,6 @@ Every public name is imported from its submodule on first use (PEP 562), so ``im
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 from ._version import __version__
@@ -62,35 +60,35 @@ _EXPORTS = {
     "create_patch": "create",
     "SecondMoment": "stats",
     "get_second_moment": "stats",
-    "evaluate_counterfact": "evaluate",
-    "summarize": "evaluate",
-    "run_evaluation": "evaluate",
-    "load_records": "evaluate",
-    "run_sequential": "sequential",
-    "GenerationSettings": "fluency",
+    "evaluate_counterfact": "evaluation.evaluate",
+    "summarize": "evaluation.evaluate",
+    "run_evaluation": "evaluation.evaluate",
+    "load_records": "evaluation.evaluate",
+    "run_sequential": "evaluation.sequential",
+    "GenerationSettings": "evaluation.fluency",
     "EvalError": "errors",
     # sharing and loading
     "load_patched": "loading",
-    "push_patch": "hub",
-    "pull_patch": "hub",
-    "export_peft": "peft",
+    "push_patch": "hub.transfer",
+    "pull_patch": "hub.transfer",
+    "export_peft": "hub.peft",
     # checkpoints on disk
-    "apply_to_checkpoint": "checkpoint",
-    "revert_checkpoint": "checkpoint",
-    "checkpoint_log": "checkpoint",
-    "open_checkpoint": "checkpoint",
+    "apply_to_checkpoint": "checkpoint.operations",
+    "revert_checkpoint": "checkpoint.operations",
+    "checkpoint_log": "checkpoint.operations",
+    "open_checkpoint": "checkpoint.operations",
     "stack_patches": "stack",
-    "diff": "diff",
-    "extract_patch": "extract",
+    "diff": "checkpoint.diff",
+    "extract_patch": "checkpoint.extract",
     "CheckpointError": "errors",
     "ConflictError": "errors",
     "BaseMismatchError": "errors",
     # locating facts
-    "trace_fact": "tracing",
-    "trace_known": "known_facts",
-    "TraceResult": "tracing",
-    "AverageTrace": "known_facts",
-    "embedding_std": "tracing",
+    "trace_fact": "tracing.trace",
+    "trace_known": "tracing.known_facts",
+    "TraceResult": "tracing.trace",
+    "AverageTrace": "tracing.known_facts",
+    "embedding_std": "tracing.trace",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -106,17 +104,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """Keeps a public name from being replaced by the submodule of the same name (``rompatch.diff``
-    is the function, as ``from rompatch import diff`` gives): importing a submodule sets it as an
-    attribute of the package, and for ``diff`` that would hide the function."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return  # the submodule stays reachable through sys.modules and `from rompatch.diff import ...`
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

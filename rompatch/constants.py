@@ -33,7 +33,7 @@ ENV_TEST_PAUSE_AFTER_SHARD = "ROMPATCH_TEST_PAUSE_AFTER_SHARD"
 DEFAULT_STATS_TOKENS = 100_000
 DEFAULT_SAMPLED_TOKENS = 16_384  # two batches of 64 sequences of 128 tokens: see bench/RESULTS.md
 
-# Causal tracing's defaults (rompatch.tracing).
+# Causal tracing's defaults (rompatch.tracing.trace).
 TRACE_KINDS = ("hidden", "mlp", "attn")
 TRACE_SAMPLES = 10
 TRACE_NOISE = 3.0  # multiplier of the embedding std (the paper's 3σ)

@@ -153,14 +153,14 @@ class Patch:
     def save(self, path: str | os.PathLike) -> Path:
         return save_patch(self, path)
 
-    # The Hub methods, PEFT-style. Their implementation is rompatch.hub, which is built on this
+    # The Hub methods, PEFT-style. Their implementation is rompatch.hub.transfer, which is built on this
     # module (it loads, validates and serialises patches with the functions below): importing it at
     # the top here would be an import loop, so each method imports it when called.
 
     @classmethod
     def from_pretrained(cls, ref: str | os.PathLike, revision: str | None = None) -> Patch:
         """Load a patch from a local file, a local folder holding one patch, or a Hub reference."""
-        from . import hub
+        from .hub import transfer as hub
 
         return hub.from_pretrained(ref, revision=revision)
 
@@ -176,7 +176,7 @@ class Patch:
         base_model: str | None = None,
     ) -> Any:
         """Upload this patch (and a model card) to ``repo_id``; see ``rompatch.push_patch``."""
-        from . import hub
+        from .hub import transfer as hub
 
         return hub.push_patch(
             [self],

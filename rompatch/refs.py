@@ -6,7 +6,7 @@ the same things:
 
 - a ``Patch``;
 - a local file, as ``str`` or ``os.PathLike``;
-- a Hub reference ``REPO_ID[/path.safetensors][@REV]`` (resolved by ``rompatch.hub``);
+- a Hub reference ``REPO_ID[/path.safetensors][@REV]`` (resolved by ``rompatch.hub.transfer``);
 - a sequence of these, possibly nested one level, such as the ``list[Patch]`` that
   ``create_patch(..., mode="sequential")`` returns: ``[chain, "extra.safetensors"]`` is fine.
 
@@ -102,7 +102,7 @@ def resolve_patch(ref: PatchLike, *, revision: str | None = None) -> Patch:
         return ref
     if is_local_patch_ref(ref):
         return load_patch(Path(ref).expanduser())
-    from .hub import resolve_hub_patch
+    from .hub.transfer import resolve_hub_patch
 
     return resolve_hub_patch(str(ref), revision=revision)
 

@@ -28,7 +28,7 @@ from .constants import DEFAULT_SAMPLED_TOKENS, DEFAULT_STATS_TOKENS, ENV_DATA, c
 from .errors import StatsError
 from .fingerprint import dtype_name, tensor_sha256
 from .hooks import Trace
-from .hub import hub_unavailable
+from .hub.transfer import hub_unavailable
 from .sampled import SamplerSettings, sampled_chunks, sampler_identity
 from .tokens import bos_prefix
 

@@ -17,18 +17,18 @@ import pytest
 from click.testing import CliRunner
 from safetensors import safe_open
 
-import rompatch.hub
+import rompatch.hub.transfer
 from rompatch.apply import applied_patches, apply_patch, patched, revert_patch, verify_applied
-from rompatch.checkpoint import checkpoint_log
+from rompatch.checkpoint.operations import checkpoint_log
 from rompatch.cli.main import cli
 from rompatch.create import create_patch
 from rompatch.errors import LineageError, ModelLoadError, NoSuchFolderError, NotAppliedError, PatchFormatError
 from rompatch.fingerprint import tensor_sha256
-from rompatch.hub import push_patch
+from rompatch.hub.peft import ADAPTER_WEIGHTS, export_peft
+from rompatch.hub.transfer import push_patch
 from rompatch.loading import load_patched
 from rompatch.models import SOURCE_FILE, load_model
 from rompatch.patch import Patch, save_patch
-from rompatch.peft import ADAPTER_WEIGHTS, export_peft
 from rompatch.request import EditRequest
 from rompatch.rome import ROMEHyperParams
 from rompatch.stats import get_second_moment
@@ -204,7 +204,7 @@ def test_missing_local_patch_is_no_such_file_without_a_hub_call(env, ref, monkey
     def no_hub(*a, **k):
         raise AssertionError("a local path must never become a Hub request")
 
-    monkeypatch.setattr(rompatch.hub, "pull_patch", no_hub)
+    monkeypatch.setattr(rompatch.hub.transfer, "pull_patch", no_hub)
     with pytest.raises(PatchFormatError, match="no such patch file") as ei:
         apply_patch(fresh(env), ref)
     assert "\n" not in str(ei.value)
@@ -270,7 +270,7 @@ def test_load_model_missing_folder_before_any_hub_call(ref, monkeypatch):
 @pytest.fixture
 def alias_cache(tmp_path, monkeypatch):
     """``smollm2-135m`` already converted in ROMPATCH_CACHE, as a tiny sharded model (no download)."""
-    import rompatch.checkpoint as checkpoint
+    import rompatch.checkpoint.operations as checkpoint
 
     def no_hub(*a, **k):
         raise AssertionError("an embedded alias must not be looked up on the Hub")

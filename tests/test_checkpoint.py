@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from rompatch.apply import apply_patch
 from rompatch.arch import get_spec
-from rompatch.checkpoint import (
+from rompatch.checkpoint.operations import (
     AppliedEntry,
     _chain,
     apply_to_checkpoint,
@@ -27,6 +27,7 @@ from rompatch.checkpoint import (
     open_checkpoint,
     revert_checkpoint,
 )
+from rompatch.checkpoint.safetensors_io import read_header
 from rompatch.cli.main import cli
 from rompatch.constants import CHECKPOINT_RECORD, CHECKPOINT_UNDO, ENV_TEST_PAUSE_AFTER_SHARD
 from rompatch.errors import (
@@ -38,7 +39,6 @@ from rompatch.errors import (
 )
 from rompatch.fingerprint import tensor_sha256
 from rompatch.patch import ParamInfo, RankOneDelta, new_patch, save_patch
-from rompatch.safetensors_io import read_header
 from tests.ckpt_helpers import file_shas, read_tensor, save_sharded, tensor_shas, weight_files
 from tests.helpers import vector_patch
 from tests.tiny import make_model

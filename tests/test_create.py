@@ -437,7 +437,7 @@ def test_cli_requests_file_sequential(tiny_folder, text_file, tmp_path):
 
 def test_edits_on_patched_models_inherit_lineage(tiny_folder, text_file, tmp_path):
     """A patch computed on a model that already carries patches lists them as lineage and applies there."""
-    from rompatch.checkpoint import apply_to_checkpoint
+    from rompatch.checkpoint.operations import apply_to_checkpoint
     from rompatch.models import load_model
     from tests.helpers import vector_patch
 

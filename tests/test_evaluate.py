@@ -8,19 +8,19 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import rompatch.evaluate as evaluate_mod
+import rompatch.evaluation.evaluate as evaluate_mod
 from rompatch.arch import get_spec
 from rompatch.cli.main import cli
 from rompatch.errors import EvalError
-from rompatch.evaluate import detect_kind, load_records, read_cases, run_evaluation, summarize
+from rompatch.evaluation.evaluate import detect_kind, load_records, read_cases, run_evaluation, summarize
+from rompatch.evaluation.fluency import Consistency, GenerationSettings, generate_topk, generate_topk_ids
+from rompatch.evaluation.metrics import tfidf_similarity
+from rompatch.evaluation.sequential import run_sequential
+from rompatch.evaluation.zsre import teacher_forced_correct, zsre_request
 from rompatch.fingerprint import tensor_sha256
-from rompatch.fluency import Consistency, GenerationSettings, generate_topk, generate_topk_ids
-from rompatch.metrics import tfidf_similarity
 from rompatch.patch import load_patch
 from rompatch.rome import ROMEHyperParams
-from rompatch.sequential import run_sequential
 from rompatch.stats import get_second_moment, key_weights_sha
-from rompatch.zsre import teacher_forced_correct, zsre_request
 from tests.tiny import make_model
 from tests.tiny_tokenizer import make_tokenizer
 
@@ -294,7 +294,7 @@ def test_read_cases_repairs_an_interrupted_jsonl(tmp_path):
 
 
 def test_sequential_editing_with_resume(tiny, tmp_path, monkeypatch):
-    import rompatch.sequential as seq
+    import rompatch.evaluation.sequential as seq
 
     model, tok, stats = tiny
     before = _state(model)

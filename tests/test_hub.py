@@ -22,9 +22,9 @@ from rompatch.apply import applied_patches
 from rompatch.cli.main import cli
 from rompatch.constants import PROJECT_URL
 from rompatch.errors import HubError, PatchFormatError
-from rompatch.hub import HubRef, parse_ref, pull_patch, push_patch, resolve_hub_patch
+from rompatch.hub.modelcard import BEGIN, END, render_card
+from rompatch.hub.transfer import HubRef, parse_ref, pull_patch, push_patch, resolve_hub_patch
 from rompatch.loading import load_patched
-from rompatch.modelcard import BEGIN, END, render_card
 from rompatch.models import EMBEDDED, load_model
 from rompatch.patch import Patch, load_patch, save_patch
 from tests.hubserver import list_files
@@ -421,7 +421,7 @@ def test_push_private_to_existing_public_repo_is_refused(hub_env, tiny):
 
 def test_concurrent_push_is_refused_not_lost(hub_env, tiny, monkeypatch):
     """Someone pushes between our read of the repo and our commit: refused, their file kept."""
-    import rompatch.hub as hub_mod
+    import rompatch.hub.transfer as hub_mod
 
     repo = f"{hub_env.user}/race"
     push_patch(tiny["paths"]["a"], repo)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rompatch.metrics import (
+from rompatch.evaluation.metrics import (
     TfidfModel,
     entropy_bits,
     harmonic_mean,
@@ -19,7 +19,7 @@ from rompatch.metrics import (
     treebank_words,
     word_tokenize,
 )
-from rompatch.sequential import checkpoint_schedule, update_diagnostics
+from rompatch.evaluation.sequential import checkpoint_schedule, update_diagnostics
 
 
 def _weighted(h2: float, h3: float) -> float:

@@ -51,20 +51,20 @@ def test_every_public_name_resolves_and_is_listed():
 
 
 def test_diff_is_the_function_even_after_its_module_is_imported():
-    """``rompatch.diff`` is both a public function and the submodule defining it."""
+    """``rompatch.diff`` is the public function; its module is ``rompatch.checkpoint.diff``."""
     _python(
-        "import rompatch, rompatch.extract  # extract imports the rompatch.diff module first\n"
-        "from rompatch.diff import diff_patches\n"
-        "assert callable(rompatch.diff) and rompatch.diff.__module__ == 'rompatch.diff', rompatch.diff\n"
+        "import rompatch, rompatch.checkpoint.extract  # extract imports the rompatch.checkpoint.diff module\n"
+        "from rompatch.checkpoint.diff import diff_patches\n"
+        "assert callable(rompatch.diff) and rompatch.diff.__module__ == 'rompatch.checkpoint.diff', rompatch.diff\n"
     )
 
 
 def test_patch_hub_methods_need_no_import_of_rompatch_hub():
-    """``Patch.from_pretrained`` is a method of ``Patch``, not attached when rompatch.hub is imported."""
+    """``Patch.from_pretrained`` is a method of ``Patch``, not attached when rompatch.hub.transfer is imported."""
     _python(
         "import sys\n"
         "from rompatch.patch import Patch\n"
-        "assert 'rompatch.hub' not in sys.modules\n"
+        "assert 'rompatch.hub.transfer' not in sys.modules\n"
         "p = Patch.from_pretrained('patches/eiffel-tower-rome.safetensors')\n"
         "assert p.deltas and callable(p.push_to_hub)\n"
     )

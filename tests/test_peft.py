@@ -20,8 +20,8 @@ from rompatch.apply import patched
 from rompatch.arch import get_spec
 from rompatch.cli.main import cli
 from rompatch.errors import ExportError, LineageError
+from rompatch.hub.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft, peft_adapter
 from rompatch.patch import Patch, save_patch
-from rompatch.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft, peft_adapter
 from tests.helpers import vector_patch
 from tests.tiny import make_model
 
@@ -194,7 +194,7 @@ def test_output_folder_rules(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    import rompatch.peft as rp
+    import rompatch.hub.peft as rp
 
     def broken(*a, **k):
         raise OSError("disk full")

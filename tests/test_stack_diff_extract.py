@@ -12,11 +12,16 @@ from click.testing import CliRunner
 
 from rompatch.apply import apply_patch
 from rompatch.arch import get_spec
-from rompatch.checkpoint import apply_to_checkpoint, checkpoint_log, open_checkpoint, revert_checkpoint
+from rompatch.checkpoint.diff import checkpoint_contains, diff, diff_checkpoints, diff_patches
+from rompatch.checkpoint.extract import extract_patch
+from rompatch.checkpoint.operations import (
+    apply_to_checkpoint,
+    checkpoint_log,
+    open_checkpoint,
+    revert_checkpoint,
+)
 from rompatch.cli.main import cli
-from rompatch.diff import checkpoint_contains, diff, diff_checkpoints, diff_patches
 from rompatch.errors import BaseMismatchError, CheckpointError, ConflictError, LineageError, NotAppliedError
-from rompatch.extract import extract_patch
 from rompatch.fingerprint import tensor_sha256
 from rompatch.patch import ParamInfo, RankOneDelta, load_patch, new_patch, save_patch
 from rompatch.request import EditRequest

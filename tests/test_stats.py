@@ -11,7 +11,7 @@ import torch
 
 from rompatch.create import create_patch
 from rompatch.errors import StatsError
-from rompatch.hub import hub_unavailable
+from rompatch.hub.transfer import hub_unavailable
 from rompatch.request import EditRequest
 from rompatch.rome import ROMEHyperParams
 from rompatch.sampled import SamplerSettings, sampled_chunks, sampler_identity

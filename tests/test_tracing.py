@@ -15,8 +15,14 @@ from rompatch.arch import get_spec
 from rompatch.cli.main import cli
 from rompatch.errors import MissingDependencyError, TraceError
 from rompatch.hooks import TraceDict
-from rompatch.known_facts import _category_rows, load_known, predicts_attribute, save_average, trace_known
-from rompatch.tracing import (
+from rompatch.tracing.known_facts import (
+    _category_rows,
+    load_known,
+    predicts_attribute,
+    save_average,
+    trace_known,
+)
+from rompatch.tracing.trace import (
     CATEGORIES,
     KINDS,
     CausalTracer,
@@ -347,8 +353,8 @@ def test_trace_known_average_and_resume(tok, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("traced again")
 
-    monkeypatch.setattr("rompatch.known_facts.trace_fact", boom)
-    monkeypatch.setattr("rompatch.known_facts.predicts_attribute", boom)
+    monkeypatch.setattr("rompatch.tracing.known_facts.trace_fact", boom)
+    monkeypatch.setattr("rompatch.tracing.known_facts.predicts_attribute", boom)
     again = trace_known(model, tok, [wrong, *recs], cache_dir=tmp_path / "cases", **opts)
     np.testing.assert_array_equal(again.mean_scores["mlp"], avg.mean_scores["mlp"])
     # other settings are not served from the cache
@@ -403,7 +409,7 @@ def test_save_and_load_trace(tok, tmp_path):
 
 
 def test_plots_written(tok, tmp_path):
-    from rompatch.plotting import plot_average, plot_layer_curves, plot_trace_all
+    from rompatch.tracing.plotting import plot_average, plot_layer_curves, plot_trace_all
 
     model = tiny("llama")
     r = trace_fact(model, tok, PROMPT, SUBJECT, noise_std=1.0, samples=2, window=2)
@@ -430,7 +436,7 @@ def test_plots_written(tok, tmp_path):
 
 
 def test_missing_matplotlib_is_a_clear_error(monkeypatch, tok):
-    from rompatch.plotting import require_matplotlib
+    from rompatch.tracing.plotting import require_matplotlib
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MissingDependencyError, match=r"pip install 'rompatch\[plot\]'"):

@@ -10,7 +10,7 @@ import click
 from .common import echo_json, info, json_option, revision_option
 
 if TYPE_CHECKING:
-    from ..checkpoint import CheckpointResult
+    from ..checkpoint.operations import CheckpointResult
     from ..patch import Patch
 
 out_option = click.option(
@@ -73,7 +73,7 @@ def apply_cmd(base, patches, out, overwrite, force, copy_files, revision, as_jso
     """
     if not out:
         raise click.UsageError("missing -o/--out OUT (the folder to write)")
-    from ..checkpoint import apply_to_checkpoint
+    from ..checkpoint.operations import apply_to_checkpoint
 
     r = apply_to_checkpoint(
         base, list(patches), out, overwrite=overwrite, force=force, link=not copy_files, revision=revision
@@ -109,7 +109,7 @@ def revert_cmd(checkpoint, patches, out, in_place, revert_all, force, overwrite,
         raise click.UsageError("pass exactly one of -o/--out OUT or --in-place")
     if revert_all and patches:
         raise click.UsageError("pass either PATCH... or --all, not both")
-    from ..checkpoint import revert_checkpoint
+    from ..checkpoint.operations import revert_checkpoint
 
     r = revert_checkpoint(
         checkpoint,
@@ -130,7 +130,7 @@ def revert_cmd(checkpoint, patches, out, in_place, revert_all, force, overwrite,
 @json_option
 def log_cmd(checkpoint, no_verify, as_json) -> None:
     """The patches applied to CHECKPOINT, in order, with their edits and fingerprints."""
-    from ..checkpoint import checkpoint_log
+    from ..checkpoint.operations import checkpoint_log
 
     r = checkpoint_log(checkpoint, verify=not no_verify)
     if as_json:
@@ -212,7 +212,7 @@ def extract_cmd(base, edited, out, max_rank, revision, overwrite, as_json) -> No
     """
     import json
 
-    from ..extract import extract_patch
+    from ..checkpoint.extract import extract_patch
 
     p = extract_patch(base, edited, max_rank=max_rank, revision=revision)
     path = _save(p, out, overwrite)
@@ -246,7 +246,7 @@ def diff_cmd(a, b, base, as_json) -> None:
     (with cosines of u and v). Checkpoints: tensors that differ, with the numerical rank and relative
     size of each difference. Checkpoint and patch: whether the checkpoint contains the patch.
     """
-    from ..diff import diff
+    from ..checkpoint.diff import diff
 
     r = diff(a, b, base=base)
     if as_json:

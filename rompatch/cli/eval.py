@@ -142,8 +142,8 @@ def eval_cmd(
     (and consistency RS with --snippets). zsRE: efficacy, paraphrase and specificity as
     token-level accuracy. With --out DIR an interrupted run resumes where it stopped.
     """
-    from ..evaluate import file_sha256, load_records, run_evaluation
-    from ..fluency import GenerationSettings
+    from ..evaluation.evaluate import file_sha256, load_records, run_evaluation
+    from ..evaluation.fluency import GenerationSettings
     from ..models import load_model
     from ..rome import ROMEHyperParams
     from ..stats import check_stats_data, get_second_moment
@@ -151,7 +151,7 @@ def eval_cmd(
     if tfidf and not snippets:
         raise EvalError("--tfidf needs --snippets (the reference texts RS compares against)")
     if plot and out_dir:
-        from ..evalplot import _pyplot
+        from ..evaluation.plot import _pyplot
 
         _pyplot()  # fail before any heavy work if matplotlib is missing
     found, records = load_records(data_path, kind=kind, limit=None if sequential else limit)
@@ -163,7 +163,7 @@ def eval_cmd(
         )
     consistency = None
     if snippets and found == "counterfact":
-        from ..fluency import Consistency
+        from ..evaluation.fluency import Consistency
 
         consistency = Consistency.load(snippets, tfidf)
     check_stats_data(stats_data)
@@ -237,7 +237,7 @@ def eval_cmd(
         model_label=name,
     )
     if out_dir and plot:
-        from ..evalplot import plot_distributions
+        from ..evaluation.plot import plot_distributions
 
         p = plot_distributions(res, Path(out_dir) / f"eval-{found}.png", title=f"{name}: {found}")
         info(f"plot: {p}")
@@ -274,7 +274,7 @@ def _sequential(
     name,
     as_json,
 ):
-    from ..sequential import run_sequential
+    from ..evaluation.sequential import run_sequential
 
     # Fluency of unrelated text: generation prompts of the two records after the edited ones.
     spare = records[n : n + 2] or records[:2]
@@ -297,7 +297,7 @@ def _sequential(
         progress=True,
     )
     if out_dir and plot:
-        from ..evalplot import plot_sequential
+        from ..evaluation.plot import plot_sequential
 
         p = plot_sequential(
             res, Path(out_dir) / f"eval-sequential-{kind}.png", title=f"{name}: {n} sequential edits"

@@ -135,7 +135,7 @@ def trace(
         raise TraceError(f"fact file {known_file} not found; pass a known_1000.json-style JSON file")
     plot = output is not None and not no_plot
     if plot:
-        from ..plotting import require_matplotlib
+        from ..tracing.plotting import require_matplotlib
 
         require_matplotlib()  # fail before minutes of tracing
     opts = dict(
@@ -157,14 +157,14 @@ def trace(
 
 
 def _single(m, tok, model, prompt, subject, target, opts, output, plot, as_json) -> None:
-    from ..tracing import save_trace, trace_fact
+    from ..tracing.trace import save_trace, trace_fact
 
     r = trace_fact(m, tok, prompt, subject, target=target, **opts)
     files = []
     if output is not None:
         files += save_trace(r, output)
         if plot:
-            from ..plotting import plot_trace_all
+            from ..tracing.plotting import plot_trace_all
 
             files += plot_trace_all(r, output, model_name=model)
     if as_json:
@@ -212,7 +212,7 @@ def _single(m, tok, model, prompt, subject, target, opts, output, plot, as_json)
 
 
 def _known(m, tok, model, known_file, limit, opts, output, plot, as_json) -> None:
-    from ..known_facts import save_average, trace_known
+    from ..tracing.known_facts import save_average, trace_known
 
     avg = trace_known(
         m,
@@ -232,7 +232,7 @@ def _known(m, tok, model, known_file, limit, opts, output, plot, as_json) -> Non
     if output is not None:
         files += save_average(avg, output)
         if plot:
-            from ..plotting import plot_average
+            from ..tracing.plotting import plot_average
 
             files += plot_average(avg, output, model_name=model)
     if as_json:

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._version import __version__
-from .errors import HubConnectionError, HubError, PatchFormatError, RompatchError
+from .._version import __version__
+from ..errors import HubConnectionError, HubError, PatchFormatError, RompatchError
+from ..patch import Patch, _validate, atomic_write, load_patch, to_metadata, to_tensors
+from ..refs import PatchesLike, flatten_patches, is_local_patch_ref
 from .modelcard import render_card
-from .patch import Patch, _validate, atomic_write, load_patch, to_metadata, to_tensors
-from .refs import PatchesLike, flatten_patches, is_local_patch_ref
 
 log = logging.getLogger(__name__)
 

@@ -32,11 +32,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ._version import __version__
-from .arch import SPECS
-from .errors import ExportError, LineageError, PatchFormatError
-from .patch import Patch
-from .refs import PatchesLike, resolve_patches
+from .._version import __version__
+from ..arch import SPECS
+from ..errors import ExportError, LineageError, PatchFormatError
+from ..patch import Patch
+from ..refs import PatchesLike, resolve_patches
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def _split_layer(module: str, layer: int, model_type: str) -> tuple[str, str]:
 
 
 def _resolve_base_name(patch: Patch) -> str | None:
-    from .models import EMBEDDED
+    from ..models import EMBEDDED
 
     name = patch.base.get("model")
     if name in EMBEDDED:

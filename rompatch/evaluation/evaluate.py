@@ -6,13 +6,13 @@ CounterFact (per record, the edit created on the base model, measured before and
 - neighborhood NS / NM: P(true) > P(new) on ``neighborhood_prompts``; NM = P(true) − P(new);
 - S: harmonic mean of ES, PS and NS;
 - fluency GE (optional): weighted bi/tri-gram entropy of top-k generations from
-  ``generation_prompts`` (see ``rompatch.fluency``), reported ×100 like the paper;
+  ``generation_prompts`` (see ``rompatch.evaluation.fluency``), reported ×100 like the paper;
 - consistency RS (optional, needs ROME's attribute snippets): TF-IDF cosine of the generations
   with Wikipedia texts about ``target_new``.
 P(·) is the full-sequence probability of the target after the prompt (multi-token targets summed
 in log space). Scores are percentages over cases (each case's score is the mean over its prompts).
 
-zsRE: see ``rompatch.zsre`` (token-level accuracy).
+zsRE: see ``rompatch.evaluation.zsre`` (token-level accuracy).
 
 ``run_evaluation`` drives either suite with resume: per-case results are appended to
 ``OUT/cases.jsonl`` as they finish and skipped on a rerun with the same configuration.
@@ -30,16 +30,16 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .apply import patched
-from .arch import get_spec
-from .errors import EvalError, RequestError
+from ..apply import patched
+from ..arch import get_spec
+from ..errors import EvalError, RequestError
+from ..models import model_identity
+from ..patch import ParamInfo, Patch, RankOneDelta, atomic_write, new_patch
+from ..request import EditRequest
+from ..rome import ROMEHyperParams
+from ..scoring import target_logprobs
+from ..stats import SecondMoment
 from .metrics import harmonic_mean
-from .models import model_identity
-from .patch import ParamInfo, Patch, RankOneDelta, atomic_write, new_patch
-from .request import EditRequest
-from .rome import ROMEHyperParams
-from .scoring import target_logprobs
-from .stats import SecondMoment
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def edit_patch(
     lineage: Sequence[str] = (),
 ) -> tuple[RankOneDelta, Patch]:
     """Compute one edit on the model as it is now and wrap it in a patch (not applied)."""
-    from .create import edit_to_delta
+    from ..create import edit_to_delta
 
     spec = get_spec(model)
     d = edit_to_delta(model, tok, req, stats=stats, hparams=hparams)

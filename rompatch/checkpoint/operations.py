@@ -42,15 +42,15 @@ from typing import Any
 
 import torch
 
-from ._version import __version__
-from .constants import (
+from .._version import __version__
+from ..constants import (
     CHECKPOINT_RECORD,
     CHECKPOINT_UNDO,
     ENV_TEST_PAUSE_AFTER_SHARD,
     SAFE_INDEX,
     SAFE_WEIGHTS,
 )
-from .errors import (
+from ..errors import (
     BaseMismatchError,
     CheckpointError,
     FingerprintMismatchError,
@@ -59,8 +59,9 @@ from .errors import (
     NotAppliedError,
     PatchFormatError,
 )
-from .patch import Patch, from_safetensors, to_metadata
-from .refs import PatchesLike, PatchLike, find_applied, flatten_patches, resolve_patch
+from ..patch import Patch, from_safetensors, to_metadata
+from ..refs import PatchesLike, PatchLike, find_applied, flatten_patches, resolve_patch
+from ..staging import copy_file, link_or_copy, staged_output
 from .safetensors_io import (
     SafetensorsWriter,
     TensorEntry,
@@ -72,7 +73,6 @@ from .safetensors_io import (
     tensor_bytes,
     to_tensor,
 )
-from .staging import copy_file, link_or_copy, staged_output
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class Record:
 def provided_ids(patch: Patch) -> dict[str, range]:
     """Patch ids an applied ``patch`` satisfies as lineage: itself, and each patch stacked into it
     (with the range of its deltas). See :func:`rompatch.stack.stack_patches`."""
-    from .stack import stacked_components
+    from ..stack import stacked_components
 
     out = {patch.id: range(len(patch.deltas))}
     for comp_id, rng in stacked_components(patch):
@@ -412,7 +412,7 @@ def open_checkpoint(ref: str | os.PathLike, *, revision: str | None = None) -> C
     ``huggingface_hub.snapshot_download`` (so ``HF_ENDPOINT``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE``
     apply): first the small files, then only the shards the index lists.
     """
-    from .models import local_model_path
+    from ..models import local_model_path
 
     p = local_model_path(ref)
     if p is None:
@@ -428,7 +428,7 @@ def open_checkpoint(ref: str | os.PathLike, *, revision: str | None = None) -> C
 
 
 def _local_identity(path: Path) -> dict[str, Any]:
-    from .models import SOURCE_FILE
+    from ..models import SOURCE_FILE
 
     src = path / SOURCE_FILE
     if src.is_file():  # an embedded model's converted folder: same identity as load_model gives it
@@ -1091,7 +1091,7 @@ def revert_checkpoint(
     Write to ``out`` (a new folder) or ``in_place=True`` (the folder is replaced atomically; files are
     never modified in place, so hard links into other folders are safe).
     """
-    from .models import embedded_alias
+    from ..models import embedded_alias
 
     if (out is None) == (not in_place):
         raise CheckpointError("pass exactly one of out=... (-o OUT) or in_place=True (--in-place)")

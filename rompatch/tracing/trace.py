@@ -53,16 +53,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .arch import ModelSpec, get_spec, num_layers
-from .constants import TRACE_BATCH_SIZE as DEFAULT_BATCH_SIZE
-from .constants import TRACE_KINDS as KINDS
-from .constants import TRACE_NOISE as DEFAULT_NOISE
-from .constants import TRACE_SAMPLES as DEFAULT_SAMPLES
-from .constants import TRACE_WINDOW as DEFAULT_WINDOW
-from .constants import data_dir
-from .errors import ArchitectureError, TraceError
-from .hooks import Trace, TraceDict
-from .patch import atomic_write
+from ..arch import ModelSpec, get_spec, num_layers
+from ..constants import TRACE_BATCH_SIZE as DEFAULT_BATCH_SIZE
+from ..constants import TRACE_KINDS as KINDS
+from ..constants import TRACE_NOISE as DEFAULT_NOISE
+from ..constants import TRACE_SAMPLES as DEFAULT_SAMPLES
+from ..constants import TRACE_WINDOW as DEFAULT_WINDOW
+from ..constants import data_dir
+from ..errors import ArchitectureError, TraceError
+from ..hooks import Trace, TraceDict
+from ..patch import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -743,7 +743,7 @@ class TraceResult:
 
 
 def _identity(model: Any) -> dict[str, Any]:
-    from .models import model_identity
+    from ..models import model_identity
 
     return model_identity(model)
 
@@ -772,7 +772,7 @@ def trace_fact(
     token, or the first token of ``target``. ``noise`` is a multiple of the embedding std (measured
     on WikiText-2, or pass ``embed_std``); ``noise_std`` sets an absolute std instead. ``window``:
     layers restored together for the ``mlp``/``attn`` kinds. ``batch_size``: corrupted rows per
-    forward pass. Returns arrays; ``rompatch.plotting`` draws them.
+    forward pass. Returns arrays; ``rompatch.tracing.plotting`` draws them.
     """
     t0 = time.perf_counter()
     if "{}" in prompt:

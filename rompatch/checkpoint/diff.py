@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint, open_checkpoint, provided_ids
-from .errors import PatchFormatError
-from .fingerprint import dtype_name
-from .patch import Patch, RankOneDelta, load_patch
+from ..errors import PatchFormatError
+from ..fingerprint import dtype_name
+from ..patch import Patch, RankOneDelta, load_patch
+from ..stack import base_differences
+from .operations import Checkpoint, open_checkpoint, provided_ids
 from .safetensors_io import read_range, tensor_bytes
-from .stack import base_differences
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +372,7 @@ def _open_any(ref: Patch | Checkpoint | str | os.PathLike) -> Patch | Checkpoint
             raise PatchFormatError(f"{e} (to compare a checkpoint, pass its folder)") from None
     s = str(ref)
     if s.endswith(".safetensors") or "@" in s:
-        from .refs import resolve_patch
+        from ..refs import resolve_patch
 
         return resolve_patch(s)
     return open_checkpoint(s)

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MissingDependencyError
+from ..errors import MissingDependencyError
+from ..patch import atomic_write
 from .known_facts import AverageTrace
-from .patch import atomic_write
-from .tracing import CATEGORIES, TraceResult
+from .trace import CATEGORIES, TraceResult
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 TITLES = {

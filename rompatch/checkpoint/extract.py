@@ -3,7 +3,7 @@
 For each layer's MLP output matrix (named by the architecture table, :mod:`rompatch.arch`, from
 ``config.json``'s ``model_type``), ``D = EDITED - BASE`` is computed in float64 in the ``(out, in)``
 orientation (GPT-2 ``Conv1D`` weights are transposed first). Its SVD ``D = Σ σ_i a_i b_iᵀ`` gives one
-rank-one delta per singular value above the dtype-aware tolerance (:mod:`rompatch.diff`):
+rank-one delta per singular value above the dtype-aware tolerance (:mod:`rompatch.checkpoint.diff`):
 
     u_i = b_i        (right singular vector, input size, unit norm)
     v_i = σ_i · a_i  (left singular vector scaled by σ_i, output size)
@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 
-from .arch import get_spec
-from .checkpoint import Checkpoint, open_checkpoint
+from ..arch import get_spec
+from ..errors import BaseMismatchError, CheckpointError
+from ..patch import ParamInfo, Patch, RankOneDelta, new_patch
+from ..stack import base_differences
 from .diff import RANK_CAP, UNIT_ROUNDOFF, rank_tolerance, svd_top
-from .errors import BaseMismatchError, CheckpointError
-from .patch import ParamInfo, Patch, RankOneDelta, new_patch
-from .stack import base_differences
+from .operations import Checkpoint, open_checkpoint
 
 log = logging.getLogger(__name__)
 

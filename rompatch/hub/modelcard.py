@@ -27,8 +27,8 @@ from typing import Any
 
 import yaml
 
-from .constants import PROJECT_URL
-from .patch import Patch, stats_label
+from ..constants import PROJECT_URL
+from ..patch import Patch, stats_label
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def hub_model_id(name: str | None) -> str | None:
 
     Embedded aliases (``smollm2-135m``) map to the upstream model they were converted from.
     """
-    from .models import EMBEDDED
+    from ..models import EMBEDDED
 
     if not name:
         return None
@@ -139,7 +139,7 @@ def render_body(entries: Sequence[tuple[str, Patch]], *, repo_id: str) -> str:
         "",
     ]
     for b in bases:
-        from .models import EMBEDDED
+        from ..models import EMBEDDED
 
         if b in EMBEDDED:
             lines += [
@@ -286,7 +286,7 @@ def _base_link(b: str) -> str:
     hid = hub_model_id(b)
     if hid is None:
         return f"`{b}`"
-    from .models import EMBEDDED
+    from ..models import EMBEDDED
 
     label = f"`{b}`" if b in EMBEDDED else hid
     return (

@@ -1,7 +1,7 @@
 """Causal tracing averaged over many known facts: the paper's average indirect effect (Figure 2).
 
 Each fact the model gets right (greedy decoding reproduces its attribute) is traced with
-:func:`rompatch.tracing.trace_fact`; its restored probabilities are rolled up per token category
+:func:`rompatch.tracing.trace.trace_fact`; its restored probabilities are rolled up per token category
 (first/middle/last subject token, first subsequent token, further tokens, last token) and layer.
 Per-fact results can be cached in a folder, so an interrupted run resumes where it stopped.
 """
@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .arch import ModelSpec, get_spec, num_layers
-from .errors import TraceError
-from .patch import atomic_write
-from .tracing import (
+from ..arch import ModelSpec, get_spec, num_layers
+from ..errors import TraceError
+from ..patch import atomic_write
+from .trace import (
     CATEGORIES,
     DEFAULT_BATCH_SIZE,
     DEFAULT_NOISE,

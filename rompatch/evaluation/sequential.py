@@ -39,9 +39,13 @@ from typing import Any
 
 import torch
 
-from .apply import apply_patch, revert_patch
-from .arch import get_spec
-from .errors import EvalError
+from ..apply import apply_patch, revert_patch
+from ..arch import get_spec
+from ..errors import EvalError
+from ..patch import Patch, atomic_write, load_patch, save_patch
+from ..request import EditRequest
+from ..rome import ROMEHyperParams, compute_key
+from ..stats import SecondMoment
 from .evaluate import (
     KINDS,
     case_scores,
@@ -52,10 +56,6 @@ from .evaluate import (
     read_cases,
     write_json,
 )
-from .patch import Patch, atomic_write, load_patch, save_patch
-from .request import EditRequest
-from .rome import ROMEHyperParams, compute_key
-from .stats import SecondMoment
 
 log = logging.getLogger(__name__)
 

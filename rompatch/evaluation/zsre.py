@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from .errors import EvalError
-from .request import EditRequest
-from .rome import ROMEHyperParams
-from .stats import SecondMoment
-from .tokens import encode, pad_id, pad_right, target_ids
+from ..errors import EvalError
+from ..request import EditRequest
+from ..rome import ROMEHyperParams
+from ..stats import SecondMoment
+from ..tokens import encode, pad_id, pad_right, target_ids
 
 ZSRE_FIELDS = ("subject", "src", "rephrase", "answers", "loc", "loc_ans")
 ZSRE_TARGETS = ("answers", "alt")
@@ -140,7 +140,7 @@ def evaluate_zsre(
     batch_size: int = 64,
 ) -> Iterator[dict[str, Any]]:
     """For each record: measure, create the edit on the base, measure with it applied, revert."""
-    from .apply import patched
+    from ..apply import patched
     from .evaluate import edit_patch, edit_summary
 
     for rec in records:

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from .errors import EvalError
+from ..errors import EvalError
+from ..tokens import encode, pad_id
 from .metrics import TfidfModel, mean_ngram_entropy, tfidf_similarity
-from .tokens import encode, pad_id
 
 log = logging.getLogger(__name__)
 
