@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .patch import atomic_write
+from .atomic import atomic_write
 
 log = logging.getLogger(__name__)
 

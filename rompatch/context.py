@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from .arch import get_spec
+from .atomic import atomic_write
 from .constants import cache_dir
 from .fingerprint import TensorMemo, tensor_sha256
-from .patch import atomic_write
 
 log = logging.getLogger(__name__)
 

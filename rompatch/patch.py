@@ -11,7 +11,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from ._version import __version__
+from .atomic import atomic_write
 from .constants import FORMAT_NAME, FORMAT_VERSION
 from .errors import PatchFormatError, PatchVersionError
 from .fingerprint import dtype_name, tensor_sha256
@@ -282,27 +282,6 @@ def to_tensors(patch: Patch) -> dict[str, torch.Tensor]:
         out[f"deltas.{i}.u"] = d.u
         out[f"deltas.{i}.v"] = d.v
     return out
-
-
-def atomic_write(path: str | os.PathLike, write: Any) -> Path:
-    """Call ``write(tmp_path)`` then rename into place; nothing is left behind on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a patch is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
 
 
 def save_patch(patch: Patch, path: str | os.PathLike) -> Path:

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from .._version import __version__
+from ..atomic import copy_file, link_or_copy, staged_output
 from ..constants import (
     CHECKPOINT_RECORD,
     CHECKPOINT_UNDO,
@@ -61,7 +62,6 @@ from ..errors import (
 )
 from ..patch import Patch, from_safetensors, to_metadata
 from ..refs import PatchesLike, PatchLike, find_applied, flatten_patches, resolve_patch
-from ..staging import copy_file, link_or_copy, staged_output
 from .safetensors_io import (
     SafetensorsWriter,
     TensorEntry,

@@ -32,9 +32,10 @@ from typing import Any
 
 from ..apply import patched
 from ..arch import get_spec
+from ..atomic import atomic_write
 from ..errors import EvalError, RequestError
 from ..models import model_identity
-from ..patch import ParamInfo, Patch, RankOneDelta, atomic_write, new_patch
+from ..patch import ParamInfo, Patch, RankOneDelta, new_patch
 from ..request import EditRequest
 from ..rome import ROMEHyperParams
 from ..scoring import target_logprobs

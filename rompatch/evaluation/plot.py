@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write
 from ..errors import MissingDependencyError
-from ..patch import atomic_write
 
 
 def _pyplot():

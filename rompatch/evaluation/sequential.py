@@ -41,8 +41,9 @@ import torch
 
 from ..apply import apply_patch, revert_patch
 from ..arch import get_spec
+from ..atomic import atomic_write
 from ..errors import EvalError
-from ..patch import Patch, atomic_write, load_patch, save_patch
+from ..patch import Patch, load_patch, save_patch
 from ..request import EditRequest
 from ..rome import ROMEHyperParams, compute_key
 from ..stats import SecondMoment

@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
+from ..atomic import atomic_write
 from ..errors import HubConnectionError, HubError, PatchFormatError, RompatchError
-from ..patch import Patch, _validate, atomic_write, load_patch, to_metadata, to_tensors
+from ..patch import Patch, _validate, load_patch, to_metadata, to_tensors
 from ..refs import PatchesLike, flatten_patches, is_local_patch_ref
 from .modelcard import render_card
 

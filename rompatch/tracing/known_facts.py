@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from ..arch import ModelSpec, get_spec, num_layers
+from ..atomic import atomic_write
 from ..errors import TraceError
-from ..patch import atomic_write
 from .trace import (
     CATEGORIES,
     DEFAULT_BATCH_SIZE,

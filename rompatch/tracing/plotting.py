@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_write
 from ..errors import MissingDependencyError
-from ..patch import atomic_write
 from .known_facts import AverageTrace
 from .trace import CATEGORIES, TraceResult
 

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from ..arch import ModelSpec, get_spec, num_layers
+from ..atomic import atomic_write
 from ..constants import TRACE_BATCH_SIZE as DEFAULT_BATCH_SIZE
 from ..constants import TRACE_KINDS as KINDS
 from ..constants import TRACE_NOISE as DEFAULT_NOISE
@@ -62,7 +63,6 @@ from ..constants import TRACE_WINDOW as DEFAULT_WINDOW
 from ..constants import data_dir
 from ..errors import ArchitectureError, TraceError
 from ..hooks import Trace, TraceDict
-from ..patch import atomic_write
 
 log = logging.getLogger(__name__)
 

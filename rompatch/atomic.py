@@ -1,4 +1,5 @@
-"""Write a folder atomically: fill a staging folder, then rename (or atomically swap) it into place.
+"""Atomic writes: a file through a temporary file and a rename (``atomic_write``); a folder through a
+staging folder that is renamed (or atomically swapped) into place (``staging``).
 
 A crash or kill leaves the previous state; staging folders of dead processes on this host are removed
 by the next run. Used by ``apply``/``revert`` on checkpoints, where the output is a whole model folder.
@@ -13,7 +14,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -146,3 +147,24 @@ def link_or_copy(src: Path, dst: Path, link: bool) -> str:
             pass
     copy_file(src, dst)
     return "copied"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Call ``write(tmp_path)`` then rename into place; nothing is left behind on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a patch is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
