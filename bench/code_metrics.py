@@ -2,7 +2,7 @@
 
     python -m bench.code_metrics [--root DIR] [--json OUT]
 
-It reads the import graph with ``ast`` (nothing is imported except for the timing at the end):
+It reads the import graph with ``ast`` (nothing is imported except for the timing at the end; imports under ``if TYPE_CHECKING:`` do not count):
 internal imports (one per importing module and imported module and place), import loops (strongly
 connected components of the module-level graph), upward imports (a module inside the package that
 imports the package ``__init__``: ``from .. import x`` / ``from rompatch import x`` where ``x`` is not
@@ -51,7 +51,10 @@ def scan(root: Path) -> dict:
         tree = ast.parse(path.read_text(), str(path))
         is_package = path.name == "__init__.py"
         func_ranges = []
+        typing_only = []  # `if TYPE_CHECKING:` blocks: imports for annotations, never run
         for node in ast.walk(tree):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                typing_only.append((node.lineno, node.end_lineno))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 func_ranges.append((node.lineno, node.end_lineno))
                 functions.append((node.end_lineno - node.lineno + 1, f"{mod}.{node.name}"))
@@ -60,6 +63,8 @@ def scan(root: Path) -> dict:
             return any(a < line <= b for a, b in ranges)
 
         for node in ast.walk(tree):
+            if any(a <= getattr(node, "lineno", 0) <= b for a, b in typing_only):
+                continue
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]

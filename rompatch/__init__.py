@@ -69,8 +69,8 @@ _EXPORTS = {
     "EvalError": "errors",
     # sharing and loading
     "load_patched": "loading",
-    "push_patch": "hub.transfer",
-    "pull_patch": "hub.transfer",
+    "push_patch": "hub.push",
+    "pull_patch": "hub.pull",
     "export_peft": "hub.peft",
     # checkpoints on disk
     "apply_to_checkpoint": "checkpoint.operations",

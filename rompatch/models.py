@@ -27,8 +27,8 @@ import torch
 from .constants import CHECKPOINT_RECORD, DEFAULT_MODEL, cache_dir
 from .errors import DeviceError, ModelLoadError, NoSuchFolderError
 from .fingerprint import DTYPES, dtype_name
+from .hub.transfer import is_local_path
 from .predict import greedy
-from .refs import is_local_path
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def local_model_path(name_or_path: str | os.PathLike) -> Path | None:
 
     An embedded alias gives its converted folder (fetched and converted on first use; an alias
     wins over a folder of the same name in the working directory, everywhere). An existing path
-    gives itself, ``~`` expanded. A missing path that can only be local (``rompatch.refs.is_local_path``,
+    gives itself, ``~`` expanded. A missing path that can only be local (``rompatch.hub.transfer.is_local_path``,
     or more than one ``/``: Hub ids have at most one) is a one-line ``NoSuchFolderError``, raised
     before any Hub call.
     """

@@ -26,6 +26,7 @@ from .atomic import atomic_write
 from .constants import FORMAT_NAME, FORMAT_VERSION
 from .errors import PatchFormatError, PatchVersionError
 from .fingerprint import dtype_name, tensor_sha256
+from .hub.mixin import HubMixin
 from .request import EditRequest
 
 LAYOUTS = ("linear", "conv1d")  # linear: weight (out, in), ΔW = v uᵀ; conv1d: weight (in, out), ΔW = u vᵀ
@@ -102,6 +103,10 @@ class RankOneDelta:
         """Wall time of the edit's computation (format 1.0 files kept it under ``metrics``)."""
         return self.timings.get("edit_seconds", self.metrics.get("seconds"))
 
+    def stats_label(self) -> str | None:
+        """One phrase for this delta's statistics (see ``stats_label``)."""
+        return stats_label(self.stats)
+
     def meta(self, *, hashed: bool = False) -> dict[str, Any]:
         """The delta's metadata entry; ``hashed``: the part the content hash covers (no timings)."""
         out = {
@@ -119,7 +124,7 @@ class RankOneDelta:
 
 
 @dataclass
-class Patch:
+class Patch(HubMixin):
     """An ordered list of rank-one deltas on one base model, with provenance."""
 
     deltas: list[RankOneDelta]
@@ -153,41 +158,18 @@ class Patch:
     def save(self, path: str | os.PathLike) -> Path:
         return save_patch(self, path)
 
-    # The Hub methods, PEFT-style. Their implementation is rompatch.hub.transfer, which is built on this
-    # module (it loads, validates and serialises patches with the functions below): importing it at
-    # the top here would be an import loop, so each method imports it when called.
-
     @classmethod
-    def from_pretrained(cls, ref: str | os.PathLike, revision: str | None = None) -> Patch:
-        """Load a patch from a local file, a local folder holding one patch, or a Hub reference."""
-        from .hub import transfer as hub
+    def load(cls, path: str | os.PathLike) -> Patch:
+        """Read and validate a patch file (``load_patch``)."""
+        return load_patch(path)
 
-        return hub.from_pretrained(ref, revision=revision)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool = False,
-        revision: str | None = None,
-        commit_message: str | None = None,
-        token: str | None = None,
-        filename: str | None = None,
-        base_model: str | None = None,
-    ) -> Any:
-        """Upload this patch (and a model card) to ``repo_id``; see ``rompatch.push_patch``."""
-        from .hub import transfer as hub
-
-        return hub.push_patch(
-            [self],
-            repo_id,
-            private=private,
-            revision=revision,
-            message=commit_message,
-            token=token,
-            filenames=[filename] if filename else None,
-            base_model=base_model,
-        )
+    def to_bytes(self) -> bytes:
+        """The patch file's bytes (canonical: equal patches give equal bytes), after validating it.
+        Stamps ``created_at`` when it is not set yet, as saving does."""
+        _validate(self)
+        if self.created_at is None:
+            self.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        return canonical_safetensors(save(to_tensors(self), metadata=to_metadata(self)))
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able description, as printed by ``rompatch show --json``."""
@@ -286,10 +268,7 @@ def to_tensors(patch: Patch) -> dict[str, torch.Tensor]:
 
 def save_patch(patch: Patch, path: str | os.PathLike) -> Path:
     """Validate, then write ``patch`` to ``path`` atomically. Returns the path."""
-    _validate(patch)
-    if patch.created_at is None:
-        patch.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    data = canonical_safetensors(save(to_tensors(patch), metadata=to_metadata(patch)))
+    data = patch.to_bytes()
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 

@@ -6,7 +6,7 @@ the same things:
 
 - a ``Patch``;
 - a local file, as ``str`` or ``os.PathLike``;
-- a Hub reference ``REPO_ID[/path.safetensors][@REV]`` (resolved by ``rompatch.hub.transfer``);
+- a Hub reference ``REPO_ID[/path.safetensors][@REV]`` (resolved by ``rompatch.hub.pull``);
 - a sequence of these, possibly nested one level, such as the ``list[Patch]`` that
   ``create_patch(..., mode="sequential")`` returns: ``[chain, "extra.safetensors"]`` is fine.
 
@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from .errors import NotAppliedError, PatchFormatError
+from .hub.pull import resolve_hub_patch
+from .hub.transfer import is_local_patch_ref
 from .patch import Patch, load_patch
 
 PatchLike = Patch | str | os.PathLike
@@ -29,20 +31,6 @@ PatchesLike = PatchLike | Iterable[PatchLike | Iterable[PatchLike]]
 
 _PATCH_SUFFIX = ".safetensors"
 _ID_PREFIX = re.compile(r"[0-9a-f]{4,64}")
-
-
-def is_local_path(ref: str | os.PathLike) -> bool:
-    """True when ``ref`` can only mean a local path, never a Hub reference or id: an ``os.PathLike``,
-    or a string that starts with ``/``, ``./``, ``../`` or ``~`` (or is ``.``/``..``, or uses the
-    platform's own separator where that is not ``/``)."""
-    if isinstance(ref, os.PathLike):
-        return True
-    return (
-        ref in (".", "..")
-        or ref.startswith(("/", "./", "../", "~", ".\\", "..\\"))
-        or os.sep != "/"
-        and os.sep in ref
-    )
 
 
 def is_single_patch(x: object) -> bool:
@@ -81,18 +69,6 @@ def flatten_patches(patches: PatchesLike) -> list[PatchLike]:
     return out
 
 
-def is_local_patch_ref(ref: str | os.PathLike) -> bool:
-    """Whether ``ref`` names a local patch file rather than a Hub reference.
-
-    Local: an existing path, anything :func:`is_local_path` accepts, and a ``*.safetensors`` name
-    with at most one ``/`` (``edit.safetensors``, ``patches/edit.safetensors``): a Hub reference to
-    a file is ``USER/REPO/FILE.safetensors``.
-    """
-    if is_local_path(ref) or os.path.exists(ref):
-        return True
-    return ref.endswith(_PATCH_SUFFIX) and ref.count("/") <= 1
-
-
 def resolve_patch(ref: PatchLike, *, revision: str | None = None) -> Patch:
     """Load one patch from a ``Patch``, a local path or a Hub reference (see the module docstring).
 
@@ -102,8 +78,6 @@ def resolve_patch(ref: PatchLike, *, revision: str | None = None) -> Patch:
         return ref
     if is_local_patch_ref(ref):
         return load_patch(Path(ref).expanduser())
-    from .hub.transfer import resolve_hub_patch
-
     return resolve_hub_patch(str(ref), revision=revision)
 
 

@@ -25,7 +25,7 @@ from rompatch.create import create_patch
 from rompatch.errors import LineageError, ModelLoadError, NoSuchFolderError, NotAppliedError, PatchFormatError
 from rompatch.fingerprint import tensor_sha256
 from rompatch.hub.peft import ADAPTER_WEIGHTS, export_peft
-from rompatch.hub.transfer import push_patch
+from rompatch.hub.push import push_patch
 from rompatch.loading import load_patched
 from rompatch.models import SOURCE_FILE, load_model
 from rompatch.patch import Patch, save_patch
@@ -204,7 +204,8 @@ def test_missing_local_patch_is_no_such_file_without_a_hub_call(env, ref, monkey
     def no_hub(*a, **k):
         raise AssertionError("a local path must never become a Hub request")
 
-    monkeypatch.setattr(rompatch.hub.transfer, "pull_patch", no_hub)
+    monkeypatch.setattr(rompatch.hub.transfer, "find_patch_file", no_hub)  # every Hub read goes through
+    monkeypatch.setattr(rompatch.hub.transfer, "download", no_hub)  # one of these two
     with pytest.raises(PatchFormatError, match="no such patch file") as ei:
         apply_patch(fresh(env), ref)
     assert "\n" not in str(ei.value)

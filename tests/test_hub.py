@@ -23,7 +23,9 @@ from rompatch.cli.main import cli
 from rompatch.constants import PROJECT_URL
 from rompatch.errors import HubError, PatchFormatError
 from rompatch.hub.modelcard import BEGIN, END, render_card
-from rompatch.hub.transfer import HubRef, parse_ref, pull_patch, push_patch, resolve_hub_patch
+from rompatch.hub.pull import pull_patch, resolve_hub_patch
+from rompatch.hub.push import push_patch
+from rompatch.hub.transfer import HubRef, parse_ref
 from rompatch.loading import load_patched
 from rompatch.models import EMBEDDED, load_model
 from rompatch.patch import Patch, load_patch, save_patch
@@ -421,7 +423,7 @@ def test_push_private_to_existing_public_repo_is_refused(hub_env, tiny):
 
 def test_concurrent_push_is_refused_not_lost(hub_env, tiny, monkeypatch):
     """Someone pushes between our read of the repo and our commit: refused, their file kept."""
-    import rompatch.hub.transfer as hub_mod
+    import rompatch.hub.commit as hub_mod
 
     repo = f"{hub_env.user}/race"
     push_patch(tiny["paths"]["a"], repo)

@@ -59,14 +59,19 @@ def test_diff_is_the_function_even_after_its_module_is_imported():
     )
 
 
-def test_patch_hub_methods_need_no_import_of_rompatch_hub():
-    """``Patch.from_pretrained`` is a method of ``Patch``, not attached when rompatch.hub.transfer is imported."""
+def test_patch_hub_methods_come_from_a_mixin_not_from_monkeypatching():
+    """``Patch``'s Hub methods are inherited from ``rompatch.hub.mixin.HubMixin`` (as huggingface_hub's
+    ``ModelHubMixin`` does), so they exist as soon as ``rompatch.patch`` is imported, and importing
+    the push and pull modules changes nothing on the class."""
     _python(
-        "import sys\n"
         "from rompatch.patch import Patch\n"
-        "assert 'rompatch.hub.transfer' not in sys.modules\n"
+        "from rompatch.hub.mixin import HubMixin\n"
+        "before = dict(vars(Patch))\n"
+        "assert issubclass(Patch, HubMixin) and 'from_pretrained' not in vars(Patch)\n"
         "p = Patch.from_pretrained('patches/eiffel-tower-rome.safetensors')\n"
         "assert p.deltas and callable(p.push_to_hub)\n"
+        "import rompatch.hub.push, rompatch.hub.pull\n"
+        "assert dict(vars(Patch)) == before\n"
     )
 
 

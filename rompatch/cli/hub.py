@@ -22,7 +22,7 @@ def push(args, private, revision, message, base_model, as_json) -> None:
     Creates the repo if needed. Files already in the repo are kept. The token comes from HF_TOKEN
     or `hf auth login`. PATCH may also be a Hub reference (copied to REPO_ID).
     """
-    from ..hub.transfer import push_patch
+    from ..hub.push import push_patch
 
     if len(args) < 2:
         raise click.UsageError("pass at least one PATCH and the REPO_ID to push to")
@@ -59,7 +59,7 @@ def push(args, private, revision, message, base_model, as_json) -> None:
 @revision_option
 def pull(ref, local_dir, revision) -> None:
     """Download the patch REF (REPO_ID[/file.safetensors][@REV]) and print its local path."""
-    from ..hub.transfer import pull_patch
+    from ..hub.pull import pull_patch
 
     click.echo(str(pull_patch(ref, revision=revision, local_dir=local_dir)))
 

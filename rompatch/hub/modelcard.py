@@ -23,12 +23,15 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ..constants import PROJECT_URL
-from ..patch import Patch, stats_label
+from ..models import EMBEDDED
+
+if TYPE_CHECKING:
+    from ..patch import Patch
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,6 @@ def hub_model_id(name: str | None) -> str | None:
 
     Embedded aliases (``smollm2-135m``) map to the upstream model they were converted from.
     """
-    from ..models import EMBEDDED
 
     if not name:
         return None
@@ -139,8 +141,6 @@ def render_body(entries: Sequence[tuple[str, Patch]], *, repo_id: str) -> str:
         "",
     ]
     for b in bases:
-        from ..models import EMBEDDED
-
         if b in EMBEDDED:
             lines += [
                 f"The base `{b}` is rompatch's embedded model: {EMBEDDED[b].hf_id} as shipped in GGUF "
@@ -158,7 +158,7 @@ def render_body(entries: Sequence[tuple[str, Patch]], *, repo_id: str) -> str:
     for f, p in entries:
         for d in p.deltas:
             r = d.request
-            st = _cell(stats_label(d.stats) or "—")
+            st = _cell(d.stats_label() or "—")
             if r is None:
                 lines.append(
                     f"| {_cell(f)} | — | ({_cell(d.kind)}, no request recorded) | — | {d.layer} | {st} |"
@@ -286,7 +286,6 @@ def _base_link(b: str) -> str:
     hid = hub_model_id(b)
     if hid is None:
         return f"`{b}`"
-    from ..models import EMBEDDED
 
     label = f"`{b}`" if b in EMBEDDED else hid
     return (

@@ -1,4 +1,8 @@
-"""Share patches through the Hugging Face Hub: references, push, pull (``Patch``'s Hub methods call these).
+"""The Hub's side of sharing: references, the environment, errors, the cache, finding and fetching files.
+
+``pull.py``, ``push.py`` and ``Patch``'s Hub methods (``mixin.py``) are built on this module; it
+knows nothing of the patch format beyond "a safetensors file whose metadata says rompatch", so every
+module of the package can use it.
 
 A Hub reference is ``REPO_ID[/path/in/repo.safetensors][@REVISION]``:
 
@@ -16,27 +20,20 @@ copied atomically into ``local_dir``, or there is no file at all.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import re
-import shutil
-import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .._version import __version__
-from ..atomic import atomic_write
 from ..errors import HubConnectionError, HubError, PatchFormatError, RompatchError
-from ..patch import Patch, _validate, load_patch, to_metadata, to_tensors
-from ..refs import PatchesLike, flatten_patches, is_local_patch_ref
-from .modelcard import render_card
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PATCH_SUFFIX = ".safetensors"
 CARD_FILE = "README.md"
@@ -44,7 +41,6 @@ _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?"
 _REPO_ID = re.compile(rf"^{_NAME}/{_NAME}$")
 _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
 _TRUE = {"1", "ON", "YES", "TRUE"}
-_HEADER_MAX = 100_000_000  # a safetensors header larger than this is not a patch
 
 
 # ----------------------------------------------------------------------------------- references
@@ -61,6 +57,16 @@ class HubRef:
     def __str__(self) -> str:
         s = self.repo_id + (f"/{self.path}" if self.path else "")
         return s + (f"@{self.revision}" if self.revision else "")
+
+
+def is_repo_id(repo_id: object) -> bool:
+    """Whether ``repo_id`` is a valid ``USER/REPO`` (or ``ORG/REPO``) Hub repo id."""
+    return (
+        isinstance(repo_id, str)
+        and bool(_REPO_ID.match(repo_id))
+        and "--" not in repo_id
+        and ".." not in repo_id
+    )
 
 
 def parse_ref(ref: str, *, revision: str | None = None) -> HubRef:
@@ -85,7 +91,7 @@ def parse_ref(ref: str, *, revision: str | None = None) -> HubRef:
             "write a local path or USER/REPO[/file.safetensors][@REVISION]"
         )
     repo_id = "/".join(parts[:2])
-    if not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
+    if not is_repo_id(repo_id):
         raise HubError(
             f"'{repo_id}' is not a valid Hub repo id; use letters, digits, '-', '_' and '.' as in USER/REPO"
         )
@@ -98,6 +104,35 @@ def parse_ref(ref: str, *, revision: str | None = None) -> HubRef:
                 f"'{ref}': '{path}' is not a patch file; a path inside the repo must end in {PATCH_SUFFIX}"
             )
     return HubRef(repo_id=repo_id, path=path, revision=rev)
+
+
+# ------------------------------------------------------------------------------- local or Hub
+
+
+def is_local_path(ref: str | os.PathLike) -> bool:
+    """True when ``ref`` can only mean a local path, never a Hub reference or id: an ``os.PathLike``,
+    or a string that starts with ``/``, ``./``, ``../`` or ``~`` (or is ``.``/``..``, or uses the
+    platform's own separator where that is not ``/``)."""
+    if isinstance(ref, os.PathLike):
+        return True
+    return (
+        ref in (".", "..")
+        or ref.startswith(("/", "./", "../", "~", ".\\", "..\\"))
+        or os.sep != "/"
+        and os.sep in ref
+    )
+
+
+def is_local_patch_ref(ref: str | os.PathLike) -> bool:
+    """Whether ``ref`` names a local patch file rather than a Hub reference.
+
+    Local: an existing path, anything :func:`is_local_path` accepts, and a ``*.safetensors`` name
+    with at most one ``/`` (``edit.safetensors``, ``patches/edit.safetensors``): a Hub reference to
+    a file is ``USER/REPO/FILE.safetensors``.
+    """
+    if is_local_path(ref) or os.path.exists(ref):
+        return True
+    return ref.endswith(PATCH_SUFFIX) and ref.count("/") <= 1
 
 
 # ------------------------------------------------------------------------------- environment
@@ -122,17 +157,17 @@ def hub_unavailable(repo_id: str, *, repo_type: str = "model", timeout: float = 
         return "HF_HUB_OFFLINE is set"
     from huggingface_hub import get_session
 
-    url = f"{_endpoint().rstrip('/')}/api/{repo_type}s/{repo_id}"
+    url = f"{endpoint().rstrip('/')}/api/{repo_type}s/{repo_id}"
     try:
         r = get_session().head(url, timeout=timeout)
     except Exception as e:  # connection refused, DNS, timeout, proxy: all mean "not reachable"
-        return f"the Hub at {_endpoint()} did not answer ({type(e).__name__})"
+        return f"the Hub at {endpoint()} did not answer ({type(e).__name__})"
     if r.status_code >= 400:
-        return f"the Hub at {_endpoint()} has no readable {repo_type} {repo_id} (HTTP {r.status_code})"
+        return f"the Hub at {endpoint()} has no readable {repo_type} {repo_id} (HTTP {r.status_code})"
     return None
 
 
-def _endpoint() -> str:
+def endpoint() -> str:
     from huggingface_hub import constants
 
     return constants.ENDPOINT
@@ -151,7 +186,7 @@ def _first_line(e: BaseException) -> str:
 
 
 @contextmanager
-def _hub_errors(
+def hub_errors(
     action: str,
     *,
     repo_id: str,
@@ -180,7 +215,7 @@ def _hub_errors(
     except Exception as e:  # mapped below; anything unexpected is re-raised as is
         if isinstance(e, RevisionNotFoundError):
             msg = (
-                f"cannot {action}: revision '{rev}' does not exist in {repo_id} on {_endpoint()}; "
+                f"cannot {action}: revision '{rev}' does not exist in {repo_id} on {endpoint()}; "
                 "check the branch, tag or commit name"
             )
         elif isinstance(e, GatedRepoError):
@@ -190,7 +225,7 @@ def _hub_errors(
             )
         elif isinstance(e, RepositoryNotFoundError):
             msg = (
-                f"cannot {action}: repository {repo_id} not found on {_endpoint()} (or it is private and "
+                f"cannot {action}: repository {repo_id} not found on {endpoint()} (or it is private and "
                 "your token cannot see it); check the name, or log in with a token that has access "
                 "(HF_TOKEN or `hf auth login`)"
             )
@@ -202,13 +237,13 @@ def _hub_errors(
                 )
             else:
                 msg = (
-                    f"cannot {action}: {_endpoint()} is unreachable and {where}@{rev} is not in the "
+                    f"cannot {action}: {endpoint()} is unreachable and {where}@{rev} is not in the "
                     "Hugging Face cache; check the network connection or HF_ENDPOINT"
                 )
         elif isinstance(e, EntryNotFoundError):
             msg = (
                 f"cannot {action}: {filename or 'the file'} does not exist in {repo_id} at revision '{rev}'; "
-                f"check the path (list the repo's files on {_endpoint()}/{repo_id}/tree/{rev})"
+                f"check the path (list the repo's files on {endpoint()}/{repo_id}/tree/{rev})"
             )
         elif isinstance(e, HfHubHTTPError):
             status = getattr(getattr(e, "response", None), "status_code", None)
@@ -232,7 +267,7 @@ def _hub_errors(
                 msg = f"cannot {action}: the Hub answered {status} for {where} ({server.splitlines()[0]})"
         elif isinstance(e, (httpx2.HTTPError, ConnectionError, TimeoutError, OSError)):
             msg = (
-                f"cannot {action}: the connection to {_endpoint()} failed ({type(e).__name__}: "
+                f"cannot {action}: the connection to {endpoint()} failed ({type(e).__name__}: "
                 f"{_first_line(e)}); check the network connection or HF_ENDPOINT and try again"
             )
             raise HubConnectionError(_scrub(msg, token), repo_id=repo_id) from None
@@ -305,19 +340,14 @@ def _cached_commit(repo_id: str, revision: str | None) -> str | None:
 
 
 def _read_header_metadata(path: Path) -> dict[str, str] | None:
-    """The ``__metadata__`` of a local safetensors file, or None when it is not one."""
+    """The ``__metadata__`` of a local safetensors file, or None when it is not one (read by safetensors)."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                return None
-            (n,) = struct.unpack("<Q", head)
-            if n > _HEADER_MAX:
-                return None
-            header = json.loads(f.read(n))
-    except (OSError, ValueError):
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+    except (OSError, SafetensorError, ValueError):
         return None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
     return meta if isinstance(meta, dict) else None
 
 
@@ -328,7 +358,7 @@ def _is_patch_meta(meta: dict | None) -> bool:
 # ---------------------------------------------------------------------------------- discovery
 
 
-def _remote_patch_files(api: Any, repo_id: str, revision: str | None, files: Sequence[str]) -> list[str]:
+def remote_patch_files(api: Any, repo_id: str, revision: str | None, files: Sequence[str]) -> list[str]:
     from huggingface_hub.errors import NotASafetensorsRepoError, SafetensorsParsingError
 
     found = []
@@ -382,7 +412,7 @@ def _choose(repo_id: str, revision: str | None, found: list[str], *, cached_only
     )
 
 
-def _find_patch_file(ref: HubRef) -> str:
+def find_patch_file(ref: HubRef) -> str:
     if is_offline():
         return _choose(
             ref.repo_id, ref.revision, _cached_patch_files(ref.repo_id, ref.revision), cached_only=True
@@ -391,9 +421,9 @@ def _find_patch_file(ref: HubRef) -> str:
 
     api = HfApi(library_name="rompatch", library_version=__version__)
     try:
-        with _hub_errors(f"list the files of {ref.repo_id}", repo_id=ref.repo_id, revision=ref.revision):
+        with hub_errors(f"list the files of {ref.repo_id}", repo_id=ref.repo_id, revision=ref.revision):
             files = api.list_repo_files(ref.repo_id, revision=ref.revision)
-            found = _remote_patch_files(api, ref.repo_id, ref.revision, files)
+            found = remote_patch_files(api, ref.repo_id, ref.revision, files)
     except HubConnectionError as e:
         cached = _cached_patch_files(ref.repo_id, ref.revision)
         if len(cached) != 1:
@@ -406,14 +436,14 @@ def _find_patch_file(ref: HubRef) -> str:
 # ------------------------------------------------------------------------------------ pulling
 
 
-def _download(
+def download(
     repo_id: str, filename: str, revision: str | None, *, action: str = "download", token: str | None = None
 ) -> Path:
     from huggingface_hub import hf_hub_download
 
     guard = _CacheGuard(repo_id)
     try:
-        with _hub_errors(action, repo_id=repo_id, filename=filename, revision=revision, token=token):
+        with hub_errors(action, repo_id=repo_id, filename=filename, revision=revision, token=token):
             path = hf_hub_download(
                 repo_id,
                 filename,
@@ -429,198 +459,34 @@ def _download(
     return Path(path)
 
 
-def pull_patch(
-    ref: str,
-    *,
-    revision: str | None = None,
-    local_dir: str | os.PathLike | None = None,
-) -> Path:
-    """Download a patch into the Hugging Face cache (and copy it into ``local_dir``); return its path.
+# ----------------------------------------------------------------------------------- fetching
 
-    ``ref`` is ``REPO_ID[/path.safetensors][@REV]``. The file is validated as a patch before it is
-    returned or copied. With ``local_dir`` the copy keeps the path inside the repo and is written
-    atomically; on any failure nothing is left there.
+
+def fetch_patch(ref: str, load: Callable[[Path], T], *, revision: str | None = None) -> tuple[T, Path, str]:
+    """Download the patch file ``ref`` names into the Hugging Face cache and ``load`` it; returns
+    what ``load`` gave, the cached file and its path inside the repo.
+
+    ``load`` (``rompatch.patch.load_patch`` or ``Patch.load``) validates it; a file that is not a
+    valid patch is a ``PatchFormatError`` naming the repo, file and revision.
     """
     r = parse_ref(ref, revision=revision)
-    filename = r.path or _find_patch_file(r)
+    filename = r.path or find_patch_file(r)
     if filename.startswith("/") or any(part in ("", ".", "..") for part in filename.split("/")):
         raise HubError(
             f"{r.repo_id} lists an unsafe file path {filename!r}; refusing to download it", repo_id=r.repo_id
         )
-    cached = _download(r.repo_id, filename, r.revision, action=f"download {r.repo_id}/{filename}")
+    cached = download(r.repo_id, filename, r.revision, action=f"download {r.repo_id}/{filename}")
     try:
-        load_patch(cached)
+        return load(cached), cached, filename
     except PatchFormatError as e:
         raise PatchFormatError(
             f"{r.repo_id}/{filename}@{r.revision or 'main'} is not a valid rompatch patch "
             f"({str(e).split(': ', 1)[-1]})"
         ) from None
-    if local_dir is None:
-        return cached
-    dest = Path(local_dir) / filename
-    atomic_write(dest, lambda tmp: shutil.copyfile(cached, tmp))
-    log.info("pulled %s into %s", r, dest)
-    return dest
 
 
-def resolve_hub_patch(ref: str, revision: str | None = None) -> Patch:
-    """Load the patch a Hub reference points to (downloading it into the HF cache if needed)."""
-    return load_patch(pull_patch(ref, revision=revision))
-
-
-# ------------------------------------------------------------------------------------- pushing
-
-
-@dataclass
-class _Upload:
-    name: str
-    patch: Patch
-    data: bytes
-
-
-def _serialize(patch: Patch) -> tuple[Patch, bytes]:
-    from safetensors.torch import save
-
-    _validate(patch)
-    meta = to_metadata(patch)
-    data = save(to_tensors(patch), metadata=meta)
-    return dataclasses.replace(patch, created_at=meta["created_at"]), data
-
-
-def _prepare(patches: PatchesLike, filenames: Sequence[str] | None) -> list[_Upload]:
-    items = flatten_patches(patches)
-    if not items:
-        raise HubError("nothing to push; pass at least one patch")
-    if filenames is not None and len(filenames) != len(items):
-        raise HubError(f"{len(filenames)} file names for {len(items)} patches; pass one name per patch")
-    uploads: list[_Upload] = []
-    for i, item in enumerate(items):
-        name = filenames[i] if filenames is not None else None
-        if isinstance(item, Patch):
-            patch, data = _serialize(item)
-            name = name or f"patch-{patch.short_id}{PATCH_SUFFIX}"
-        elif is_local_patch_ref(item):
-            patch = load_patch(Path(item).expanduser())
-            data = Path(item).expanduser().read_bytes()
-            name = name or Path(item).name
-        else:
-            path = pull_patch(str(item))
-            patch = load_patch(path)
-            data = path.read_bytes()
-            name = name or path.name
-        if not name.endswith(PATCH_SUFFIX) or name.startswith("/") or ".." in name.split("/"):
-            raise HubError(
-                f"'{name}': a patch's name in the repo must be a relative path ending in {PATCH_SUFFIX}"
-            )
-        uploads.append(_Upload(name=name, patch=patch, data=data))
-    by_name: dict[str, str] = {}
-    for u in uploads:
-        if by_name.setdefault(u.name, u.patch.id) != u.patch.id:
-            raise HubError(
-                f"two different patches would both be uploaded as '{u.name}'; rename one of the files"
-            )
-    unique: dict[str, _Upload] = {u.name: u for u in uploads}
-    return list(unique.values())
-
-
-def _default_message(uploads: Sequence[_Upload]) -> str:
-    if len(uploads) == 1:
-        u = uploads[0]
-        r = next((d.request for d in u.patch.deltas if d.request is not None), None)
-        what = f" ({r.subject}: {r.target_true or '?'} → {r.target_new})" if r is not None else ""
-        return f"Add rompatch patch {u.name}{what}"
-    return f"Add {len(uploads)} rompatch patches: " + ", ".join(u.name for u in uploads)
-
-
-def push_patch(
-    patches: PatchesLike,
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    message: str | None = None,
-    token: str | None = None,
-    filenames: Sequence[str] | None = None,
-    base_model: str | None = None,
-) -> Any:
-    """Upload patches and a generated README.md model card to ``repo_id`` in one commit.
-
-    ``patches``: ``Patch`` objects, local files or Hub references, one or a sequence (nested one
-    level, see ``rompatch.refs``), uploaded under their file name (or
-    ``patch-<short id>.safetensors`` for objects, or ``filenames``). The repo is created if needed
-    (``private`` applies then; pushing with ``private=True`` to an existing public repo is refused).
-    ``revision`` is the branch to commit to (created from main when missing). Files already in the
-    repo are kept; the card describes every patch in the repo after the commit and keeps the text
-    its owner wrote outside the generated section. ``token`` defaults to ``HF_TOKEN`` or the
-    huggingface_hub login. Returns huggingface_hub's ``CommitInfo`` (a str: the commit URL).
-    """
-    from huggingface_hub import CommitOperationAdd, HfApi, get_token
-
-    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
-        raise HubError(f"'{repo_id}' is not a valid Hub repo id; write USER/REPO (or ORG/REPO)")
-    uploads = _prepare(patches, filenames)  # reads and validates everything before any network call
-    if is_offline():
-        raise HubError(
-            "cannot push while HF_HUB_OFFLINE=1; unset HF_HUB_OFFLINE to push, nothing was pushed",
-            repo_id=repo_id,
-        )
-    tok = token or get_token()
-    if not tok:
-        raise HubError(
-            "no Hugging Face token: set HF_TOKEN or run `hf auth login` with a token that can write; "
-            "nothing was pushed",
-            repo_id=repo_id,
-        )
-    api = HfApi(token=tok, library_name="rompatch", library_version=__version__)
-    branch = revision if revision not in (None, "main") else None
-    with _hub_errors(f"push to {repo_id}", repo_id=repo_id, revision=revision, token=tok):
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if private and not api.repo_info(repo_id).private:
-            raise HubError(
-                f"{repo_id} already exists and is public, but --private was asked; make it private on the "
-                "Hub first, or push without --private; nothing was pushed",
-                repo_id=repo_id,
-            )
-        if branch is not None:
-            api.create_branch(repo_id, branch=branch, exist_ok=True)
-        # One consistent snapshot: the card is built from this commit, and the push is refused by
-        # the Hub if the branch moved meanwhile (parent_commit), instead of dropping others' patches.
-        parent = api.repo_info(repo_id, revision=branch).sha
-        existing = api.list_repo_files(repo_id, revision=parent)
-    ours = {u.name for u in uploads}
-    entries = [(u.name, u.patch) for u in uploads]
-    old_card: str | None = None
-    if CARD_FILE in existing:
-        card_path = _download(
-            repo_id, CARD_FILE, parent, action=f"read the model card of {repo_id}", token=tok
-        )
-        old_card = card_path.read_text(encoding="utf-8", errors="replace")
-    with _hub_errors(f"read the patches already in {repo_id}", repo_id=repo_id, revision=revision, token=tok):
-        others = _remote_patch_files(api, repo_id, parent, [f for f in existing if f not in ours])
-    for f in others:
-        try:
-            entries.append((f, load_patch(_download(repo_id, f, parent, token=tok))))
-        except PatchFormatError as e:
-            log.warning("%s/%s is left out of the model card: %s", repo_id, f, e)
-    card = render_card(entries, repo_id=repo_id, existing=old_card, base_model=base_model)
-    ops = [CommitOperationAdd(path_in_repo=u.name, path_or_fileobj=u.data) for u in uploads]
-    ops.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card.encode("utf-8")))
-    with _hub_errors(f"push to {repo_id}", repo_id=repo_id, revision=revision, token=tok):
-        info = api.create_commit(
-            repo_id,
-            operations=ops,
-            commit_message=message or _default_message(uploads),
-            revision=branch,
-            parent_commit=parent,
-        )
-    log.info("pushed %s to %s (%s)", ", ".join(sorted(ours)), repo_id, getattr(info, "oid", ""))
-    return info
-
-
-# ------------------------------------------------------------------- behind Patch.from_pretrained
-
-
-def _single_local_patch(folder: Path) -> Path:
+def single_local_patch(folder: Path) -> Path:
+    """The one patch file in a local folder (searched recursively); an error when there are none or several."""
     found = [p for p in sorted(folder.rglob(f"*{PATCH_SUFFIX}")) if _is_patch_meta(_read_header_metadata(p))]
     if len(found) == 1:
         return found[0]
@@ -633,21 +499,16 @@ def _single_local_patch(folder: Path) -> Path:
     )
 
 
-def from_pretrained(ref: str | os.PathLike, revision: str | None = None) -> Patch:
-    """Load a patch from a local file, a local folder holding one patch, or a Hub reference
-    (what ``Patch.from_pretrained`` does)."""
-    if is_local_patch_ref(ref):  # never sent to the Hub, so a missing file is reported as one
-        path = Path(ref).expanduser()
-        return load_patch(_single_local_patch(path) if path.is_dir() else path)
-    return resolve_hub_patch(str(ref), revision=revision)
-
-
 __all__ = [
     "HubRef",
-    "parse_ref",
-    "pull_patch",
-    "push_patch",
-    "resolve_hub_patch",
+    "endpoint",
+    "fetch_patch",
+    "hub_errors",
+    "hub_unavailable",
+    "is_local_patch_ref",
+    "is_local_path",
+    "is_repo_id",
     "is_offline",
-    "from_pretrained",
+    "parse_ref",
+    "single_local_patch",
 ]
