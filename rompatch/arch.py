@@ -175,6 +175,34 @@ def check_layer(model: Any, layer: int) -> None:
         raise ArchitectureError(f"layer {layer} is out of range; this model has layers 0..{n - 1}")
 
 
+@dataclass(frozen=True)
+class EditTarget:
+    """Where an edit goes: the architecture spec and the layer, resolved once (``EditTarget.resolve``)
+    and passed down through statistics, keys, values and the patch."""
+
+    spec: ModelSpec
+    layer: int
+
+    @property
+    def module(self) -> str:
+        """The edited MLP output projection, e.g. ``model.layers.4.mlp.down_proj``."""
+        return self.spec.mlp_out_module(self.layer)
+
+    @property
+    def parameter(self) -> str:
+        """Its weight's full parameter name."""
+        return self.spec.mlp_out_param(self.layer)
+
+    @classmethod
+    def resolve(cls, model: Any, *, spec: ModelSpec | None = None, layer: int | None = None) -> EditTarget:
+        """The spec (``spec``, else the registered one for the model type) and the layer (``layer``,
+        else the model's default), checked against the model."""
+        spec = get_spec(model, spec)
+        layer = default_layer(model, spec) if layer is None else layer
+        check_layer(model, layer)
+        return cls(spec=spec, layer=layer)
+
+
 def module_io(model: Any, layer: int, spec: ModelSpec | None = None) -> tuple[int, int]:
     """(in_features, out_features) of the edited matrix at ``layer``, from the declared layout."""
     spec = get_spec(model, spec)

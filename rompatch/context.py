@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from .arch import get_spec
+from .arch import ModelSpec, get_spec
 from .atomic import atomic_write
 from .constants import cache_dir
-from .fingerprint import TensorMemo, tensor_sha256
+from .fingerprint import tensor_sha256
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +28,13 @@ SEED_WORDS = ("The", "Therefore", "Because", "I", "You")  # MEMIT's generation p
 
 # Hashing GPT-2 XL's or Llama-7B's input embedding (160-260 MB) on every edit cost a large part of
 # a GPU edit's time; the hash is kept per tensor version.
-_EMBED_SHA = TensorMemo(8)
-
-
-def _model_key(model: Any, tok: Any, length_params: Sequence[Sequence[int]], seed: int) -> str:
-    spec = get_spec(model)
+def _model_key(
+    model: Any, tok: Any, length_params: Sequence[Sequence[int]], seed: int, spec: ModelSpec | None
+) -> str:
+    spec = get_spec(model, spec)
     h = hashlib.sha256()
     h.update(model.config.model_type.encode())
-    emb = model.get_submodule(spec.embed).weight
-    h.update(_EMBED_SHA.get(emb, lambda: tensor_sha256(emb)).encode())
+    h.update(tensor_sha256(model.get_submodule(spec.embed).weight).encode())
     h.update(
         json.dumps(
             {"len": [list(x) for x in length_params], "seed": seed, "seeds": SEED_WORDS, "vocab": len(tok)}
@@ -65,10 +63,18 @@ def _generate(model: Any, tok: Any, n: int, length: int, seed: int) -> list[str]
 
 
 def context_templates(
-    model: Any, tok: Any, *, length_params: Sequence[Sequence[int]] = ((5, 10), (10, 10)), seed: int = 0
+    model: Any,
+    tok: Any,
+    *,
+    length_params: Sequence[Sequence[int]] = ((5, 10), (10, 10)),
+    seed: int = 0,
+    spec: ModelSpec | None = None,
 ) -> list[str]:
-    """``["{}"]`` plus, for each (length, count), ``count`` generated texts of ``length`` tokens + ``". {}"``."""
-    key = _model_key(model, tok, length_params, seed)
+    """``["{}"]`` plus, for each (length, count), ``count`` generated texts of ``length`` tokens + ``". {}"``.
+
+    Cached under the model's embedding hash (computed on each call: an ``Editor`` calls this once).
+    """
+    key = _model_key(model, tok, length_params, seed, spec)
     path = cache_dir() / "templates" / f"{key}.json"
     if path.is_file():
         try:

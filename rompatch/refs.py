@@ -8,7 +8,7 @@ the same things:
 - a local file, as ``str`` or ``os.PathLike``;
 - a Hub reference ``REPO_ID[/path.safetensors][@REV]`` (resolved by ``rompatch.hub.pull``);
 - a sequence of these, possibly nested one level, such as the ``list[Patch]`` that
-  ``create_patch(..., mode="sequential")`` returns: ``[chain, "extra.safetensors"]`` is fine.
+  ``create_patches`` returns: ``[chain, "extra.safetensors"]`` is fine.
 
 A reference that can only be a local path is never sent to the Hub (see :func:`is_local_path`), so
 a missing file is reported as a missing file.

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .arch import ModelSpec, check_layer, default_layer, get_spec
+from .arch import EditTarget, ModelSpec, get_spec
 from .context import context_templates
 from .errors import RequestError
 from .fingerprint import TensorMemo
@@ -64,10 +64,6 @@ class ROMEHyperParams:
     mom2_adjustment: bool = True
     mom2_ridge: float = 0.0  # relative ridge (× mean eigenvalue) added to C before solving; 0 = exact
     seed: int = 0
-    key: str = "averaged"  # r-ROME: the averaged k* is used in u and in the denominator
-    value: str = "Wk*+delta"  # v* = W k* + δ, so v = δ / (u·k*)
-    target_spacing: str = "continuation"  # targets are the tokens that follow "prompt" + " " + target
-    fact_token: str = "subject_last"
     key_prompt_weight: float = 0.5  # share of the requested prompt's own key ("{}") in k*; the
     # context templates share the rest equally (1/n_templates gives the plain average)
     max_update_ratio: float = 1.0  # ‖v uᵀ‖₂ ≤ this × ‖W‖₂ (projected during the optimisation); 0: off
@@ -544,39 +540,18 @@ def solve_key(k_star: torch.Tensor, stats: SecondMoment | None, hp: ROMEHyperPar
             raise RequestError(
                 f"statistics are {tuple(stats.mom2.shape)} but the key has size {k.numel()}; wrong layer"
             )
-        LU, piv = _factor(stats.mom2, hp.mom2_ridge)
+        LU, piv = stats.lu_factors(hp.mom2_ridge)
         u = torch.linalg.lu_solve(LU, piv, k[:, None])[:, 0]
     else:
         u = k
     return (u / u.norm()).to(torch.float32)
 
 
-_FACTORS = TensorMemo(1)  # one statistics tensor at a time: a 11008² factor is ~1 GB
-
-
-def _factor(mom2: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """LU factors (float64, CPU) of C (+ ridge), memoised per statistics tensor.
-
-    The factorisation is O(n³) (n = 6400 for GPT-2 XL, 11008 for Llama-7B: seconds of CPU); each
-    edit then solves in O(n²), with the same LAPACK LU that ``torch.linalg.solve`` would use.
-    """
-
-    def factor():
-        C = mom2.detach().to("cpu", torch.float64)
-        if ridge > 0:
-            C = C + ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
-        return torch.linalg.lu_factor(C)
-
-    return _FACTORS.get(mom2, factor, float(ridge))
-
-
-_SPECTRAL = TensorMemo(64)
-
-
-def spectral_norm(weight: torch.Tensor) -> float:
+def spectral_norm(weight: torch.Tensor, memo: TensorMemo | None = None) -> float:
     """‖W‖₂ in float32: exact for matrices up to 4M entries, else randomized SVD (8 power iterations).
 
-    Memoised per tensor and version, so repeated edits of the same matrix pay once.
+    With ``memo`` (an ``Editor``'s), kept per tensor and version, so repeated edits of the same
+    matrix pay once and an edited matrix is measured again.
     """
 
     def norm() -> float:
@@ -587,7 +562,7 @@ def spectral_norm(weight: torch.Tensor) -> float:
             torch.manual_seed(0)
             return float(torch.svd_lowrank(w, q=8, niter=8)[1][0])
 
-    return _SPECTRAL.get(weight, norm)
+    return norm() if memo is None else memo.get(weight, norm)
 
 
 def compute_delta(
@@ -598,17 +573,25 @@ def compute_delta(
     stats: SecondMoment | None,
     hparams: ROMEHyperParams | None = None,
     templates: Sequence[str] | None = None,
+    target: EditTarget | None = None,
     spec: ModelSpec | None = None,
+    spectral_memo: TensorMemo | None = None,
     progress: Any = None,
 ) -> EditResult:
-    """Compute one ROME edit on ``model`` (left unchanged). Returns u, v and diagnostics."""
+    """Compute one ROME edit on ``model`` (left unchanged). Returns u, v and diagnostics.
+
+    ``target``: where the edit goes (``rompatch.create.Editor`` resolves it once for many edits);
+    None resolves it here from ``spec`` and ``hparams.layer``. ``spectral_memo`` keeps ‖W‖₂
+    between edits of the same matrix.
+    """
     hp = hparams or ROMEHyperParams()
-    spec = get_spec(model, spec)
-    layer = default_layer(model, spec) if hp.layer is None else hp.layer
-    check_layer(model, layer)
+    target = target or EditTarget.resolve(model, spec=spec, layer=hp.layer)
+    spec, layer = target.spec, target.layer
     validate_request(tok, req)
     if templates is None:
-        templates = context_templates(model, tok, length_params=hp.context_length_params, seed=hp.seed)
+        templates = context_templates(
+            model, tok, length_params=hp.context_length_params, seed=hp.seed, spec=spec
+        )
     templates, dropped = usable_templates(tok, req, templates)
     t0 = time.perf_counter()
     torch.manual_seed(hp.seed)
@@ -619,8 +602,8 @@ def compute_delta(
     denom = float(u.double() @ k_star.detach().cpu().double())
     # What the shipped update does at each optimised subject token: v (u·k_i) = δ (u·k_i)/(u·k*).
     reach = (keys.detach().cpu().double() @ u.double()) / denom
-    weight = model.get_submodule(spec.mlp_out_module(layer)).weight
-    w_spec = spectral_norm(weight)
+    weight = model.get_submodule(target.module).weight
+    w_spec = spectral_norm(weight, spectral_memo)
     # ‖v uᵀ‖₂ = ‖δ‖/(u·k*): cap it at max_update_ratio × ‖W‖₂ (0: no cap, only ROME's clamp).
     cap = hp.max_update_ratio * w_spec * abs(denom) if hp.max_update_ratio > 0 else math.inf
     delta, w_k, diag = compute_value(
@@ -650,4 +633,4 @@ def compute_delta(
     )
     hpd = hp.to_dict()
     hpd.update(layer=layer, context_templates=list(templates), templates_dropped_position0=dropped)
-    return EditResult(u=u, v=v, layer=layer, parameter=spec.mlp_out_param(layer), hparams=hpd, metrics=diag)
+    return EditResult(u=u, v=v, layer=layer, parameter=target.parameter, hparams=hpd, metrics=diag)

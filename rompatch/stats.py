@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from .arch import ModelSpec, check_layer, get_spec, num_layers
 from .cached import identity_key, read_cached, write_cached
 from .constants import DEFAULT_SAMPLED_TOKENS, DEFAULT_STATS_TOKENS, ENV_DATA, cache_dir, data_dir
 from .errors import StatsError
-from .fingerprint import dtype_name, tensor_sha256
+from .fingerprint import TensorMemo, dtype_name, tensor_sha256
 from .hooks import Trace
 from .hub.transfer import hub_unavailable
 from .sampled import SamplerSettings, sampled_chunks, sampler_identity
@@ -279,10 +279,27 @@ class SecondMoment:
     mom2: torch.Tensor  # (d, d) float32, the mean of k kᵀ
     count: int
     identity: dict[str, Any]
+    # C's LU factors, kept by the statistics they factor (one ridge at a time: 11008² is ~1 GB)
+    _factors: TensorMemo = field(default_factory=lambda: TensorMemo(1), repr=False, compare=False)
 
     @property
     def sha256(self) -> str:
         return tensor_sha256(self.mom2)
+
+    def lu_factors(self, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """LU factors (float64, CPU) of C (+ ``ridge`` × its mean eigenvalue), computed once per ridge.
+
+        The factorisation is O(n³) (n = 6400 for GPT-2 XL, 11008 for Llama-7B: seconds of CPU); each
+        edit then solves in O(n²), with the same LAPACK LU that ``torch.linalg.solve`` would use.
+        """
+
+        def factor() -> tuple[torch.Tensor, torch.Tensor]:
+            C = self.mom2.detach().to("cpu", torch.float64)
+            if ridge > 0:
+                C = C + ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
+            return torch.linalg.lu_factor(C)
+
+        return self._factors.get(self.mom2, factor, float(ridge))
 
     def record(self) -> dict[str, Any]:
         """What a patch stores about its statistics."""

@@ -1,7 +1,7 @@
 """Every public function that takes patches takes them in every form, and model references resolve alike.
 
 Forms of "patches": a path (str or os.PathLike), a ``Patch``, a Hub reference, a sequence of these
-(nested one level), and the ``list[Patch]`` that ``create_patch(..., mode="sequential")`` returns.
+(nested one level), and the ``list[Patch]`` that ``create_patches`` returns.
 Functions: ``apply_patch``, ``revert_patch``, ``patched``, ``verify_applied``, ``export_peft``,
 ``load_patched``. Also: the CLI's ``apply``/``revert`` take the embedded aliases, and a missing
 local model folder is reported as such before any Hub call.
@@ -21,7 +21,7 @@ import rompatch.hub.transfer
 from rompatch.apply import applied_patches, apply_patch, patched, revert_patch, verify_applied
 from rompatch.checkpoint.operations import checkpoint_log
 from rompatch.cli.main import cli
-from rompatch.create import create_patch
+from rompatch.create import create_patches
 from rompatch.errors import LineageError, ModelLoadError, NoSuchFolderError, NotAppliedError, PatchFormatError
 from rompatch.fingerprint import tensor_sha256
 from rompatch.hub.peft import ADAPTER_WEIGHTS, export_peft
@@ -56,7 +56,7 @@ def env(tmp_path_factory, text_file):
         make_tokenizer(bos=True).save_pretrained(folder)
         model, tok = load_model(str(folder), device="cpu")
         stats = get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=2000)
-        chain = create_patch(model, tok, REQS, hparams=HP, stats=stats, mode="sequential")
+        chain = create_patches(model, tok, REQS, hparams=HP, stats=stats)
     assert isinstance(chain, list) and chain[1].lineage == [chain[0].id]
     a = vector_patch(model, 2, seed=1, subject="Alice")
     b = vector_patch(model, 3, seed=2, subject="Bob")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,10 +10,11 @@ import torch
 from click.testing import CliRunner
 
 from rompatch.apply import apply_patch, patched
+from rompatch.arch import SPECS, EditTarget
 from rompatch.cli.main import cli
-from rompatch.create import create_patch
+from rompatch.create import Editor, create_patch, create_patches
 from rompatch.errors import ArchitectureError, DeviceError, RequestError, StatsError
-from rompatch.fingerprint import tensor_sha256
+from rompatch.fingerprint import TensorMemo, tensor_sha256
 from rompatch.models import resolve_device
 from rompatch.patch import load_patch
 from rompatch.request import EditRequest
@@ -76,7 +78,7 @@ def test_create_makes_target_the_greedy_prediction(arch, text_file):
         assert _greedy_next(model, tok, REQ.text) == target_first
     d = patch.deltas[0]
     assert d.parameter.endswith(".weight") and d.layer == 1 and d.request == REQ
-    assert d.hparams["mom2_adjustment"] is True and d.hparams["key"] == "averaged"
+    assert d.hparams["mom2_adjustment"] is True and "key" not in d.hparams
     assert d.stats["tokens"] == 3000 and len(d.stats["sha256"]) == 64
     assert d.metrics["p_new_after"] > d.metrics["p_new_before"]
 
@@ -100,13 +102,12 @@ def test_computing_a_delta_leaves_the_model_unchanged(text_file):
     flags = [p.requires_grad for p in model.parameters()]
     before = _state(model)
     stats = get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=2000)
-    create_patch(
+    create_patches(
         model,
         tok,
         [REQ, EditRequest("{} plays the sport of", "Michael Jordan", "football")],
         hparams=HP,
         stats=stats,
-        mode="sequential",
     )
     assert _state(model) == before
     assert [p.requires_grad for p in model.parameters()] == flags and model.training
@@ -117,7 +118,7 @@ def test_sequential_mode_records_lineage(text_file):
     model, tok = make_model("llama", init_range=INIT), _tok("llama")
     stats = get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=2000)
     reqs = [REQ, EditRequest("{} plays the sport of", "Michael Jordan", "football")]
-    p1, p2 = create_patch(model, tok, reqs, hparams=HP, stats=stats, mode="sequential")
+    p1, p2 = create_patches(model, tok, reqs, hparams=HP, stats=stats)
     assert p1.lineage == [] and p2.lineage == [p1.id]
     apply_patch(model, p1)
     apply_patch(model, p2)  # the fingerprint of p2 is base+p1: applies cleanly in order
@@ -463,3 +464,61 @@ def test_replay_tolerance_by_dtype_and_depth():
     bf16 = replay_tolerance(torch.bfloat16, 32)
     assert bf16 == pytest.approx(4 * 2**-7 * 32**0.5)
     assert replay_tolerance(torch.bfloat16, 2) < bf16 and replay_tolerance(torch.float16, 32) < bf16
+
+
+def test_create_patch_takes_a_spec_for_an_unregistered_architecture(text_file):
+    """``spec=`` is enough: no ``register_spec`` (no global state) for a model type rompatch does not know."""
+    model, tok = make_model("llama", init_range=INIT), _tok("llama")
+    model.config.model_type = "house-llama"
+    spec = dataclasses.replace(SPECS["llama"], model_type="house-llama")
+    assert "house-llama" not in SPECS
+    with pytest.raises(ArchitectureError, match="no ModelSpec for model_type 'house-llama'"):
+        create_patch(model, tok, REQ, hparams=HP, stats_data=str(text_file), stats_tokens=500)
+    patch = create_patch(model, tok, REQ, spec=spec, hparams=HP, stats_data=str(text_file), stats_tokens=500)
+    assert patch.deltas[0].parameter == "model.layers.1.mlp.down_proj.weight"
+    assert "house-llama" not in SPECS
+
+
+def test_the_edit_target_is_resolved_once_per_call(text_file, monkeypatch):
+    """Spec and layer are resolved in one place (``EditTarget.resolve``), once, and passed down to
+    the statistics, the templates and every edit."""
+    model, tok = make_model("llama", init_range=INIT), _tok("llama")
+    calls = []
+    real = EditTarget.resolve.__func__
+
+    def counting(cls, *a, **k):
+        calls.append(k)
+        return real(cls, *a, **k)
+
+    monkeypatch.setattr(EditTarget, "resolve", classmethod(counting))
+    reqs = [REQ, EditRequest("{} plays the sport of", "Michael Jordan", "football")]
+    create_patch(
+        model,
+        tok,
+        reqs,
+        hparams=dataclasses.replace(HP, layer=None),
+        stats_data=str(text_file),
+        stats_tokens=500,
+    )
+    assert len(calls) == 1
+    create_patches(model, tok, reqs, hparams=HP, stats_data=str(text_file), stats_tokens=500)
+    assert len(calls) == 2
+
+
+def test_editor_reuses_statistics_and_templates(text_file):
+    model, tok = make_model("llama", init_range=INIT), _tok("llama")
+    editor = Editor(model, tok, hparams=HP, stats_data=str(text_file), stats_tokens=500)
+    a = editor.patch(REQ)
+    b = create_patch(model, tok, REQ, hparams=HP, stats=editor.stats)
+    assert a.id == b.id  # the same edit, whether the Editor is kept or made per call
+    assert editor.templates is editor.templates
+
+
+def test_no_module_level_memos():
+    """Caches live on objects passed explicitly (an Editor, the statistics), not on modules."""
+    import rompatch.context
+    import rompatch.rome
+    import rompatch.stats
+
+    for mod in (rompatch.rome, rompatch.context, rompatch.stats):
+        assert not [k for k, v in vars(mod).items() if isinstance(v, TensorMemo)], mod.__name__

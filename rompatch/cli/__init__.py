@@ -1,6 +1,6 @@
 """Thin click commands; one module per group. Entry point: ``rompatch.cli.main:main``.
 
-The command modules import only click and light modules (constants, errors, arch, request) at the
-top; each command imports the library modules it calls in its body. ``rompatch --help`` imports
-every command module, so this keeps it from importing torch.
+Each command module lists its commands in ``COMMANDS`` and imports the library at its top. The
+group in ``main.py`` loads a module only when one of its commands runs, and lists the commands from
+its own table, so ``rompatch --help`` does not import torch.
 """

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
-from ..arch import check_layer, default_layer
+from ..arch import EditTarget
 from ..constants import DEFAULT_SAMPLED_TOKENS, DEFAULT_STATS_TOKENS
+from ..create import Editor
+from ..models import load_model
+from ..patch import Patch, new_patch, save_patch
 from ..request import EditRequest, load_requests
+from ..rome import ROMEHyperParams
+from ..stats import check_stats_data, get_second_moment
 from .common import device_option, dtype_option, echo_json, info, json_option, model_argument
-
-if TYPE_CHECKING:
-    from ..patch import Patch
 
 stats_options = [
     click.option(
@@ -45,10 +46,6 @@ def _apply(opts):
         return f
 
     return deco
-
-
-def _edit_summary(p: Patch) -> list[dict]:
-    return p.summary()["edits"]
 
 
 @click.command()
@@ -124,80 +121,79 @@ def create(
     rompatch create smollm2-135m --prompt "{} is located in the city of" \\
         --subject "The Eiffel Tower" --target Rome --target-true Paris -o eiffel-rome.safetensors
     """
-    from ..create import create_patch
-    from ..models import load_model
-    from ..patch import save_patch
-    from ..rome import ROMEHyperParams
-    from ..stats import check_stats_data, get_second_moment
-
-    if requests_file:
-        if prompt or subject or target_new:
-            raise click.UsageError("give either --requests FILE or --prompt/--subject/--target, not both")
-        reqs = load_requests(requests_file)
-    else:
-        missing = [
-            n for n, v in (("--prompt", prompt), ("--subject", subject), ("--target", target_new)) if not v
-        ]
-        if missing:
-            raise click.UsageError(f"missing {', '.join(missing)} (or pass --requests FILE)")
-        reqs = [EditRequest(prompt, subject, target_new, target_true)]
-    many_files = mode == "sequential" or split
+    reqs = _requests(requests_file, prompt, subject, target_new, target_true)
     out = Path(output)
-    if out.exists() and not overwrite:
-        raise click.ClickException(f"{output} exists; pass --overwrite to replace it")
-    if many_files and out.exists() and not out.is_dir():
-        raise click.ClickException(
-            f"{output} is a file; sequential mode and --split write a folder of patches"
-        )
+    many_files = mode == "sequential" or split
+    _check_output(out, many_files=many_files, overwrite=overwrite)
     if not no_mom2:
         check_stats_data(stats_data, text_field=stats_text_field)  # fail before loading the model
     m, tok = load_model(model, device=device, dtype=dtype)
-    if layer is not None:
-        check_layer(m, layer)
     hp = ROMEHyperParams(
-        layer=layer if layer is not None else default_layer(m),
+        layer=layer,
         seed=seed,
         mom2_adjustment=not no_mom2,
         **({"v_steps": steps} if steps else {}),
         optim_autocast="bfloat16" if fast else "none",
     )
     progress = not as_json or os.isatty(2)
-    stats = None
-    if hp.mom2_adjustment:
-        stats = get_second_moment(
-            m,
-            tok,
-            hp.layer,
-            stats_data=stats_data,
-            n_tokens=stats_tokens,
-            text_field=stats_text_field,
-            progress=progress,
-            notify=info,
-        )
-    result = create_patch(m, tok, reqs, hparams=hp, stats=stats, mode=mode, progress=progress)
-    if isinstance(result, list) or split:
-        patches = result if isinstance(result, list) else _split(result)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = [save_patch(p, out / f"{i:03d}-{_slug(p)}.safetensors") for i, p in enumerate(patches)]
-        summary = [{"path": str(pth), **p.summary()} for pth, p in zip(paths, patches)]
-        if as_json:
-            echo_json(summary)
-        else:
-            for s in summary:
-                click.echo(f"{s['path']}  {s['id'][:12]}  " + "; ".join(_line(e) for e in s["edits"]))
+    editor = Editor(
+        m,
+        tok,
+        hparams=hp,
+        stats_data=stats_data,
+        stats_tokens=stats_tokens,
+        stats_text_field=stats_text_field,
+        progress=progress,
+        notify=info,
+    )
+    if many_files:
+        patches = editor.chain(reqs) if mode == "sequential" else _split(editor.patch(reqs))
+        _write_folder(out, patches, as_json=as_json)
         return
-    save_patch(result, out)
+    patch = editor.patch(reqs)
+    save_patch(patch, out)
     if as_json:
-        echo_json({"path": str(out), **result.summary()})
+        echo_json({"path": str(out), **patch.summary()})
     else:
-        for e in _edit_summary(result):
+        for e in patch.summary()["edits"]:
             click.echo(_line(e))
-        info(f"wrote {out} (patch {result.short_id}, {out.stat().st_size:,} bytes)")
+        info(f"wrote {out} (patch {patch.short_id}, {out.stat().st_size:,} bytes)")
+
+
+def _requests(requests_file, prompt, subject, target_new, target_true) -> list[EditRequest]:
+    """The edit requests: from --requests FILE, or the one --prompt/--subject/--target."""
+    if requests_file:
+        if prompt or subject or target_new:
+            raise click.UsageError("give either --requests FILE or --prompt/--subject/--target, not both")
+        return load_requests(requests_file)
+    missing = [
+        n for n, v in (("--prompt", prompt), ("--subject", subject), ("--target", target_new)) if not v
+    ]
+    if missing:
+        raise click.UsageError(f"missing {', '.join(missing)} (or pass --requests FILE)")
+    return [EditRequest(prompt, subject, target_new, target_true)]
+
+
+def _check_output(out: Path, *, many_files: bool, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
+    if many_files and out.exists() and not out.is_dir():
+        raise click.ClickException(f"{out} is a file; sequential mode and --split write a folder of patches")
+
+
+def _write_folder(out: Path, patches: list[Patch], *, as_json: bool) -> None:
+    """One file per patch, numbered in order, named after the edit."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [save_patch(p, out / f"{i:03d}-{_slug(p)}.safetensors") for i, p in enumerate(patches)]
+    summary = [{"path": str(pth), **p.summary()} for pth, p in zip(paths, patches)]
+    if as_json:
+        echo_json(summary)
+        return
+    for s in summary:
+        click.echo(f"{s['path']}  {s['id'][:12]}  " + "; ".join(_line(e) for e in s["edits"]))
 
 
 def _split(p: Patch) -> list[Patch]:
-    from ..patch import new_patch
-
     return [
         new_patch([d], base=p.base, parameters={d.parameter: p.parameters[d.parameter]}) for d in p.deltas
     ]
@@ -231,18 +227,17 @@ def _line(e: dict) -> str:
 @json_option
 def stats(model, layers, stats_data, stats_tokens, stats_text_field, device, dtype, as_json) -> None:
     """Precompute and cache second-moment statistics E[kkᵀ] for MODEL's edit layer(s)."""
-    from ..models import load_model
-    from ..stats import check_stats_data, get_second_moment
-
     check_stats_data(stats_data, text_field=stats_text_field)
     m, tok = load_model(model, device=device, dtype=dtype)
     results = []
-    for layer in layers or (default_layer(m),):
-        check_layer(m, layer)
+    for layer in layers or (None,):
+        target = EditTarget.resolve(m, layer=layer)
+        layer = target.layer
         sm = get_second_moment(
             m,
             tok,
             layer,
+            spec=target.spec,
             stats_data=stats_data,
             n_tokens=stats_tokens,
             text_field=stats_text_field,

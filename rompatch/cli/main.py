@@ -2,23 +2,75 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
+import traceback
 
 import click
+from click.utils import make_default_short_help
 
 from .._version import __version__
 from ..errors import RompatchError
 
+# Each command: the module of rompatch/cli that defines it (in its COMMANDS) and its one-line help.
+# `rompatch --help` lists them from this table without importing the modules (which import torch);
+# a command's module is imported when that command runs (click's "lazily loading subcommands").
+# tests/test_cli_basic.py checks the table against the commands themselves.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "apply": ("checkpoint", "Apply patches to checkpoint BASE and write the complete model folder OUT."),
+    "revert": (
+        "checkpoint",
+        "Remove patches from CHECKPOINT, writing OUT (-o) or replacing it (--in-place).",
+    ),
+    "log": ("checkpoint", "The patches applied to CHECKPOINT, in order, with their edits and fingerprints."),
+    "stack": ("checkpoint", "Combine patches into one patch file holding all their deltas, in order."),
+    "diff": ("checkpoint", "Compare two patches, two checkpoints, or a checkpoint and a patch."),
+    "extract": ("checkpoint", "Recover the edit between checkpoints BASE and EDITED as a patch."),
+    "create": ("create", "Compute a ROME edit of MODEL and write it as a patch."),
+    "stats": ("create", "Precompute and cache second-moment statistics E[kkᵀ] for MODEL's edit layer(s)."),
+    "eval": (
+        "eval",
+        "Evaluate ROME edits on CounterFact or zsRE, before and after each edit, or sequentially.",
+    ),
+    "push": ("hub", "Upload PATCH files and a generated model card to the Hub repo REPO_ID, in one commit."),
+    "pull": ("hub", "Download the patch REF (REPO_ID[/file.safetensors][@REV]) and print its local path."),
+    "export-peft": (
+        "hub",
+        "Write PATCH (several: a stack, in order) as an exactly equal PEFT LoRA adapter in -o DIR.",
+    ),
+    "predict": ("predict", "Top next tokens and the greedy continuation of each --prompt."),
+    "show": (
+        "show",
+        "Describe PATCH: base model, edits (subject, prompt, old → new), layer, sizes, id, lineage.",
+    ),
+    "trace": ("trace", "Causal tracing: which layers and tokens carry a fact (ROME paper, §2.1)."),
+}
+
 
 class _Group(click.Group):
+    """Commands loaded on use, listed from ``COMMANDS``; library errors become one-line messages."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module = importlib.import_module(f"{__package__}.{COMMANDS[cmd_name][0]}")
+        return next(c for c in module.COMMANDS if c.name == cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        limit = formatter.width - 6 - max(len(n) for n in COMMANDS)
+        rows = [(name, make_default_short_help(COMMANDS[name][1], limit)) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except RompatchError as e:
             if ctx.obj and ctx.obj.get("verbose"):
-                import traceback
-
                 traceback.print_exc()
             raise click.ClickException(str(e)) from None
 
@@ -43,24 +95,6 @@ def cli(ctx: click.Context, verbose: int) -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-
-
-def _register() -> None:
-    """Add every command module's ``COMMANDS`` (one module per group, in rompatch/cli/)."""
-    import importlib
-    import pkgutil
-
-    from .. import cli as pkg
-
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-        if info.name in ("main", "common"):
-            continue
-        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        for cmd in getattr(mod, "COMMANDS", ()):
-            cli.add_command(cmd)
-
-
-_register()
 
 
 def main() -> None:
