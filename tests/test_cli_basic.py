@@ -31,6 +31,25 @@ def test_help_lists_commands(runner):
         assert cmd in r.output
 
 
+def test_help_table_matches_the_commands():
+    """``rompatch --help`` lists commands from main.COMMANDS without importing them; every entry
+    names the module that defines the command and its real one-line help, and no command is missing."""
+    import importlib
+    import pkgutil
+
+    import rompatch.cli as pkg
+    from rompatch.cli.main import COMMANDS
+
+    found = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name == "main":
+            continue
+        mod = importlib.import_module(f"rompatch.cli.{info.name}")
+        for cmd in getattr(mod, "COMMANDS", ()):
+            found[cmd.name] = (info.name, cmd.get_short_help_str(limit=1000))
+    assert found == COMMANDS
+
+
 def test_show_text(runner, patch_file):
     r = runner.invoke(cli, ["show", str(patch_file)])
     assert r.exit_code == 0, r.output

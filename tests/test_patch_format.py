@@ -333,6 +333,8 @@ def test_format_1_0_files_load_keep_their_id_and_version(tmp_path):
     p = load_patch(src)
     assert p.id == meta["patch_id"] and p.format_version == "1.0"
     assert p.deltas[0].seconds == p.deltas[0].metrics["seconds"] and p.deltas[0].timings == {}
+    # hyperparameters that are no longer knobs (never read) stay in the record, so the id holds
+    assert {"key", "value", "target_spacing", "fact_token"} <= set(p.deltas[0].hparams)
     again = save_patch(p, tmp_path / "again.safetensors")
     meta2, _ = _raw(again)
     assert meta2["format_version"] == "1.0" and meta2["patch_id"] == p.id

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import click
 
+from ..hub.peft import export_peft
+from ..hub.pull import pull_patch
+from ..hub.push import push_patch
+from ..refs import resolve_patches
 from .common import echo_json, info, json_option, revision_option
 
 
@@ -22,8 +26,6 @@ def push(args, private, revision, message, base_model, as_json) -> None:
     Creates the repo if needed. Files already in the repo are kept. The token comes from HF_TOKEN
     or `hf auth login`. PATCH may also be a Hub reference (copied to REPO_ID).
     """
-    from ..hub.push import push_patch
-
     if len(args) < 2:
         raise click.UsageError("pass at least one PATCH and the REPO_ID to push to")
     *patches, repo_id = args
@@ -59,8 +61,6 @@ def push(args, private, revision, message, base_model, as_json) -> None:
 @revision_option
 def pull(ref, local_dir, revision) -> None:
     """Download the patch REF (REPO_ID[/file.safetensors][@REV]) and print its local path."""
-    from ..hub.pull import pull_patch
-
     click.echo(str(pull_patch(ref, revision=revision, local_dir=local_dir)))
 
 
@@ -86,9 +86,6 @@ def export_peft_cmd(patches, out_dir, base_model, force, num_layers, uniform_ran
 
     Rank = deltas per module, lora_A rows = uᵀ, lora_B columns = v, lora_alpha = r (scale 1).
     """
-    from ..hub.peft import export_peft
-    from ..refs import resolve_patches
-
     plist = resolve_patches(patches, revision=revision)
     out = export_peft(
         plist,

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import click
 
+from ..apply import patched
+from ..models import load_model
+from ..predict import greedy, top_next_tokens
+from ..refs import resolve_patches
 from .common import device_option, dtype_option, echo_json, json_option, model_argument, revision_option
 
 
 def _run(model, tok, prompt: str, top_k: int, max_new_tokens: int) -> dict:
-    from ..predict import greedy, top_next_tokens
 
     return {
         "top": [{"token": t, "prob": p} for t, p in top_next_tokens(model, tok, prompt, k=top_k)],
@@ -45,10 +48,6 @@ def predict(
 
     With --patch, prints the result without and with the patches, so you see what they change.
     """
-    from ..apply import patched
-    from ..models import load_model
-    from ..refs import resolve_patches
-
     patches = resolve_patches(patch_refs, revision=revision)
     m, tok = load_model(model, device=device, dtype=dtype)
     results = []

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import click
 
+from ..patch import Patch
+from ..refs import resolve_patch
 from .common import echo_json, json_option, revision_option
-
-if TYPE_CHECKING:
-    from ..patch import Patch
 
 
 def format_patch(patch: Patch) -> str:
@@ -61,8 +58,6 @@ def show(patch: str, revision: str | None, as_json: bool) -> None:
 
     PATCH is a patch file or a Hub reference (REPO_ID[/file.safetensors][@REV]).
     """
-    from ..refs import resolve_patch
-
     p = resolve_patch(patch, revision=revision)
     if as_json:
         echo_json(p.summary())
