@@ -193,13 +193,19 @@ def hub_errors(
     filename: str | None = None,
     revision: str | None = None,
     token: str | None = None,
+    offline_fix: str = "run `rompatch pull` once with network access, or unset HF_HUB_OFFLINE",
 ) -> Iterator[None]:
-    """Turn huggingface_hub/network exceptions into one-line HubErrors without the token."""
+    """Turn huggingface_hub/network exceptions into one-line HubErrors without the token.
+
+    The one mapping of Hub failures in rompatch (patches, model cards and checkpoints alike).
+    ``offline_fix`` is what to do when the file is not cached and HF_HUB_OFFLINE forbids fetching it.
+    """
     import httpx2
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
@@ -213,7 +219,12 @@ def hub_errors(
     except RompatchError:
         raise
     except Exception as e:  # mapped below; anything unexpected is re-raised as is
-        if isinstance(e, RevisionNotFoundError):
+        if isinstance(e, HFValidationError):
+            msg = (
+                f"cannot {action}: '{repo_id}' is neither an existing local folder nor a valid Hub repo id; "
+                "pass a local folder or USER/REPO"
+            )
+        elif isinstance(e, RevisionNotFoundError):
             msg = (
                 f"cannot {action}: revision '{rev}' does not exist in {repo_id} on {endpoint()}; "
                 "check the branch, tag or commit name"
@@ -233,7 +244,7 @@ def hub_errors(
             if is_offline():
                 msg = (
                     f"cannot {action}: {where}@{rev} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 "
-                    "forbids downloading it; run `rompatch pull` once with network access, or unset HF_HUB_OFFLINE"
+                    f"forbids downloading it; {offline_fix}"
                 )
             else:
                 msg = (
@@ -462,6 +473,29 @@ def download(
 # ----------------------------------------------------------------------------------- fetching
 
 
+def snapshot(repo_id: str, patterns: Sequence[str], *, revision: str | None, action: str) -> Path:
+    """The files of ``repo_id`` matching ``patterns`` at ``revision``, in the Hugging Face cache
+    (``snapshot_download``; from the cache alone under HF_HUB_OFFLINE). Returns the snapshot folder."""
+    from huggingface_hub import snapshot_download
+
+    with hub_errors(
+        action,
+        repo_id=repo_id,
+        revision=revision,
+        offline_fix="fetch it once with network access (HF_HUB_OFFLINE unset), or pass a local folder",
+    ):
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=list(patterns),
+                local_files_only=is_offline(),
+                library_name="rompatch",
+                library_version=__version__,
+            )
+        )
+
+
 def fetch_patch(ref: str, load: Callable[[Path], T], *, revision: str | None = None) -> tuple[T, Path, str]:
     """Download the patch file ``ref`` names into the Hugging Face cache and ``load`` it; returns
     what ``load`` gave, the cached file and its path inside the repo.
@@ -511,4 +545,5 @@ __all__ = [
     "is_offline",
     "parse_ref",
     "single_local_patch",
+    "snapshot",
 ]
