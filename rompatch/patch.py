@@ -316,13 +316,8 @@ def load_patch(path: str | os.PathLike, *, verify_id: bool = True) -> Patch:
     return from_safetensors(meta, tensors, where=where, verify_id=verify_id)
 
 
-def from_safetensors(
-    meta: Mapping[str, str] | None,
-    tensors: Mapping[str, torch.Tensor],
-    *,
-    where: str = "patch",
-    verify_id: bool = True,
-) -> Patch:
+def _check_version(meta: Mapping[str, str] | None, where: str) -> str:
+    """The file's format version, after checking that it is a rompatch patch this version reads."""
     if not meta:
         raise PatchFormatError(f"{where}: safetensors file has no metadata; it is not a rompatch patch")
     if meta.get("format") != FORMAT_NAME:
@@ -347,7 +342,11 @@ def from_safetensors(
         raise PatchFormatError(
             f"{where}: metadata is missing required key(s) {', '.join(missing)}; the file is corrupt"
         )
+    return version
 
+
+def _sections(meta: Mapping[str, str], where: str) -> tuple[dict, dict, list, list]:
+    """The JSON sections ``base``, ``parameters``, ``deltas`` and ``lineage``, each of its type."""
     base = _json_key(meta, "base", where)
     params_raw = _json_key(meta, "parameters", where)
     deltas_raw = _json_key(meta, "deltas", where)
@@ -360,7 +359,10 @@ def from_safetensors(
         raise PatchFormatError(f"{where}: metadata 'deltas' must be a list")
     if not isinstance(lineage, list) or not all(isinstance(x, str) for x in lineage):
         raise PatchFormatError(f"{where}: metadata 'lineage' must be a list of patch ids")
+    return base, params_raw, deltas_raw, list(lineage)
 
+
+def _parameters(params_raw: Mapping[str, Any], where: str) -> dict[str, ParamInfo]:
     parameters: dict[str, ParamInfo] = {}
     for name, p in params_raw.items():
         try:
@@ -372,7 +374,43 @@ def from_safetensors(
             raise PatchFormatError(
                 f"{where}: parameter '{name}' needs shape, dtype and sha256 ({e})"
             ) from None
+    return parameters
 
+
+def _delta(i: int, d: Any, tensors: Mapping[str, torch.Tensor], where: str) -> RankOneDelta:
+    """Delta ``i`` from its metadata and its two float32 vectors."""
+    try:
+        req = d.get("request")
+        delta = RankOneDelta(
+            u=tensors[f"deltas.{i}.u"],
+            v=tensors[f"deltas.{i}.v"],
+            layer=int(d["layer"]),
+            parameter=str(d["parameter"]),
+            request=None if req is None else EditRequest(**req),
+            kind=str(d.get("kind", "rome")),
+            hparams=dict(d.get("hparams", {})),
+            stats=dict(d.get("stats", {})),
+            metrics=dict(d.get("metrics", {})),
+            timings=dict(d.get("timings", {})),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise PatchFormatError(
+            f"{where}: delta {i} metadata is malformed ({e}); needs layer and parameter"
+        ) from None
+    for x in ("u", "v"):
+        t = tensors[f"deltas.{i}.{x}"]
+        if t.dtype != torch.float32:
+            raise PatchFormatError(
+                f"{where}: tensor deltas.{i}.{x} is {t.dtype}, the format requires float32"
+            )
+        if t.ndim != 1:
+            raise PatchFormatError(
+                f"{where}: tensor deltas.{i}.{x} has shape {tuple(t.shape)}, expected a vector"
+            )
+    return delta
+
+
+def _deltas(deltas_raw: list, tensors: Mapping[str, torch.Tensor], where: str) -> list[RankOneDelta]:
     expected = {f"deltas.{i}.{x}" for i in range(len(deltas_raw)) for x in ("u", "v")}
     if set(tensors) != expected:
         extra = sorted(set(tensors) - expected)
@@ -381,46 +419,29 @@ def from_safetensors(
             f"{where}: tensors do not match the {len(deltas_raw)} deltas in the metadata "
             f"(missing: {lacking or 'none'}, unexpected: {extra or 'none'})"
         )
+    return [_delta(i, d, tensors, where) for i, d in enumerate(deltas_raw)]
 
-    deltas = []
-    for i, d in enumerate(deltas_raw):
-        try:
-            req = d.get("request")
-            deltas.append(
-                RankOneDelta(
-                    u=tensors[f"deltas.{i}.u"],
-                    v=tensors[f"deltas.{i}.v"],
-                    layer=int(d["layer"]),
-                    parameter=str(d["parameter"]),
-                    request=None if req is None else EditRequest(**req),
-                    kind=str(d.get("kind", "rome")),
-                    hparams=dict(d.get("hparams", {})),
-                    stats=dict(d.get("stats", {})),
-                    metrics=dict(d.get("metrics", {})),
-                    timings=dict(d.get("timings", {})),
-                )
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise PatchFormatError(
-                f"{where}: delta {i} metadata is malformed ({e}); needs layer and parameter"
-            ) from None
-        for x in ("u", "v"):
-            t = tensors[f"deltas.{i}.{x}"]
-            if t.dtype != torch.float32:
-                raise PatchFormatError(
-                    f"{where}: tensor deltas.{i}.{x} is {t.dtype}, the format requires float32"
-                )
-            if t.ndim != 1:
-                raise PatchFormatError(
-                    f"{where}: tensor deltas.{i}.{x} has shape {tuple(t.shape)}, expected a vector"
-                )
 
+def from_safetensors(
+    meta: Mapping[str, str] | None,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    where: str = "patch",
+    verify_id: bool = True,
+) -> Patch:
+    """A ``Patch`` from a file's metadata and tensors, validated (docs/patch-format.md): the format
+    and version, every section, the tensors against the deltas, and (``verify_id``) the content hash."""
+    version = _check_version(meta, where)
+    assert meta is not None
+    base, params_raw, deltas_raw, lineage = _sections(meta, where)
+    parameters = _parameters(params_raw, where)
+    deltas = _deltas(deltas_raw, tensors, where)
     extra = {k: v for k, v in meta.items() if k not in REQUIRED_KEYS and k != "created_at"}
     patch = Patch(
         deltas=deltas,
         base=base,
         parameters=parameters,
-        lineage=list(lineage),
+        lineage=lineage,
         created_at=meta.get("created_at"),
         rompatch_version=meta["rompatch_version"],
         extra=extra,

@@ -122,17 +122,23 @@ def card_metadata(
 
 
 def render_body(entries: Sequence[tuple[str, Patch]], *, repo_id: str) -> str:
-    """The generated Markdown body (between the rompatch markers)."""
+    """The generated Markdown body (between the rompatch markers): intro, edits, metrics, patches, usage."""
     entries = ordered(entries)
-    bases = []
-    for _, p in entries:
-        b = p.base.get("model", "unknown")
-        if b not in bases:
-            bases.append(b)
+    bases = list(dict.fromkeys(p.base.get("model", "unknown") for _, p in entries))
     lines = [BEGIN, f"# {repo_id}", ""]
+    lines += _intro(entries, bases)
+    lines += _edits_table(entries)
+    lines += _metrics_table(entries)
+    lines += _patches_table(entries)
+    lines += _usage(entries, bases, repo_id)
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def _intro(entries: Sequence[tuple[str, Patch]], bases: list[str]) -> list[str]:
     base_txt = ", ".join(_base_link(b) for b in bases)
     n_edits = sum(len(p.deltas) for _, p in entries)
-    lines += [
+    lines = [
         f"{n_edits} fact edit{'s' if n_edits != 1 else ''} of {base_txt}, as "
         f"[rompatch]({PROJECT_URL}) patch file{'s' if len(entries) != 1 else ''}: "
         "rank-one updates (ROME, Meng et al. 2022) to MLP output matrices, with their provenance. "
@@ -148,8 +154,11 @@ def render_body(entries: Sequence[tuple[str, Patch]], *, repo_id: str) -> str:
                 "patch's fingerprints are for those weights.",
                 "",
             ]
+    return lines
 
-    lines += [
+
+def _edits_table(entries: Sequence[tuple[str, Patch]]) -> list[str]:
+    lines = [
         "## Edits",
         "",
         "| file | subject | prompt | old → new | layer | statistics |",
@@ -169,30 +178,32 @@ def render_body(entries: Sequence[tuple[str, Patch]], *, repo_id: str) -> str:
                     f"| {_cell(f)} | {_cell(r.subject)} | {_cell(r.prompt)} | "
                     f"{_cell(old)} → {_cell(r.target_new)} | {d.layer} | {st} |"
                 )
-    lines.append("")
+    return lines + [""]
 
+
+def _metrics_table(entries: Sequence[tuple[str, Patch]]) -> list[str]:
     columns = _metric_columns([d for _, p in entries for d in p.deltas])
-    lines += ["## Metrics at creation", ""]
-    if columns:
-        shown = columns[:_MAX_METRIC_COLUMNS]
-        lines += [
-            "| file | subject | " + " | ".join(_cell(title) for title, _ in shown) + " |",
-            "| --- | --- | " + " | ".join("---" for _ in shown) + " |",
-        ]
-        for f, p in entries:
-            for d in p.deltas:
-                subj = d.request.subject if d.request else f"delta on layer {d.layer}"
-                vals = " | ".join(value(d.metrics) for _, value in shown)
-                lines.append(f"| {_cell(f)} | {_cell(subj)} | {vals} |")
-        if len(columns) > len(shown):
-            lines.append("")
-            more = ", ".join(title for title, _ in columns[len(shown) :])
-            lines.append(f"More metrics ({more}): `rompatch show FILE --json`.")
-    else:
-        lines.append("No metrics were recorded when these patches were created.")
-    lines.append("")
-
+    lines = ["## Metrics at creation", ""]
+    if not columns:
+        return lines + ["No metrics were recorded when these patches were created.", ""]
+    shown = columns[:_MAX_METRIC_COLUMNS]
     lines += [
+        "| file | subject | " + " | ".join(_cell(title) for title, _ in shown) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in shown) + " |",
+    ]
+    for f, p in entries:
+        for d in p.deltas:
+            subj = d.request.subject if d.request else f"delta on layer {d.layer}"
+            vals = " | ".join(value(d.metrics) for _, value in shown)
+            lines.append(f"| {_cell(f)} | {_cell(subj)} | {vals} |")
+    if len(columns) > len(shown):
+        more = ", ".join(title for title, _ in columns[len(shown) :])
+        lines += ["", f"More metrics ({more}): `rompatch show FILE --json`."]
+    return lines + [""]
+
+
+def _patches_table(entries: Sequence[tuple[str, Patch]]) -> list[str]:
+    lines = [
         "## Patches",
         "",
         "| file | patch id | lineage | base | deltas | created |",
@@ -205,20 +216,22 @@ def render_body(entries: Sequence[tuple[str, Patch]], *, repo_id: str) -> str:
             f"| {_cell(f)} | `{p.id}` | {lineage} | {_cell(base)} | {len(p.deltas)} | {_cell(p.created_at or '')} |"
         )
     lines.append("")
-    needs = [(f, p) for f, p in entries if p.lineage]
-    if needs:
+    if any(p.lineage for _, p in entries):
         lines += [
             "A patch with a lineage was computed on top of those patches: apply them first, in the order "
             "listed (the usage below does).",
             "",
         ]
+    return lines
 
+
+def _usage(entries: Sequence[tuple[str, Patch]], bases: list[str], repo_id: str) -> list[str]:
     refs = [f"{repo_id}/{f}" for f, _ in entries]
     base0 = bases[0] if len(bases) == 1 else "BASE_MODEL"
     first_req = next((d.request for _, p in entries for d in p.deltas if d.request is not None), None)
     prompt = first_req.text if first_req is not None else "YOUR PROMPT"
     patch_flags = " ".join(f"--patch {r}" for r in refs)
-    lines += [
+    return [
         "## Usage",
         "",
         "rompatch is not released on a package index; install it from its repository:",
@@ -250,9 +263,7 @@ def render_body(entries: Sequence[tuple[str, Patch]], *, repo_id: str) -> str:
         "",
         "`load_patched` downloads the patches into the Hugging Face cache, applies them in order and checks "
         "every edited tensor. It works offline (`HF_HUB_OFFLINE=1`) once the files are cached.",
-        END,
     ]
-    return "\n".join(lines) + "\n"
 
 
 def _metric_columns(deltas: Sequence[Any]) -> list[tuple[str, Callable[[Mapping[str, Any]], str]]]:

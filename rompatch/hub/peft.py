@@ -26,6 +26,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,124 @@ def _ordered(patches: Sequence[Patch], *, force: bool) -> list[Patch]:
     return list(patches)
 
 
+@dataclass
+class _Modules:
+    """The deltas of each edited module, in application order (patch order, then file order)."""
+
+    deltas: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    layouts: dict[str, str] = field(default_factory=dict)
+    layers: dict[str, int] = field(default_factory=dict)
+    tail_of: dict[str, str] = field(default_factory=dict)  # module → its name inside a block
+    containers: set[str] = field(default_factory=set)  # the ModuleLists of blocks
+
+    @classmethod
+    def of(cls, plist: Sequence[Patch], model_type: str) -> _Modules:
+        m = cls()
+        for p in plist:
+            for d in p.deltas:
+                module = _module_of(d.parameter)
+                layout = p.parameters[d.parameter].layout
+                if m.layouts.setdefault(module, layout) != layout:
+                    raise PatchFormatError(
+                        f"'{d.parameter}' is declared with layouts {m.layouts[module]} and {layout} by different patches"
+                    )
+                container, tail = _split_layer(module, d.layer, model_type)
+                m.containers.add(container)
+                m.tail_of[module] = tail
+                m.layers[module] = d.layer
+                m.deltas.setdefault(module, []).append((d.u, d.v))
+        if len(set(m.layouts.values())) != 1:
+            raise ExportError(
+                "the patches edit both Conv1D and Linear matrices; a LoRA config has one fan_in_fan_out, "
+                "export them as separate adapters"
+            )
+        return m
+
+    def ranks(self) -> dict[str, int]:
+        return {m: len(ds) for m, ds in self.deltas.items()}
+
+    def cover_layers(self, num_layers: int) -> None:
+        """All-zero LoRA weights for the edited module type on every other layer (exact: zero terms)."""
+        if len(self.containers) != 1 or max(self.layers.values()) >= num_layers:
+            raise ExportError(
+                f"--num-layers {num_layers} does not cover the edited layers {sorted(set(self.layers.values()))}; "
+                "pass the base model's number of layers"
+            )
+        container = next(iter(self.containers))
+        shapes = {self.tail_of[m]: (ds[0][0].numel(), ds[0][1].numel()) for m, ds in self.deltas.items()}
+        r_all = max(self.ranks().values())
+        for tail, (n_in, n_out) in shapes.items():
+            for layer in range(num_layers):
+                module = f"{container}.{layer}.{tail}"
+                ds = self.deltas.setdefault(module, [])
+                self.layers.setdefault(module, layer)
+                ds.extend([(torch.zeros(n_in), torch.zeros(n_out))] * (r_all - len(ds)))
+
+    def pad_to_one_rank(self) -> None:
+        """Zero-pad every module to the largest rank (exact: zero terms)."""
+        r_all = max(self.ranks().values())
+        for ds in self.deltas.values():
+            n_in, n_out = ds[0][0].numel(), ds[0][1].numel()
+            ds.extend([(torch.zeros(n_in), torch.zeros(n_out))] * (r_all - len(ds)))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for module, ds in sorted(self.deltas.items(), key=lambda kv: (self.layers[kv[0]], kv[0])):
+            a = torch.stack([u for u, _ in ds], dim=0)  # (r_m, in): rows are uᵢᵀ
+            b = torch.stack([v for _, v in ds], dim=1)  # (out, r_m): columns are vᵢ
+            out[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.to(torch.float32).contiguous()
+            out[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.to(torch.float32).contiguous()
+        return out
+
+
+def _model_type(plist: Sequence[Patch]) -> str:
+    model_types = {p.base.get("model_type") for p in plist}
+    if len(model_types) != 1:
+        raise ExportError(
+            f"the patches are for different architectures ({', '.join(sorted(map(str, model_types)))}); "
+            "export patches of one base model together"
+        )
+    bases = {(p.base.get("model"), p.base.get("revision")) for p in plist}
+    if len(bases) > 1:
+        log.warning("the patches record different base models: %s", sorted(map(str, bases)))
+    return str(model_types.pop())
+
+
+def _lora_config(modules: _Modules, first: Patch, base_model_name_or_path: str | None) -> dict[str, Any]:
+    """The adapter_config.json that makes PEFT compute exactly Σ vᵢ uᵢᵀ (scale 1 on every module)."""
+    ranks = modules.ranks()
+    counts = Counter(ranks.values())
+    r = max(counts, key=lambda k: (counts[k], k))  # the most common rank (ties: the larger) is the default
+    rank_pattern = {m: k for m, k in sorted(ranks.items()) if k != r}
+    base_name = base_model_name_or_path if base_model_name_or_path is not None else _resolve_base_name(first)
+    revision = first.base.get("revision")
+    if not (isinstance(revision, str) and re.fullmatch(r"[0-9a-f]{40}", revision)):
+        revision = None  # only a Hub commit is meaningful to PEFT (not gguf-sha256:... of embedded models)
+    layers_pattern = sorted({c.rsplit(".", 1)[-1] for c in modules.containers})
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name,
+        "revision": revision,
+        "r": r,
+        "lora_alpha": r,  # scaling = lora_alpha / r = 1
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": dict(rank_pattern),  # alpha = rank on every module: scale 1 everywhere
+        "target_modules": sorted(set(modules.tail_of.values())),
+        "layers_to_transform": sorted(set(modules.layers.values())),
+        "layers_pattern": layers_pattern[0] if len(layers_pattern) == 1 else layers_pattern,
+        "fan_in_fan_out": next(iter(modules.layouts.values())) == "conv1d",
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
 def peft_adapter(
     patches: PatchesLike,
     *,
@@ -114,109 +233,12 @@ def peft_adapter(
     if not plist:
         raise ExportError("no patch to export; pass at least one patch")
     plist = _ordered(plist, force=force)
-    model_types = {p.base.get("model_type") for p in plist}
-    if len(model_types) != 1:
-        raise ExportError(
-            f"the patches are for different architectures ({', '.join(sorted(map(str, model_types)))}); "
-            "export patches of one base model together"
-        )
-    model_type = str(model_types.pop())
-    bases = {(p.base.get("model"), p.base.get("revision")) for p in plist}
-    if len(bases) > 1:
-        log.warning("the patches record different base models: %s", sorted(map(str, bases)))
-
-    # Deltas per module, in application order (patch order, then file order).
-    per_module: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    layouts: dict[str, str] = {}
-    layers: dict[str, int] = {}
-    tails: set[str] = set()
-    tail_of: dict[str, str] = {}
-    containers: set[str] = set()
-    for p in plist:
-        for d in p.deltas:
-            module = _module_of(d.parameter)
-            layout = p.parameters[d.parameter].layout
-            if layouts.setdefault(module, layout) != layout:
-                raise PatchFormatError(
-                    f"'{d.parameter}' is declared with layouts {layouts[module]} and {layout} by different patches"
-                )
-            container, tail = _split_layer(module, d.layer, model_type)
-            containers.add(container)
-            tails.add(tail)
-            tail_of[module] = tail
-            layers[module] = d.layer
-            per_module.setdefault(module, []).append((d.u, d.v))
-    if len(set(layouts.values())) != 1:
-        raise ExportError(
-            "the patches edit both Conv1D and Linear matrices; a LoRA config has one fan_in_fan_out, "
-            "export them as separate adapters"
-        )
-    fan_in_fan_out = next(iter(layouts.values())) == "conv1d"
-
-    ranks = {m: len(ds) for m, ds in per_module.items()}
+    modules = _Modules.of(plist, _model_type(plist))
     if num_layers is not None:
-        if len(containers) != 1 or max(layers.values()) >= num_layers:
-            raise ExportError(
-                f"--num-layers {num_layers} does not cover the edited layers {sorted(set(layers.values()))}; "
-                "pass the base model's number of layers"
-            )
-        container = next(iter(containers))
-        shapes = {tail_of[m]: (ds[0][0].numel(), ds[0][1].numel()) for m, ds in per_module.items()}
-        r_all = max(ranks.values())
-        for tail, (n_in, n_out) in shapes.items():
-            for layer in range(num_layers):
-                module = f"{container}.{layer}.{tail}"
-                ds = per_module.setdefault(module, [])
-                layers.setdefault(module, layer)
-                ds.extend([(torch.zeros(n_in), torch.zeros(n_out))] * (r_all - len(ds)))  # exact: zero terms
-        ranks = {m: len(ds) for m, ds in per_module.items()}
+        modules.cover_layers(num_layers)
     if uniform_rank:
-        r_all = max(ranks.values())
-        for ds in per_module.values():
-            n_in, n_out = ds[0][0].numel(), ds[0][1].numel()
-            ds.extend([(torch.zeros(n_in), torch.zeros(n_out))] * (r_all - len(ds)))  # exact: zero terms
-        ranks = {m: len(ds) for m, ds in per_module.items()}
-    counts = Counter(ranks.values())
-    r = max(counts, key=lambda k: (counts[k], k))  # the most common rank (ties: the larger) is the default
-    rank_pattern = {m: k for m, k in sorted(ranks.items()) if k != r}
-
-    tensors: dict[str, torch.Tensor] = {}
-    for module, ds in sorted(per_module.items(), key=lambda kv: (layers[kv[0]], kv[0])):
-        a = torch.stack([u for u, _ in ds], dim=0)  # (r_m, in): rows are uᵢᵀ
-        b = torch.stack([v for _, v in ds], dim=1)  # (out, r_m): columns are vᵢ
-        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.to(torch.float32).contiguous()
-        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.to(torch.float32).contiguous()
-
-    base_name = (
-        base_model_name_or_path if base_model_name_or_path is not None else _resolve_base_name(plist[0])
-    )
-    revision = plist[0].base.get("revision")
-    if not (isinstance(revision, str) and re.fullmatch(r"[0-9a-f]{40}", revision)):
-        revision = None  # only a Hub commit is meaningful to PEFT (not gguf-sha256:... of embedded models)
-    layers_pattern = sorted({c.rsplit(".", 1)[-1] for c in containers})
-    config: dict[str, Any] = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_name,
-        "revision": revision,
-        "r": r,
-        "lora_alpha": r,  # scaling = lora_alpha / r = 1
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": dict(rank_pattern),  # alpha = rank on every module: scale 1 everywhere
-        "target_modules": sorted(tails),
-        "layers_to_transform": sorted(set(layers.values())),
-        "layers_pattern": layers_pattern[0] if len(layers_pattern) == 1 else layers_pattern,
-        "fan_in_fan_out": fan_in_fan_out,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "lora_bias": False,
-        "modules_to_save": None,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
-    return config, tensors
+        modules.pad_to_one_rank()
+    return _lora_config(modules, plist[0], base_model_name_or_path), modules.tensors()
 
 
 def export_peft(
