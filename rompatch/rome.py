@@ -455,15 +455,7 @@ def compute_value(
     pr = _build_prompts(tok, req, templates, hp)
     n = pr.n_rewrite
     T = len(pr.target)
-    # Read positions: for rewrite prompt i, positions len-T .. len-1 predict the target's tokens;
-    # the KL row reads the next-token distribution after the subject in "{} is a".
-    reads, labels = [], []
-    for i in range(n):
-        L = len(pr.seqs[i])
-        for j in range(T):
-            reads.append((i, L - T + j))
-            labels.append(pr.target[j])
-    reads.append((n, pr.subj_idx[n]))
+    reads, labels = _read_positions(pr)
     labels_t = torch.tensor(labels, device=device)
 
     with torch.no_grad():
@@ -492,13 +484,8 @@ def compute_value(
                 opt.zero_grad()
                 with autocast:
                     logits = replay.run()
-                logits = logits.float()
-                logp = torch.log_softmax(logits, -1)
-                nll = -logp[:-1].gather(1, labels_t[:, None]).view(n, T).sum(1) / T  # per prompt
+                nll, loss = _loss(logits.float(), labels_t, kl_init, delta, n=n, ref_norm=ref_norm, hp=hp)
                 nll_loss = nll.mean()
-                kl = hp.kl_factor * F.kl_div(kl_init, logp[-1:], log_target=True, reduction="batchmean")
-                wd = hp.v_weight_decay * (delta.norm() / ref_norm**2)
-                loss = nll_loss + kl + wd
                 losses.append(round(loss.item(), 4))
                 if progress is not None:
                     progress(step, loss.item())
@@ -510,13 +497,12 @@ def compute_value(
                 with torch.no_grad():
                     if delta.norm() > max_norm:
                         delta.mul_(max_norm / delta.norm())
-    p_target = math.exp(-nll.mean().item())
     diag = {
         "v_steps_run": steps,
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "nll_last": round(nll_loss.item(), 4),
-        "p_target_mean_after_opt": round(p_target, 4),
+        "p_target_mean_after_opt": round(math.exp(-nll.mean().item()), 4),
         "delta_norm": round(delta.norm().item(), 4),
         "wk_norm": round(ref_norm, 4),
         "delta_capped": bool(delta.norm().item() >= 0.999 * max_norm),
@@ -525,6 +511,39 @@ def compute_value(
         "target_tokenization": pr.target_how,
     }
     return delta.detach().float(), w_k, diag
+
+
+def _read_positions(pr: _Prompts) -> tuple[list[tuple[int, int]], list[int]]:
+    """(row, position) of each logit the loss reads, and its label: for rewrite prompt i, positions
+    len-T .. len-1 predict the target's tokens; the KL row reads the next-token distribution after
+    the subject in "{} is a" (no label)."""
+    T = len(pr.target)
+    reads, labels = [], []
+    for i in range(pr.n_rewrite):
+        L = len(pr.seqs[i])
+        for j in range(T):
+            reads.append((i, L - T + j))
+            labels.append(pr.target[j])
+    reads.append((pr.n_rewrite, pr.subj_idx[pr.n_rewrite]))
+    return reads, labels
+
+
+def _loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    kl_init: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    n: int,
+    ref_norm: float,
+    hp: ROMEHyperParams,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-prompt target NLL, total loss): the NLL's mean + KL on the essence prompt + weight decay."""
+    logp = torch.log_softmax(logits, -1)
+    nll = -logp[:-1].gather(1, labels[:, None]).view(n, -1).sum(1) / (labels.numel() // n)  # per prompt
+    kl = hp.kl_factor * F.kl_div(kl_init, logp[-1:], log_target=True, reduction="batchmean")
+    wd = hp.v_weight_decay * (delta.norm() / ref_norm**2)
+    return nll, nll.mean() + kl + wd
 
 
 # --------------------------------------------------------------------------------------- delta

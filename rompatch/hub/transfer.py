@@ -185,6 +185,88 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0].strip() if text else type(e).__name__
 
 
+@dataclass(frozen=True)
+class _Attempt:
+    """What was being done when huggingface_hub failed: the words of the one-line error."""
+
+    action: str
+    repo_id: str
+    filename: str | None
+    revision: str | None
+    offline_fix: str
+
+    @property
+    def rev(self) -> str:
+        return self.revision or "main"
+
+    @property
+    def where(self) -> str:
+        return f"{self.repo_id}/{self.filename}" if self.filename else self.repo_id
+
+
+def _not_cached(a: _Attempt) -> str:
+    if is_offline():
+        return (
+            f"{a.where}@{a.rev} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it; "
+            f"{a.offline_fix}"
+        )
+    return (
+        f"{endpoint()} is unreachable and {a.where}@{a.rev} is not in the Hugging Face cache; "
+        "check the network connection or HF_ENDPOINT"
+    )
+
+
+def _http_refusal(e: Exception, a: _Attempt) -> str:
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status == 401:
+        return (
+            "the Hub refused the credentials (401 Unauthorized); set a valid HF_TOKEN or run `hf auth login`"
+        )
+    if status in (409, 412) and "push" in a.action:
+        return f"{a.repo_id}@{a.rev} changed while pushing (someone else pushed); push again, nothing was written"
+    if status == 403:
+        return (
+            f"this token may not write to {a.repo_id} (403 Forbidden); use a token "
+            "with write access to that namespace, or push to your own namespace"
+        )
+    server = getattr(e, "server_message", None) or _first_line(e)
+    return f"the Hub answered {status} for {a.where} ({server.splitlines()[0]})"
+
+
+def _explain(e: Exception, a: _Attempt) -> str | None:
+    """What went wrong and what to do, for a huggingface_hub failure; None for anything else."""
+    from huggingface_hub import errors as hf
+
+    if isinstance(e, hf.HFValidationError):
+        return (
+            f"'{a.repo_id}' is neither an existing local folder nor a valid Hub repo id; "
+            "pass a local folder or USER/REPO"
+        )
+    if isinstance(e, hf.RevisionNotFoundError):
+        return f"revision '{a.rev}' does not exist in {a.repo_id} on {endpoint()}; check the branch, tag or commit name"
+    if isinstance(e, hf.GatedRepoError):
+        return (
+            f"{a.repo_id} is gated; request access on its Hub page and use a token "
+            "that has it (HF_TOKEN or `hf auth login`)"
+        )
+    if isinstance(e, hf.RepositoryNotFoundError):
+        return (
+            f"repository {a.repo_id} not found on {endpoint()} (or it is private and "
+            "your token cannot see it); check the name, or log in with a token that has access "
+            "(HF_TOKEN or `hf auth login`)"
+        )
+    if isinstance(e, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
+        return _not_cached(a)
+    if isinstance(e, hf.EntryNotFoundError):
+        return (
+            f"{a.filename or 'the file'} does not exist in {a.repo_id} at revision '{a.rev}'; "
+            f"check the path (list the repo's files on {endpoint()}/{a.repo_id}/tree/{a.rev})"
+        )
+    if isinstance(e, hf.HfHubHTTPError):
+        return _http_refusal(e, a)
+    return None
+
+
 @contextmanager
 def hub_errors(
     action: str,
@@ -199,92 +281,25 @@ def hub_errors(
 
     The one mapping of Hub failures in rompatch (patches, model cards and checkpoints alike).
     ``offline_fix`` is what to do when the file is not cached and HF_HUB_OFFLINE forbids fetching it.
+    A failed connection is a ``HubConnectionError``; anything unexpected is re-raised as it is.
     """
     import httpx2
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
-    rev = revision or "main"
-    where = f"{repo_id}/{filename}" if filename else repo_id
     try:
         yield
     except RompatchError:
         raise
-    except Exception as e:  # mapped below; anything unexpected is re-raised as is
-        if isinstance(e, HFValidationError):
-            msg = (
-                f"cannot {action}: '{repo_id}' is neither an existing local folder nor a valid Hub repo id; "
-                "pass a local folder or USER/REPO"
-            )
-        elif isinstance(e, RevisionNotFoundError):
-            msg = (
-                f"cannot {action}: revision '{rev}' does not exist in {repo_id} on {endpoint()}; "
-                "check the branch, tag or commit name"
-            )
-        elif isinstance(e, GatedRepoError):
-            msg = (
-                f"cannot {action}: {repo_id} is gated; request access on its Hub page and use a token "
-                "that has it (HF_TOKEN or `hf auth login`)"
-            )
-        elif isinstance(e, RepositoryNotFoundError):
-            msg = (
-                f"cannot {action}: repository {repo_id} not found on {endpoint()} (or it is private and "
-                "your token cannot see it); check the name, or log in with a token that has access "
-                "(HF_TOKEN or `hf auth login`)"
-            )
-        elif isinstance(e, LocalEntryNotFoundError) or isinstance(e, OfflineModeIsEnabled):
-            if is_offline():
-                msg = (
-                    f"cannot {action}: {where}@{rev} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 "
-                    f"forbids downloading it; {offline_fix}"
-                )
-            else:
-                msg = (
-                    f"cannot {action}: {endpoint()} is unreachable and {where}@{rev} is not in the "
-                    "Hugging Face cache; check the network connection or HF_ENDPOINT"
-                )
-        elif isinstance(e, EntryNotFoundError):
-            msg = (
-                f"cannot {action}: {filename or 'the file'} does not exist in {repo_id} at revision '{rev}'; "
-                f"check the path (list the repo's files on {endpoint()}/{repo_id}/tree/{rev})"
-            )
-        elif isinstance(e, HfHubHTTPError):
-            status = getattr(getattr(e, "response", None), "status_code", None)
-            if status == 401:
-                msg = (
-                    f"cannot {action}: the Hub refused the credentials (401 Unauthorized); set a valid "
-                    "HF_TOKEN or run `hf auth login`"
-                )
-            elif status in (409, 412) and "push" in action:
-                msg = (
-                    f"cannot {action}: {repo_id}@{rev} changed while pushing (someone else pushed); "
-                    "push again, nothing was written"
-                )
-            elif status == 403:
-                msg = (
-                    f"cannot {action}: this token may not write to {repo_id} (403 Forbidden); use a token "
-                    "with write access to that namespace, or push to your own namespace"
-                )
-            else:
-                server = getattr(e, "server_message", None) or _first_line(e)
-                msg = f"cannot {action}: the Hub answered {status} for {where} ({server.splitlines()[0]})"
-        elif isinstance(e, (httpx2.HTTPError, ConnectionError, TimeoutError, OSError)):
+    except Exception as e:
+        why = _explain(e, _Attempt(action, repo_id, filename, revision, offline_fix))
+        if why is not None:
+            raise HubError(_scrub(f"cannot {action}: {why}", token), repo_id=repo_id) from None
+        if isinstance(e, (httpx2.HTTPError, ConnectionError, TimeoutError, OSError)):
             msg = (
                 f"cannot {action}: the connection to {endpoint()} failed ({type(e).__name__}: "
                 f"{_first_line(e)}); check the network connection or HF_ENDPOINT and try again"
             )
             raise HubConnectionError(_scrub(msg, token), repo_id=repo_id) from None
-        else:
-            raise
-        raise HubError(_scrub(msg, token), repo_id=repo_id) from None
+        raise
 
 
 # ------------------------------------------------------------------------------------ the cache
