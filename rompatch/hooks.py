@@ -89,6 +89,8 @@ class TraceDict(AbstractContextManager, dict):
     With ``stop=True`` the forward pass stops after the last of ``names`` (in the given order) ran.
     """
 
+    # The keyword arguments are Trace's, spelled out again (as baukit's TraceDict does) so that the
+    # signature documents itself and type checkers see it; each is passed through unchanged.
     def __init__(
         self,
         model: nn.Module,
