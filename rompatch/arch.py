@@ -61,6 +61,7 @@ _LLAMA_LIKE = dict(
 
 # Default layers follow the ROME paper where it chose one (GPT-2 XL 17/48, GPT-J 5/28) and causal
 # tracing elsewhere; see docs/models.md and bench/RESULTS.md for the evidence behind each.
+# The entries look alike on purpose: this table is data, one architecture per entry, every field named.
 SPECS: dict[str, ModelSpec] = {
     "gpt2": ModelSpec(
         "gpt2",
