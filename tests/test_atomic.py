@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from rompatch.atomic import staged_folder
 from rompatch.checkpoint.operations import apply_to_checkpoint, checkpoint_log, revert_checkpoint
 from rompatch.errors import (
     CheckpointError,
@@ -50,3 +51,22 @@ def test_existing_out_refused_unless_overwrite(tmp_path):
     revert_checkpoint(copy, all=True, in_place=True)
     apply_to_checkpoint(copy, [p2], copy, overwrite=True)
     assert [e["id"] for e in checkpoint_log(copy)["applied"]] == [p2.id]
+
+
+class _MyError(Exception):
+    pass
+
+
+def test_staged_folder_replaces_atomically_and_leaves_nothing_on_error(tmp_path):
+    out = tmp_path / "out"
+    with staged_folder(out, error=_MyError) as tmp:
+        (tmp / "a").write_text("1")
+    assert sorted(p.name for p in out.iterdir()) == ["a"]
+    with pytest.raises(RuntimeError):
+        with staged_folder(out, error=_MyError) as tmp:
+            (tmp / "b").write_text("2")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in out.iterdir()) == ["a"] and leftovers(tmp_path) == []
+    with staged_folder(out, error=_MyError) as tmp:  # an existing folder is swapped, not merged
+        (tmp / "c").write_text("3")
+    assert sorted(p.name for p in out.iterdir()) == ["c"] and leftovers(tmp_path) == []

@@ -128,6 +128,27 @@ def diff_patches(a: Patch, b: Patch) -> dict[str, Any]:
     cosines are sign-aligned (``v uᵀ = (-v)(-u)ᵀ``). ``parameters`` compares the summed update of each
     parameter: ``relative_difference = ‖ΣΔ_a - ΣΔ_b‖_F / ‖ΣΔ_a‖_F``.
     """
+    both, left, right = _match(a, b)
+    shared = [_shared(a, b, i, j, how) for i, j, how in both]
+    params = {name: _parameter_diff(a, b, name) for name in sorted(set(a.parameters) | set(b.parameters))}
+    base_diff = base_differences(a.base, b.base)
+    return {
+        "kind": "patch/patch",
+        "a": a.id,
+        "b": b.id,
+        "same_base": not base_diff,
+        "base_differences": {k: [a.base.get(k), b.base.get(k)] for k in base_diff},
+        "same_lineage": a.lineage == b.lineage,
+        "identical": a.id == b.id,
+        "only_a": [_edit(a, i) for i in sorted(left)],
+        "only_b": [_edit(b, j) for j in sorted(right)],
+        "both": shared,
+        "parameters": params,
+    }
+
+
+def _match(a: Patch, b: Patch) -> tuple[list[tuple[int, int, str]], set[int], set[int]]:
+    """Pairs ``(a index, b index, how)`` matched by request, then by direction; the unmatched indices."""
     left = {i for i in range(len(a.deltas))}
     right = {j for j in range(len(b.deltas))}
     both = []
@@ -154,51 +175,41 @@ def diff_patches(a: Patch, b: Patch) -> dict[str, Any]:
             both.append((i, j, "direction"))
             left.discard(i)
             right.discard(j)
-    shared = []
-    for i, j, how in both:
-        da, db = a.deltas[i], b.deltas[j]
-        entry: dict[str, Any] = {"a_index": i, "b_index": j, "matched_by": how, "edit": _edit(a, i)}
-        entry["same_parameter"] = da.parameter == db.parameter
-        if da.u.shape == db.u.shape and da.v.shape == db.v.shape:
-            cu, cv = _cos(da.u, db.u), _cos(da.v, db.v)
-            flipped = how == "direction" and cu < 0
-            entry.update(
-                cos_u=-cu if flipped else cu,
-                cos_v=-cv if flipped else cv,
-                sign_flipped=flipped,
-                norm_ratio_v=float(db.v.norm() * db.u.norm() / (da.v.norm() * da.u.norm()))
-                if float(da.v.norm() * da.u.norm())
-                else None,
-                identical=torch.equal(da.u, db.u) and torch.equal(da.v, db.v),
-            )
-        else:
-            entry.update(cos_u=None, cos_v=None, identical=False)
-        shared.append(entry)
-    params = {}
-    for name in sorted(set(a.parameters) | set(b.parameters)):
-        fa = [(d.v, d.u) for d in a.deltas if d.parameter == name]
-        fb = [(d.v, d.u) for d in b.deltas if d.parameter == name]
-        entry = {"in_a": bool(fa), "in_b": bool(fb)}
-        if fa and fb:
-            na = update_norm(fa)
-            diff = update_norm(fa + [(-v, u) for v, u in fb])
-            entry["relative_difference"] = diff / na if na else None
-            entry["same_fingerprint"] = a.parameters[name].sha256 == b.parameters[name].sha256
-        params[name] = entry
-    base_diff = base_differences(a.base, b.base)
-    return {
-        "kind": "patch/patch",
-        "a": a.id,
-        "b": b.id,
-        "same_base": not base_diff,
-        "base_differences": {k: [a.base.get(k), b.base.get(k)] for k in base_diff},
-        "same_lineage": a.lineage == b.lineage,
-        "identical": a.id == b.id,
-        "only_a": [_edit(a, i) for i in sorted(left)],
-        "only_b": [_edit(b, j) for j in sorted(right)],
-        "both": shared,
-        "parameters": params,
-    }
+    return both, left, right
+
+
+def _shared(a: Patch, b: Patch, i: int, j: int, how: str) -> dict[str, Any]:
+    """A matched pair: cosines of u and v (sign-aligned for direction matches), norm ratio, identity."""
+    da, db = a.deltas[i], b.deltas[j]
+    entry: dict[str, Any] = {"a_index": i, "b_index": j, "matched_by": how, "edit": _edit(a, i)}
+    entry["same_parameter"] = da.parameter == db.parameter
+    if da.u.shape == db.u.shape and da.v.shape == db.v.shape:
+        cu, cv = _cos(da.u, db.u), _cos(da.v, db.v)
+        flipped = how == "direction" and cu < 0
+        entry.update(
+            cos_u=-cu if flipped else cu,
+            cos_v=-cv if flipped else cv,
+            sign_flipped=flipped,
+            norm_ratio_v=float(db.v.norm() * db.u.norm() / (da.v.norm() * da.u.norm()))
+            if float(da.v.norm() * da.u.norm())
+            else None,
+            identical=torch.equal(da.u, db.u) and torch.equal(da.v, db.v),
+        )
+    else:
+        entry.update(cos_u=None, cos_v=None, identical=False)
+    return entry
+
+
+def _parameter_diff(a: Patch, b: Patch, name: str) -> dict[str, Any]:
+    fa = [(d.v, d.u) for d in a.deltas if d.parameter == name]
+    fb = [(d.v, d.u) for d in b.deltas if d.parameter == name]
+    entry: dict[str, Any] = {"in_a": bool(fa), "in_b": bool(fb)}
+    if fa and fb:
+        na = update_norm(fa)
+        diff = update_norm(fa + [(-v, u) for v, u in fb])
+        entry["relative_difference"] = diff / na if na else None
+        entry["same_fingerprint"] = a.parameters[name].sha256 == b.parameters[name].sha256
+    return entry
 
 
 # ------------------------------------------------------------------- checkpoint vs checkpoint

@@ -109,7 +109,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-
 # -------------------------------------------------------------------------------------- apply
 
 

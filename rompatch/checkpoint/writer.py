@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from ..atomic import copy_file, link_or_copy, staged_output
+from ..atomic import copy_file, link_or_copy, staged_folder
 from ..constants import CHECKPOINT_RECORD, CHECKPOINT_UNDO
+from ..errors import CheckpointError
 from .reader import PICKLE_SUFFIXES, Checkpoint
 from .safetensors_io import TensorEntry, pwrite_all, tensor_bytes
 
@@ -64,6 +65,46 @@ class ShardCopier:
 
     def __exit__(self, *exc: Any) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _looks_like_model_folder(p: Path) -> bool:
+    if not any(p.iterdir()):
+        return True
+    return (p / "config.json").is_file() or (p / CHECKPOINT_RECORD).is_file() or any(p.glob("*.safetensors"))
+
+
+def check_output(out: Path, *, overwrite: bool, protect: Sequence[Path]) -> None:
+    """An existing ``out`` is refused unless ``overwrite``; it must look like a model folder (or be
+    empty), and must not contain a path in ``protect`` (the input), which replacing it would delete."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise CheckpointError(
+            f"{out} already exists; pass --overwrite (overwrite=True) to replace it, or choose another output"
+        )
+    if not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a folder; remove it or choose another output")
+    if not _looks_like_model_folder(out):
+        raise CheckpointError(
+            f"refusing to overwrite {out}: it does not look like a model folder (no config.json or "
+            "*.safetensors); remove it yourself or choose another output"
+        )
+    for p in protect:
+        p = Path(os.path.abspath(p))
+        if p != out and out in p.parents:
+            raise CheckpointError(f"{out} contains the input {p}; replacing it would delete the input")
+
+
+@contextmanager
+def staged_output(
+    out: str | os.PathLike, *, overwrite: bool = False, protect: Sequence[Path] = ()
+) -> Iterator[Path]:
+    """A staging folder that becomes the output folder ``out`` (:func:`rompatch.atomic.staged_folder`)
+    once the block succeeds; ``out`` is checked first (:func:`check_output`)."""
+    out = Path(os.path.abspath(Path(out).expanduser()))
+    check_output(out, overwrite=overwrite, protect=protect)
+    with staged_folder(out, error=CheckpointError) as tmp:
+        yield tmp
 
 
 @contextmanager
