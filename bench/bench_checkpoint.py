@@ -112,7 +112,7 @@ def build_checkpoint(folder: Path) -> dict:
 
 def make_patch(folder: Path, path: Path, layer: int, *, scale: float = 0.01, seed: int = 0):
     """A random rank-one patch on ``layer``'s down_proj, fingerprinted from the bytes on disk."""
-    from rompatch.checkpoint.operations import open_checkpoint
+    from rompatch.checkpoint.reader import open_checkpoint
     from rompatch.patch import ParamInfo, RankOneDelta, new_patch, save_patch
 
     ck = open_checkpoint(folder)
@@ -220,7 +220,7 @@ def _extract_smollm2(work: Path) -> dict:
 
 def run() -> dict:
     from rompatch.checkpoint.extract import extract_patch
-    from rompatch.checkpoint.operations import open_checkpoint
+    from rompatch.checkpoint.reader import open_checkpoint
     from rompatch.fingerprint import tensor_sha256
 
     work = Path(tempfile.mkdtemp(prefix="rompatch-bench-ckpt."))

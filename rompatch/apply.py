@@ -19,6 +19,8 @@ from torch import nn
 
 from .errors import BaseMismatchError, FingerprintMismatchError, LineageError, NotAppliedError
 from .fingerprint import dtype_name, tensor_sha256
+from .models import applied_on_disk
+from .numerics import apply_deltas, factors_on, whole
 from .patch import Patch
 from .refs import PatchesLike, PatchLike, find_applied, flatten_patches, is_single_patch, resolve_patches
 
@@ -62,14 +64,24 @@ def _param(model: nn.Module, name: str) -> nn.Parameter:
 
 def _expected_value(st: _State, name: str, patches: Sequence[Patch], dtype: torch.dtype) -> torch.Tensor:
     """cast(snapshot + Σ deltas on ``name`` from ``patches``), accumulated in float32 (on CPU)."""
-    snap = st.snapshots[name]
-    touching = [(p, d) for p in patches for d in p.deltas if d.parameter == name]
-    if not touching:
-        return snap.clone()
-    acc = snap.to(torch.float32, copy=True)  # never alias the snapshot
-    for p, d in touching:
-        acc.add_(d.matrix(p.parameters[name].layout))
-    return acc.to(dtype)
+    return apply_deltas(st.snapshots[name], factors_on(name, [whole(p) for p in patches]), dtype)
+
+
+def refuse_mismatch(
+    message: str,
+    fix: str,
+    *,
+    parameter: str,
+    expected: str,
+    found: str,
+    force: bool,
+    logger: logging.Logger = log,
+) -> None:
+    """A base fingerprint mismatch: raise ``FingerprintMismatchError`` (``message`` + ``fix``), or with
+    ``force`` log a warning and go on."""
+    if not force:
+        raise FingerprintMismatchError(message + fix, parameter=parameter, expected=expected, found=found)
+    logger.warning("%s; applying anyway (force)", message)
 
 
 def apply_patch(
@@ -102,8 +114,6 @@ def _apply_one(model: nn.Module, patch: Patch, *, force: bool) -> AppliedPatch:
     st = _state(model)
     if any(a.patch.id == patch.id for a in st.applied):
         raise LineageError(f"patch {patch.short_id} is already applied to this model")
-    from .models import applied_on_disk
-
     applied_ids = applied_on_disk(model) + [a.patch.id for a in st.applied]
     missing = [pid for pid in patch.lineage if pid not in applied_ids]
     if missing and not force:
@@ -129,18 +139,15 @@ def _apply_one(model: nn.Module, patch: Patch, *, force: bool) -> AppliedPatch:
         else:
             actual = tensor_sha256(p.data)
         if actual != info.sha256:
-            msg = (
+            refuse_mismatch(
                 f"base fingerprint mismatch on '{name}': patch expects sha256 {info.sha256[:16]}… "
-                f"({info.dtype}), model has {actual[:16]}… ({dtype_name(p.dtype)})"
+                f"({info.dtype}), model has {actual[:16]}… ({dtype_name(p.dtype)})",
+                "; use the patch's base model, or force=True to apply anyway",
+                parameter=name,
+                expected=info.sha256,
+                found=actual,
+                force=force,
             )
-            if not force:
-                raise FingerprintMismatchError(
-                    msg + "; use the patch's base model, or force=True to apply anyway",
-                    parameter=name,
-                    expected=info.sha256,
-                    found=actual,
-                )
-            log.warning("%s; applying anyway (force)", msg)
 
     record = AppliedPatch(patch=patch, forced=force)
     for name, p in params.items():
@@ -155,10 +162,15 @@ def _apply_one(model: nn.Module, patch: Patch, *, force: bool) -> AppliedPatch:
     return record
 
 
-@torch.no_grad()
 def _rewrite(model: nn.Module, st: _State, name: str, p: nn.Parameter) -> None:
-    value = _expected_value(st, name, [a.patch for a in st.applied], p.dtype)
-    p.data.copy_(value.to(p.device))
+    _write(p, _expected_value(st, name, [a.patch for a in st.applied], p.dtype))
+
+
+def _write(p: nn.Parameter, value: torch.Tensor) -> None:
+    """Overwrite ``p`` in place through the parameter itself, not ``p.data``: that bumps its version
+    counter, so memos keyed on it (``fingerprint.TensorMemo``: ``rome.spectral_norm``) see the change."""
+    with torch.no_grad():
+        p.copy_(value.to(p.device))
 
 
 def revert_patch(model: nn.Module, patch: PatchesLike) -> None:
@@ -211,8 +223,7 @@ def _revert_at(model: nn.Module, st: _State, idx: int) -> None:
         if still:
             _rewrite(model, st, name, p)
         else:
-            with torch.no_grad():
-                p.data.copy_(st.snapshots.pop(name).to(p.device))
+            _write(p, st.snapshots.pop(name))
     log.info("reverted patch %s", target.short_id)
 
 

@@ -1,8 +1,9 @@
 """Atomic writes: a file through a temporary file and a rename (``atomic_write``); a folder through a
-staging folder that is renamed (or atomically swapped) into place (``staging``).
+staging folder that is renamed (or atomically swapped) into place (``staged_folder``).
 
 A crash or kill leaves the previous state; staging folders of dead processes on this host are removed
-by the next run. Used by ``apply``/``revert`` on checkpoints, where the output is a whole model folder.
+by the next run. Used by ``apply``/``revert`` on checkpoints (the output is a whole model folder) and
+by the PEFT adapter export. What may be replaced is the caller's policy, checked before staging.
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-from .constants import CHECKPOINT_RECORD
-from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -67,39 +65,15 @@ def _clean_stale(out: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _looks_like_model_folder(p: Path) -> bool:
-    if not any(p.iterdir()):
-        return True
-    return (p / "config.json").is_file() or (p / CHECKPOINT_RECORD).is_file() or any(p.glob("*.safetensors"))
-
-
 @contextmanager
-def staged_output(
-    out: str | os.PathLike, *, overwrite: bool = False, protect: Sequence[Path] = ()
-) -> Iterator[Path]:
-    """Yield an empty staging folder; on success, it becomes ``out`` in one rename (or atomic swap).
+def staged_folder(out: str | os.PathLike, *, error: type[Exception] = OSError) -> Iterator[Path]:
+    """Yield an empty staging folder next to ``out``; on success, it becomes ``out`` in one rename, or
+    replaces an existing ``out`` in one atomic swap (two renames where the system has none).
 
-    On any error (or a kill) ``out`` is left as it was. An existing ``out`` is refused unless
-    ``overwrite``; it must look like a model folder (or be empty), and must not contain a path in
-    ``protect`` (the input), which replacing it would delete.
+    On any error (or a kill) ``out`` is left as it was and the staging folder is removed (by the next
+    run, after a kill). ``error``: raised (with a message) when ``out`` appears while writing.
     """
     out = Path(os.path.abspath(Path(out).expanduser()))
-    if out.exists():
-        if not overwrite:
-            raise CheckpointError(
-                f"{out} already exists; pass --overwrite (overwrite=True) to replace it, or choose another output"
-            )
-        if not out.is_dir():
-            raise CheckpointError(f"{out} exists and is not a folder; remove it or choose another output")
-        if not _looks_like_model_folder(out):
-            raise CheckpointError(
-                f"refusing to overwrite {out}: it does not look like a model folder (no config.json or "
-                "*.safetensors); remove it yourself or choose another output"
-            )
-        for p in protect:
-            p = Path(os.path.abspath(p))
-            if p != out and out in p.parents:
-                raise CheckpointError(f"{out} contains the input {p}; replacing it would delete the input")
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.rompatch-tmp.{os.getpid()}.", dir=out.parent))
@@ -110,24 +84,26 @@ def staged_output(
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
         (tmp / _STAGE_MARK).unlink()
-        if not out.exists():
-            try:
-                os.rename(tmp, out)
-            except OSError as e:
-                raise CheckpointError(
-                    f"{out} appeared while writing it ({e.strerror}); nothing was replaced"
-                ) from None
-        elif _exchange(tmp, out):
-            (tmp / _STAGE_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n")
-            shutil.rmtree(tmp, ignore_errors=True)  # the previous `out`
-        else:  # no atomic swap here: two renames, with the old folder kept until the new one is in place
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.rompatch-tmp.{os.getpid()}.", dir=out.parent))
-            os.rename(out, old / "old")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+        _swap_into_place(tmp, out, error)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_into_place(tmp: Path, out: Path, error: type[Exception]) -> None:
+    if not out.exists():
+        try:
+            os.rename(tmp, out)
+        except OSError as e:
+            raise error(f"{out} appeared while writing it ({e.strerror}); nothing was replaced") from None
+    elif _exchange(tmp, out):
+        (tmp / _STAGE_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous `out`
+    else:  # no atomic swap here: two renames, with the old folder kept until the new one is in place
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.rompatch-tmp.{os.getpid()}.", dir=out.parent))
+        os.rename(out, old / "old")
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def copy_file(src: Path, dst: Path) -> None:

@@ -25,9 +25,6 @@ CHECKPOINT_RECORD = "rompatch.json"
 CHECKPOINT_UNDO = "rompatch-undo.st"
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
-# Test hook: `apply`/`revert` pause (sleep) after writing this many weight files into the staging
-# folder, so a test can SIGKILL the process mid-write. Never set it outside tests.
-ENV_TEST_PAUSE_AFTER_SHARD = "ROMPATCH_TEST_PAUSE_AFTER_SHARD"
 
 # Statistics budgets: tokens of a corpus, and of text sampled from the model (see bench/RESULTS.md).
 DEFAULT_STATS_TOKENS = 100_000

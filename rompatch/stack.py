@@ -149,6 +149,22 @@ def stack_patches(patches: PatchesLike, *, allow_conflicts: bool = False) -> Pat
     ps = resolve_patches(patches)
     if not ps:
         raise PatchFormatError("no patches given; pass the patch files to stack")
+    _check_inputs(ps)
+    position = _positions(ps)
+    _check_conflicts(ps, allow_conflicts=allow_conflicts)
+    out = new_patch(
+        [d for p in ps for d in p.deltas],
+        base=ps[0].base,
+        parameters=_parameters(ps, position),
+        lineage=[pid for pid in dict.fromkeys(x for p in ps for x in p.lineage) if pid not in position],
+    )
+    out.extra[STACKED_FROM] = json.dumps(_components(ps), separators=(",", ":"))
+    log.info("stacked %d patches (%d deltas) into %s", len(ps), len(out.deltas), out.short_id)
+    return out
+
+
+def _check_inputs(ps: Sequence[Patch]) -> None:
+    """Each input once, all on one base model."""
     ids = [p.id for p in ps]
     for k, pid in enumerate(ids):
         if pid in ids[:k]:
@@ -162,7 +178,11 @@ def stack_patches(patches: PatchesLike, *, allow_conflicts: bool = False) -> Pat
                 "patches computed on the same model"
             )
 
-    position: dict[str, int] = {}  # ids provided inside the stack -> input index
+
+def _positions(ps: Sequence[Patch]) -> dict[str, int]:
+    """Ids provided inside the stack (inputs and what is stacked into them) -> input index; refuses an
+    input listed before one it was computed on top of."""
+    position: dict[str, int] = {}
     for k, p in enumerate(ps):
         position.setdefault(p.id, k)
         for cid, _ in stacked_components(p):
@@ -174,9 +194,12 @@ def stack_patches(patches: PatchesLike, *, allow_conflicts: bool = False) -> Pat
                     f"patch {p.short_id} was computed on top of {pid[:12]}, which comes after it; list "
                     f"{pid[:12]} first"
                 )
+    return position
 
-    conflicts = find_conflicts(ps)
-    for c in conflicts:
+
+def _check_conflicts(ps: Sequence[Patch], *, allow_conflicts: bool) -> None:
+    """Warn about doubled edits; refuse conflicting ones unless ``allow_conflicts`` (then warn)."""
+    for c in find_conflicts(ps):
         a, b = ps[c.first[0]], ps[c.second[0]]
         text = c.relation.replace("{}", c.subject) if "{}" in c.relation else f"{c.subject} ({c.relation})"
         if c.duplicate:
@@ -198,6 +221,10 @@ def stack_patches(patches: PatchesLike, *, allow_conflicts: bool = False) -> Pat
                 c.second_target,
             )
 
+
+def _parameters(ps: Sequence[Patch], position: dict[str, int]) -> dict[str, ParamInfo]:
+    """Each touched parameter's info from the first input touching it; later inputs must agree on
+    its shape and layout, and on its fingerprint unless an input they build on changed it."""
     parameters: dict[str, ParamInfo] = {}
     first_toucher: dict[str, int] = {}
     for k, p in enumerate(ps):
@@ -221,12 +248,11 @@ def stack_patches(patches: PatchesLike, *, allow_conflicts: bool = False) -> Pat
                     f"patches {f.short_id} and {p.short_id} were computed against different values of '{name}' "
                     f"(sha256 {parameters[name].sha256[:16]}… vs {info.sha256[:16]}…); they do not share a base"
                 )
+    return parameters
 
-    lineage: list[str] = []
-    for p in ps:
-        for pid in p.lineage:
-            if pid not in position and pid not in lineage:
-                lineage.append(pid)
+
+def _components(ps: Sequence[Patch]) -> list[dict[str, Any]]:
+    """``stacked_from``: each input's id and delta range, and those of the patches stacked into it."""
     components = []
     offset = 0
     for p in ps:
@@ -235,12 +261,4 @@ def stack_patches(patches: PatchesLike, *, allow_conflicts: bool = False) -> Pat
         for cid, rng in stacked_components(p):
             components.append({"id": cid, "deltas": [offset + rng.start, offset + rng.stop]})
         offset += n
-    out = new_patch(
-        [d for p in ps for d in p.deltas],
-        base=ps[0].base,
-        parameters=parameters,
-        lineage=lineage,
-    )
-    out.extra[STACKED_FROM] = json.dumps(components, separators=(",", ":"))
-    log.info("stacked %d patches (%d deltas) into %s", len(ps), len(out.deltas), out.short_id)
-    return out
+    return components

@@ -10,7 +10,7 @@ import torch
 from rompatch.apply import applied_patches, apply_patch, patched, revert_patch, verify_applied
 from rompatch.arch import get_spec
 from rompatch.errors import BaseMismatchError, FingerprintMismatchError, LineageError, NotAppliedError
-from rompatch.fingerprint import tensor_sha256
+from rompatch.fingerprint import TensorMemo, tensor_sha256
 from tests.helpers import vector_patch
 from tests.tiny import ARCHS, make_model
 
@@ -183,3 +183,25 @@ def test_patch_for_another_model_is_a_base_mismatch():
     ):
         apply_patch(wider, patch)
     assert applied_patches(wider) == []
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_apply_and_revert_invalidate_version_memos(arch):
+    """In-memory apply and revert bump the parameter's version counter, so a memo keyed on it (the
+    spectral norm ``rompatch.rome`` uses for a sequential edit) is recomputed, never served stale."""
+    model = make_model(arch)
+    name = get_spec(model).mlp_out_param(2)
+    p = model.get_parameter(name)
+    memo = TensorMemo(4)
+    norm = lambda: float(torch.linalg.matrix_norm(p.detach().float(), ord=2))  # noqa: E731
+    before = memo.get(p, norm)
+    v0 = p._version
+    patch = vector_patch(model, layer=2, scale=50.0)
+    apply_patch(model, patch)
+    assert p._version > v0, "apply must change the weight through autograd-visible in-place ops"
+    patched_norm = memo.get(p, norm)
+    assert patched_norm == norm() and patched_norm != before
+    v1 = p._version
+    revert_patch(model, patch)
+    assert p._version > v1
+    assert memo.get(p, norm) == before == norm()

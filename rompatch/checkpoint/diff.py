@@ -25,11 +25,14 @@ from typing import Any
 import torch
 
 from ..errors import PatchFormatError
-from ..fingerprint import dtype_name
+from ..fingerprint import dtype_name, tensor_sha256
+from ..numerics import apply_deltas, factors_on, minus_update, update, whole
 from ..patch import Patch, RankOneDelta, load_patch
+from ..refs import resolve_patch
 from ..stack import base_differences
-from .operations import Checkpoint, open_checkpoint, provided_ids
-from .safetensors_io import read_range, tensor_bytes
+from .reader import Checkpoint, open_checkpoint
+from .record import provided_ids
+from .safetensors_io import read_range
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +128,27 @@ def diff_patches(a: Patch, b: Patch) -> dict[str, Any]:
     cosines are sign-aligned (``v uᵀ = (-v)(-u)ᵀ``). ``parameters`` compares the summed update of each
     parameter: ``relative_difference = ‖ΣΔ_a - ΣΔ_b‖_F / ‖ΣΔ_a‖_F``.
     """
+    both, left, right = _match(a, b)
+    shared = [_shared(a, b, i, j, how) for i, j, how in both]
+    params = {name: _parameter_diff(a, b, name) for name in sorted(set(a.parameters) | set(b.parameters))}
+    base_diff = base_differences(a.base, b.base)
+    return {
+        "kind": "patch/patch",
+        "a": a.id,
+        "b": b.id,
+        "same_base": not base_diff,
+        "base_differences": {k: [a.base.get(k), b.base.get(k)] for k in base_diff},
+        "same_lineage": a.lineage == b.lineage,
+        "identical": a.id == b.id,
+        "only_a": [_edit(a, i) for i in sorted(left)],
+        "only_b": [_edit(b, j) for j in sorted(right)],
+        "both": shared,
+        "parameters": params,
+    }
+
+
+def _match(a: Patch, b: Patch) -> tuple[list[tuple[int, int, str]], set[int], set[int]]:
+    """Pairs ``(a index, b index, how)`` matched by request, then by direction; the unmatched indices."""
     left = {i for i in range(len(a.deltas))}
     right = {j for j in range(len(b.deltas))}
     both = []
@@ -151,51 +175,41 @@ def diff_patches(a: Patch, b: Patch) -> dict[str, Any]:
             both.append((i, j, "direction"))
             left.discard(i)
             right.discard(j)
-    shared = []
-    for i, j, how in both:
-        da, db = a.deltas[i], b.deltas[j]
-        entry: dict[str, Any] = {"a_index": i, "b_index": j, "matched_by": how, "edit": _edit(a, i)}
-        entry["same_parameter"] = da.parameter == db.parameter
-        if da.u.shape == db.u.shape and da.v.shape == db.v.shape:
-            cu, cv = _cos(da.u, db.u), _cos(da.v, db.v)
-            flipped = how == "direction" and cu < 0
-            entry.update(
-                cos_u=-cu if flipped else cu,
-                cos_v=-cv if flipped else cv,
-                sign_flipped=flipped,
-                norm_ratio_v=float(db.v.norm() * db.u.norm() / (da.v.norm() * da.u.norm()))
-                if float(da.v.norm() * da.u.norm())
-                else None,
-                identical=torch.equal(da.u, db.u) and torch.equal(da.v, db.v),
-            )
-        else:
-            entry.update(cos_u=None, cos_v=None, identical=False)
-        shared.append(entry)
-    params = {}
-    for name in sorted(set(a.parameters) | set(b.parameters)):
-        fa = [(d.v, d.u) for d in a.deltas if d.parameter == name]
-        fb = [(d.v, d.u) for d in b.deltas if d.parameter == name]
-        entry = {"in_a": bool(fa), "in_b": bool(fb)}
-        if fa and fb:
-            na = update_norm(fa)
-            diff = update_norm(fa + [(-v, u) for v, u in fb])
-            entry["relative_difference"] = diff / na if na else None
-            entry["same_fingerprint"] = a.parameters[name].sha256 == b.parameters[name].sha256
-        params[name] = entry
-    base_diff = base_differences(a.base, b.base)
-    return {
-        "kind": "patch/patch",
-        "a": a.id,
-        "b": b.id,
-        "same_base": not base_diff,
-        "base_differences": {k: [a.base.get(k), b.base.get(k)] for k in base_diff},
-        "same_lineage": a.lineage == b.lineage,
-        "identical": a.id == b.id,
-        "only_a": [_edit(a, i) for i in sorted(left)],
-        "only_b": [_edit(b, j) for j in sorted(right)],
-        "both": shared,
-        "parameters": params,
-    }
+    return both, left, right
+
+
+def _shared(a: Patch, b: Patch, i: int, j: int, how: str) -> dict[str, Any]:
+    """A matched pair: cosines of u and v (sign-aligned for direction matches), norm ratio, identity."""
+    da, db = a.deltas[i], b.deltas[j]
+    entry: dict[str, Any] = {"a_index": i, "b_index": j, "matched_by": how, "edit": _edit(a, i)}
+    entry["same_parameter"] = da.parameter == db.parameter
+    if da.u.shape == db.u.shape and da.v.shape == db.v.shape:
+        cu, cv = _cos(da.u, db.u), _cos(da.v, db.v)
+        flipped = how == "direction" and cu < 0
+        entry.update(
+            cos_u=-cu if flipped else cu,
+            cos_v=-cv if flipped else cv,
+            sign_flipped=flipped,
+            norm_ratio_v=float(db.v.norm() * db.u.norm() / (da.v.norm() * da.u.norm()))
+            if float(da.v.norm() * da.u.norm())
+            else None,
+            identical=torch.equal(da.u, db.u) and torch.equal(da.v, db.v),
+        )
+    else:
+        entry.update(cos_u=None, cos_v=None, identical=False)
+    return entry
+
+
+def _parameter_diff(a: Patch, b: Patch, name: str) -> dict[str, Any]:
+    fa = [(d.v, d.u) for d in a.deltas if d.parameter == name]
+    fb = [(d.v, d.u) for d in b.deltas if d.parameter == name]
+    entry: dict[str, Any] = {"in_a": bool(fa), "in_b": bool(fb)}
+    if fa and fb:
+        na = update_norm(fa)
+        diff = update_norm(fa + [(-v, u) for v, u in fb])
+        entry["relative_difference"] = diff / na if na else None
+        entry["same_fingerprint"] = a.parameters[name].sha256 == b.parameters[name].sha256
+    return entry
 
 
 # ------------------------------------------------------------------- checkpoint vs checkpoint
@@ -287,60 +301,20 @@ def checkpoint_contains(
     """
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     out: dict[str, Any] = {"kind": "checkpoint/patch", "checkpoint": str(ck.path), "patch": patch.id}
-    rec = ck.record
-    if rec is not None and base is None:
-        for k, a in enumerate(rec.applied):
-            if patch.id in provided_ids(a.patch):
-                modified = [n for n in ck.verify_record() if n in patch.parameters]
-                out.update(
-                    contains=not modified,
-                    how="record",
-                    position=k,
-                    part_of=None if a.patch.id == patch.id else a.patch.id,
-                    forced=a.forced,
-                    modified_since=modified,
-                )
-                return out
-        out.update(contains=False, how="record", applied=[a.patch.id for a in rec.applied])
+    if ck.record is not None and base is None:
+        out.update(_contains_by_record(ck, patch))
         return out
     cb = None if base is None else base if isinstance(base, Checkpoint) else open_checkpoint(base)
     tensors = {}
-    for name, info in patch.parameters.items():
+    for name in patch.parameters:
         w = ck.read(name)
-        acc = torch.zeros(w.shape, dtype=torch.float32)
-        for d in patch.deltas:
-            if d.parameter == name:
-                acc.add_(d.matrix(info.layout))
+        fs = factors_on(name, [whole(patch)])
+        total = update(w.shape, fs)
         t: dict[str, Any] = {"dtype": dtype_name(w.dtype)}
         if cb is not None:
-            a = cb.read(name)
-            expected = a.to(torch.float32, copy=True)
-            for d in patch.deltas:  # the same operations, in the same order, as apply
-                if d.parameter == name:
-                    expected.add_(d.matrix(info.layout))
-            expected = expected.to(w.dtype)
-            resid = (w.to(torch.float64) - a.to(torch.float64)) - acc.to(torch.float64)
-            # storing W in its dtype (u·‖W‖) plus float32 error in the factors and the accumulation
-            bound = UNIT_ROUNDOFF[w.dtype] * float(w.to(torch.float64).norm()) + 4 * 2.0**-24 * float(
-                acc.norm()
-            )
-            t.update(
-                exact=bool(torch.equal(expected, w)),
-                relative_residual=float(resid.norm()) / max(float(acc.norm()), 1e-30),
-                within_rounding=float(resid.norm()) <= bound * 1.0001,
-                base_matches_fingerprint=_sha(a) == info.sha256,
-            )
-            t["contains"] = t["exact"] or t["within_rounding"]
+            t.update(_against_base(w, cb.read(name), fs, total, patch.parameters[name].sha256))
         else:
-            sha_now = _sha(w)
-            sha_sub = _sha((w.to(torch.float32) - acc).to(w.dtype))
-            t.update(
-                equals_patch_base=sha_now == info.sha256,
-                subtracting_restores_base=sha_sub == info.sha256,
-            )
-            t["contains"] = (
-                False if t["equals_patch_base"] else True if t["subtracting_restores_base"] else None
-            )
+            t.update(_by_fingerprint(w, total, patch.parameters[name].sha256))
         tensors[name] = t
     verdicts = [t["contains"] for t in tensors.values()]
     contains = (
@@ -350,10 +324,50 @@ def checkpoint_contains(
     return out
 
 
-def _sha(t: torch.Tensor) -> str:
-    import hashlib
+def _contains_by_record(ck: Checkpoint, patch: Patch) -> dict[str, Any]:
+    """The record's answer: is ``patch`` (or a stack holding it) applied?"""
+    rec = ck.record
+    assert rec is not None
+    for k, a in enumerate(rec.applied):
+        if patch.id in provided_ids(a.patch):
+            modified = [n for n in ck.verify_record() if n in patch.parameters]
+            return {
+                "contains": not modified,
+                "how": "record",
+                "position": k,
+                "part_of": None if a.patch.id == patch.id else a.patch.id,
+                "forced": a.forced,
+                "modified_since": modified,
+            }
+    return {"contains": False, "how": "record", "applied": [a.patch.id for a in rec.applied]}
 
-    return hashlib.sha256(tensor_bytes(t)).hexdigest()
+
+def _against_base(
+    w: torch.Tensor, a: torch.Tensor, fs: Sequence[Any], total: torch.Tensor, base_sha: str
+) -> dict[str, Any]:
+    """Does ``w - a`` equal the update ``total`` (factors ``fs``) exactly, or up to rounding?"""
+    expected = apply_deltas(a, fs, w.dtype)  # the same operations, in the same order, as apply
+    resid = (w.to(torch.float64) - a.to(torch.float64)) - total.to(torch.float64)
+    # storing W in its dtype (u·‖W‖) plus float32 error in the factors and the accumulation
+    bound = UNIT_ROUNDOFF[w.dtype] * float(w.to(torch.float64).norm()) + 4 * 2.0**-24 * float(total.norm())
+    t = {
+        "exact": bool(torch.equal(expected, w)),
+        "relative_residual": float(resid.norm()) / max(float(total.norm()), 1e-30),
+        "within_rounding": float(resid.norm()) <= bound * 1.0001,
+        "base_matches_fingerprint": tensor_sha256(a) == base_sha,
+    }
+    t["contains"] = t["exact"] or t["within_rounding"]
+    return t
+
+
+def _by_fingerprint(w: torch.Tensor, total: torch.Tensor, base_sha: str) -> dict[str, Any]:
+    """From fingerprints alone: ``w`` is the patch's base (no), or ``w - update`` is (yes); else unknown."""
+    t = {
+        "equals_patch_base": tensor_sha256(w) == base_sha,
+        "subtracting_restores_base": tensor_sha256(minus_update(w, total)) == base_sha,
+    }
+    t["contains"] = False if t["equals_patch_base"] else True if t["subtracting_restores_base"] else None
+    return t
 
 
 # -------------------------------------------------------------------------------- dispatch
@@ -372,8 +386,6 @@ def _open_any(ref: Patch | Checkpoint | str | os.PathLike) -> Patch | Checkpoint
             raise PatchFormatError(f"{e} (to compare a checkpoint, pass its folder)") from None
     s = str(ref)
     if s.endswith(".safetensors") or "@" in s:
-        from ..refs import resolve_patch
-
         return resolve_patch(s)
     return open_checkpoint(s)
 

@@ -22,17 +22,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from ..arch import get_spec
+from ..arch import ModelSpec, get_spec
 from ..errors import BaseMismatchError, CheckpointError
 from ..patch import ParamInfo, Patch, RankOneDelta, new_patch
 from ..stack import base_differences
 from .diff import RANK_CAP, UNIT_ROUNDOFF, rank_tolerance, svd_top
-from .operations import Checkpoint, open_checkpoint
+from .reader import Checkpoint, open_checkpoint
+from .safetensors_io import sha256_bytes, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,39 @@ def extract_patch(
         raise CheckpointError(f"max_rank must be at least 1, got {max_rank}")
     ca = base if isinstance(base, Checkpoint) else open_checkpoint(base, revision=revision)
     cb = edited if isinstance(edited, Checkpoint) else open_checkpoint(edited)
+    model_type = _model_type(ca, cb)
+    spec = get_spec(SimpleNamespace(model_type=model_type))
+    deltas: list[RankOneDelta] = []
+    parameters: dict[str, ParamInfo] = {}
+    report: dict[str, Any] = {}
+    for layer, name in _mlp_outputs(ca, cb, spec):
+        found = _extract_matrix(ca, cb, name, layer, spec=spec, max_rank=max_rank)
+        if found is None:
+            continue
+        ds, info, report[name] = found
+        if info is not None:
+            deltas += ds
+            parameters[name] = info
+    if not deltas:
+        raise CheckpointError(
+            f"no MLP output matrix differs between {ca.path} and {cb.path} beyond rounding; nothing to extract "
+            "(`rompatch diff` lists every tensor that differs)"
+        )
+    rec = ca.record
+    patch = new_patch(
+        deltas,
+        base=_base_info(ca, cb, model_type, next(iter(parameters.values())).dtype),
+        parameters=parameters,
+        lineage=[a.patch.id for a in rec.applied] if rec is not None else [],
+    )
+    patch.extra[EXTRACTED_FROM] = json.dumps(
+        {"base": str(ca.source.get("model")), "edited": str(cb.source.get("model")), "tensors": report},
+        separators=(",", ":"),
+    )
+    return patch
+
+
+def _model_type(ca: Checkpoint, cb: Checkpoint) -> str:
     mt_a, mt_b = ca.model_type, cb.model_type
     if mt_a and mt_b and mt_a != mt_b:
         raise BaseMismatchError(
@@ -75,125 +110,132 @@ def extract_patch(
             f"neither {ca.path} nor {cb.path} has a config.json with model_type; rompatch needs it to know "
             "which matrices are MLP outputs"
         )
-    spec = get_spec(SimpleNamespace(model_type=model_type))
-    n_layers = _num_layers(ca.config or cb.config)
-    cap = max_rank if max_rank is not None else RANK_CAP
+    return model_type
 
-    deltas: list[RankOneDelta] = []
-    parameters: dict[str, ParamInfo] = {}
-    report: dict[str, Any] = {}
+
+def _mlp_outputs(ca: Checkpoint, cb: Checkpoint, spec: ModelSpec) -> Iterator[tuple[int, str]]:
+    """``(layer, parameter)`` of each layer's MLP output matrix, present in both checkpoints (without a
+    layer count in the config: until the first layer after 0 that is missing)."""
+    n_layers = _num_layers(ca.config or cb.config)
     layer = 0
     while n_layers is None or layer < n_layers:
         name = spec.mlp_out_param(layer)
         try:
-            ea, eb = ca.entry(name), cb.entry(name)
+            ca.entry(name), cb.entry(name)
         except CheckpointError:
             if n_layers is None and layer > 0:
-                break
+                return
             raise
-        if (ea.dtype, ea.shape) != (eb.dtype, eb.shape):
-            raise BaseMismatchError(
-                f"'{name}' is {ea.dtype} {list(ea.shape)} in BASE but {eb.dtype} {list(eb.shape)} in EDITED; "
-                "extract needs two checkpoints in the same dtype (re-save one)"
-            )
-        raw_a, raw_b = ca.read_raw(name), cb.read_raw(name)
-        if raw_a == raw_b:
-            layer += 1
-            continue
-        wa, wb = (
-            torch.frombuffer(raw_a, dtype=ea.torch_dtype).reshape(ea.shape),
-            torch.frombuffer(raw_b, dtype=eb.torch_dtype).reshape(eb.shape),
-        )
-        d = wb.to(torch.float64) - wa.to(torch.float64)
-        if spec.conv1d:
-            d = d.T  # (in, out) -> (out, in)
-        u_mat, s, v_mat, _ = svd_top(d, cap + 8)
-        rms = max(
-            float(wa.to(torch.float64).pow(2).mean().sqrt()), float(wb.to(torch.float64).pow(2).mean().sqrt())
-        )
-        tol = rank_tolerance(d.shape, ea.torch_dtype, rms, float(s[0]))
-        rank = int((s > tol).sum())
-        if rank == 0:
-            log.warning(
-                "%s differs only by rounding (largest singular value %.3g <= %.3g); skipped",
-                name,
-                float(s[0]),
-                tol,
-            )
-            report[name] = {"rank": 0, "tolerance": tol, "skipped": "rounding only"}
-            layer += 1
-            continue
-        if max_rank is None and rank >= RANK_CAP:
-            raise CheckpointError(
-                f"the difference in '{name}' has numerical rank >= {RANK_CAP}: not a low-rank edit (fine-tuned?); "
-                "pass --max-rank R (max_rank=R) to keep its R largest components anyway"
-            )
-        k = min(rank, cap)
-        total = float(d.pow(2).sum())
-        kept = float(s[:k].pow(2).sum())
-        residual = max(total - kept, 0.0) ** 0.5 / total**0.5
-        for i in range(k):
-            u = v_mat[:, i]
-            v = s[i] * u_mat[:, i]
-            if u[u.abs().argmax()] < 0:
-                u, v = -u, -v
-            deltas.append(
-                RankOneDelta(
-                    u=u.to(torch.float32),
-                    v=v.to(torch.float32),
-                    layer=layer,
-                    parameter=name,
-                    request=None,
-                    kind="extracted",
-                    hparams={"method": "svd", "component": i, "tolerance": tol, "max_rank": max_rank},
-                    metrics={
-                        "singular_value": float(s[i]),
-                        "matrix_rank": rank,
-                        "relative_residual": residual,
-                    },
-                )
-            )
-        parameters[name] = ParamInfo(
-            shape=ea.shape,
-            dtype=ea.dtype_name,
-            sha256=_sha(raw_a),
-            layout=spec.layout,  # type: ignore[arg-type]
-        )
-        report[name] = {
-            "rank": rank,
-            "kept": k,
-            "tolerance": tol,
-            "relative_residual": residual,
-            "top_singular_values": [float(x) for x in s[: min(8, s.numel())]],
-            "unit_roundoff": UNIT_ROUNDOFF[ea.torch_dtype],
-        }
-        log.info("%s: rank %d (kept %d), relative residual %.3g", name, rank, k, residual)
+        yield layer, name
         layer += 1
-    if not deltas:
-        raise CheckpointError(
-            f"no MLP output matrix differs between {ca.path} and {cb.path} beyond rounding; nothing to extract "
-            "(`rompatch diff` lists every tensor that differs)"
+
+
+def _extract_matrix(
+    ca: Checkpoint, cb: Checkpoint, name: str, layer: int, *, spec: ModelSpec, max_rank: int | None
+) -> tuple[list[RankOneDelta], ParamInfo | None, dict[str, Any]] | None:
+    """The deltas, parameter info and report of one matrix; None when its bytes are equal (info is
+    None when it differs only by rounding)."""
+    ea, eb = ca.entry(name), cb.entry(name)
+    if (ea.dtype, ea.shape) != (eb.dtype, eb.shape):
+        raise BaseMismatchError(
+            f"'{name}' is {ea.dtype} {list(ea.shape)} in BASE but {eb.dtype} {list(eb.shape)} in EDITED; "
+            "extract needs two checkpoints in the same dtype (re-save one)"
         )
+    raw_a, raw_b = ca.read_raw(name), cb.read_raw(name)
+    if raw_a == raw_b:
+        return None
+    wa, wb = to_tensor(raw_a, ea), to_tensor(raw_b, eb)
+    d = wb.to(torch.float64) - wa.to(torch.float64)
+    if spec.conv1d:
+        d = d.T  # (in, out) -> (out, in)
+    cap = max_rank if max_rank is not None else RANK_CAP
+    u_mat, s, v_mat, _ = svd_top(d, cap + 8)
+    rms = max(
+        float(wa.to(torch.float64).pow(2).mean().sqrt()), float(wb.to(torch.float64).pow(2).mean().sqrt())
+    )
+    tol = rank_tolerance(d.shape, ea.torch_dtype, rms, float(s[0]))
+    rank = int((s > tol).sum())
+    if rank == 0:
+        log.warning(
+            "%s differs only by rounding (largest singular value %.3g <= %.3g); skipped",
+            name,
+            float(s[0]),
+            tol,
+        )
+        return [], None, {"rank": 0, "tolerance": tol, "skipped": "rounding only"}
+    if max_rank is None and rank >= RANK_CAP:
+        raise CheckpointError(
+            f"the difference in '{name}' has numerical rank >= {RANK_CAP}: not a low-rank edit (fine-tuned?); "
+            "pass --max-rank R (max_rank=R) to keep its R largest components anyway"
+        )
+    k = min(rank, cap)
+    total = float(d.pow(2).sum())
+    residual = max(total - float(s[:k].pow(2).sum()), 0.0) ** 0.5 / total**0.5
+    deltas = [
+        _component(
+            u_mat,
+            s,
+            v_mat,
+            i,
+            layer=layer,
+            name=name,
+            tol=tol,
+            max_rank=max_rank,
+            rank=rank,
+            residual=residual,
+        )
+        for i in range(k)
+    ]
+    info = ParamInfo(shape=ea.shape, dtype=ea.dtype_name, sha256=sha256_bytes(raw_a), layout=spec.layout)  # type: ignore[arg-type]
+    report = {
+        "rank": rank,
+        "kept": k,
+        "tolerance": tol,
+        "relative_residual": residual,
+        "top_singular_values": [float(x) for x in s[: min(8, s.numel())]],
+        "unit_roundoff": UNIT_ROUNDOFF[ea.torch_dtype],
+    }
+    log.info("%s: rank %d (kept %d), relative residual %.3g", name, rank, k, residual)
+    return deltas, info, report
+
+
+def _component(
+    u_mat: torch.Tensor,
+    s: torch.Tensor,
+    v_mat: torch.Tensor,
+    i: int,
+    *,
+    layer: int,
+    name: str,
+    tol: float,
+    max_rank: int | None,
+    rank: int,
+    residual: float,
+) -> RankOneDelta:
+    """Singular component ``i`` as a delta: ``u`` the right vector, ``v`` the left one times σ, signed so
+    that ``u``'s largest-magnitude entry is positive."""
+    u = v_mat[:, i]
+    v = s[i] * u_mat[:, i]
+    if u[u.abs().argmax()] < 0:
+        u, v = -u, -v
+    return RankOneDelta(
+        u=u.to(torch.float32),
+        v=v.to(torch.float32),
+        layer=layer,
+        parameter=name,
+        request=None,
+        kind="extracted",
+        hparams={"method": "svd", "component": i, "tolerance": tol, "max_rank": max_rank},
+        metrics={"singular_value": float(s[i]), "matrix_rank": rank, "relative_residual": residual},
+    )
+
+
+def _base_info(ca: Checkpoint, cb: Checkpoint, model_type: str, dtype: str) -> dict[str, Any]:
+    """The extracted patch's base: BASE's (its record's, for a rompatch-written one), with its dtype."""
     rec = ca.record
     base_info = dict(rec.base) if rec is not None else dict(ca.source)
-    base_info.update(model_type=model_type, dtype=next(iter(parameters.values())).dtype)
+    base_info.update(model_type=model_type, dtype=dtype)
     base_info = {k: base_info.get(k) for k in ("model", "revision", "model_type", "dtype")}
     if cb.record is not None and not base_differences(cb.record.base, base_info):
         log.info("EDITED was written by rompatch; `rompatch log %s` shows the exact patches", cb.path)
-    patch = new_patch(
-        deltas,
-        base=base_info,
-        parameters=parameters,
-        lineage=[a.patch.id for a in rec.applied] if rec is not None else [],
-    )
-    patch.extra[EXTRACTED_FROM] = json.dumps(
-        {"base": str(ca.source.get("model")), "edited": str(cb.source.get("model")), "tensors": report},
-        separators=(",", ":"),
-    )
-    return patch
-
-
-def _sha(b: bytes | bytearray) -> str:
-    import hashlib
-
-    return hashlib.sha256(b).hexdigest()
+    return base_info

@@ -56,34 +56,63 @@ class TensorEntry:
         return dtype_name(self.torch_dtype) if self.dtype in ST_DTYPES else self.dtype
 
 
+HEADER_MAX = 100_000_000  # a larger header is refused (not a safetensors file, or a corrupt one)
+
+
+def parse_header(data: bytes | bytearray | memoryview, size: int | None = None) -> tuple[dict[str, Any], int]:
+    """``(header JSON object, where the data section starts)`` from a file's first bytes.
+
+    ``data`` holds at least the 8-byte length and the header; ``size`` is the whole file's (default:
+    ``len(data)``). Raises ValueError for anything that is not a safetensors header.
+    """
+    size = len(data) if size is None else size
+    if len(data) < 8:
+        raise ValueError("shorter than 8 bytes")
+    (n,) = struct.unpack("<Q", bytes(data[:8]))
+    if n > size - 8 or n > HEADER_MAX:
+        raise ValueError(f"header length {n} exceeds the file")
+    header = json.loads(bytes(data[8 : 8 + n]))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return header, 8 + n
+
+
+def frame_header(raw: bytes) -> bytes:
+    """The 8-byte length and the header JSON ``raw``, padded with spaces to a multiple of 8 bytes."""
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _read_raw_header(path: Path) -> tuple[dict[str, Any], int, int]:
+    """``(header, data start, file size)``; raises OSError or ValueError."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) == 8:
+            (n,) = struct.unpack("<Q", head)
+            head += f.read(min(n, HEADER_MAX + 1, max(size - 8, 0)))
+    header, start = parse_header(head, size)
+    return header, start, size
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str] | None:
+    """The ``__metadata__`` of a safetensors file, or None when it is not one (or has none)."""
+    try:
+        header, _, _ = _read_raw_header(Path(path))
+    except (OSError, ValueError):
+        return None
+    meta = header.get("__metadata__")
+    return meta if isinstance(meta, dict) else None
+
+
 def read_header(path: str | os.PathLike, *, rel: str | None = None) -> tuple[list[TensorEntry], dict | None]:
     """Parse a safetensors header: ``(entries sorted by offset, __metadata__)``. Reads no tensor data."""
     path = Path(path)
     rel = rel or path.name
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("shorter than 8 bytes")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
-                raise ValueError(f"header length {n} exceeds the file")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
+        header, start, size = _read_raw_header(path)
         meta = header.pop("__metadata__", None)
-        start = 8 + n
-        entries = []
-        for key, info in header.items():
-            b, e = (int(x) for x in info["data_offsets"])
-            shape = tuple(int(s) for s in info["shape"])
-            code = str(info["dtype"])
-            if not 0 <= b <= e or start + e > size:
-                raise ValueError(f"tensor '{key}' lies outside the file (truncated?)")
-            if code in ITEMSIZE and math.prod(shape) * ITEMSIZE[code] != e - b:
-                raise ValueError(f"tensor '{key}' has {e - b} bytes for shape {list(shape)} {code}")
-            entries.append(TensorEntry(key, rel, code, shape, start + b, e - b))
+        entries = [_entry(key, info, rel, start, size) for key, info in header.items()]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(
             f"{path}: not a valid safetensors file ({e}); the file is truncated or corrupt, re-download or "
@@ -91,6 +120,17 @@ def read_header(path: str | os.PathLike, *, rel: str | None = None) -> tuple[lis
         ) from None
     entries.sort(key=lambda t: t.offset)
     return entries, meta
+
+
+def _entry(key: str, info: dict[str, Any], rel: str, start: int, size: int) -> TensorEntry:
+    b, e = (int(x) for x in info["data_offsets"])
+    shape = tuple(int(s) for s in info["shape"])
+    code = str(info["dtype"])
+    if not 0 <= b <= e or start + e > size:
+        raise ValueError(f"tensor '{key}' lies outside the file (truncated?)")
+    if code in ITEMSIZE and math.prod(shape) * ITEMSIZE[code] != e - b:
+        raise ValueError(f"tensor '{key}' has {e - b} bytes for shape {list(shape)} {code}")
+    return TensorEntry(key, rel, code, shape, start + b, e - b)
 
 
 def read_range(path: str | os.PathLike, offset: int, nbytes: int) -> bytearray:
@@ -161,13 +201,12 @@ class SafetensorsWriter:
             header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [off, off + n]}
             self.slots[name] = (off, n)
             off += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.start = 8 + len(raw)
+        framed = frame_header(json.dumps(header, separators=(",", ":")).encode())
+        self.start = len(framed)
         self.size = self.start + off
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        pwrite_all(self.fd, memoryview(struct.pack("<Q", len(raw)) + raw), 0)
+        pwrite_all(self.fd, memoryview(framed), 0)
         os.ftruncate(self.fd, self.size)
         self.pending = set(self.slots)
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import click
 
+from ..checkpoint.diff import diff
+from ..checkpoint.extract import EXTRACTED_FROM, extract_patch
+from ..checkpoint.operations import CheckpointResult, apply_to_checkpoint, checkpoint_log, revert_checkpoint
+from ..patch import Patch, save_patch
+from ..stack import stack_patches
 from .common import echo_json, info, json_option, revision_option
-
-if TYPE_CHECKING:
-    from ..checkpoint.operations import CheckpointResult
-    from ..patch import Patch
 
 out_option = click.option(
     "-o",
@@ -73,8 +75,6 @@ def apply_cmd(base, patches, out, overwrite, force, copy_files, revision, as_jso
     """
     if not out:
         raise click.UsageError("missing -o/--out OUT (the folder to write)")
-    from ..checkpoint.operations import apply_to_checkpoint
-
     r = apply_to_checkpoint(
         base, list(patches), out, overwrite=overwrite, force=force, link=not copy_files, revision=revision
     )
@@ -109,8 +109,6 @@ def revert_cmd(checkpoint, patches, out, in_place, revert_all, force, overwrite,
         raise click.UsageError("pass exactly one of -o/--out OUT or --in-place")
     if revert_all and patches:
         raise click.UsageError("pass either PATCH... or --all, not both")
-    from ..checkpoint.operations import revert_checkpoint
-
     r = revert_checkpoint(
         checkpoint,
         list(patches),
@@ -130,8 +128,6 @@ def revert_cmd(checkpoint, patches, out, in_place, revert_all, force, overwrite,
 @json_option
 def log_cmd(checkpoint, no_verify, as_json) -> None:
     """The patches applied to CHECKPOINT, in order, with their edits and fingerprints."""
-    from ..checkpoint.operations import checkpoint_log
-
     r = checkpoint_log(checkpoint, verify=not no_verify)
     if as_json:
         echo_json(r)
@@ -165,8 +161,6 @@ def log_cmd(checkpoint, no_verify, as_json) -> None:
 def _save(patch: Patch, out: str, overwrite: bool) -> Path:
     if Path(out).exists() and not overwrite:
         raise click.ClickException(f"{out} already exists; pass --overwrite to replace it")
-    from ..patch import save_patch
-
     return save_patch(patch, out)
 
 
@@ -184,8 +178,6 @@ def stack_cmd(patches, out, allow_conflicts, overwrite, as_json) -> None:
     Refuses patches on different base models, and (unless --allow-conflicts) edits of the same
     subject and relation with different targets. Lineage between the inputs is kept inside the stack.
     """
-    from ..stack import stack_patches
-
     p = stack_patches(list(patches), allow_conflicts=allow_conflicts)
     path = _save(p, out, overwrite)
     if as_json:
@@ -210,13 +202,9 @@ def extract_cmd(base, edited, out, max_rank, revision, overwrite, as_json) -> No
     Compares each layer's MLP output matrix; the low-rank difference becomes kind "extracted"
     deltas (the requests are unknown). Apply the result to BASE to reproduce EDITED.
     """
-    import json
-
-    from ..checkpoint.extract import extract_patch
-
     p = extract_patch(base, edited, max_rank=max_rank, revision=revision)
     path = _save(p, out, overwrite)
-    report = json.loads(p.extra["extracted_from"])["tensors"]
+    report = json.loads(p.extra[EXTRACTED_FROM])["tensors"]
     if as_json:
         echo_json({"path": str(path), "report": report, **p.summary()})
         return
@@ -246,58 +234,65 @@ def diff_cmd(a, b, base, as_json) -> None:
     (with cosines of u and v). Checkpoints: tensors that differ, with the numerical rank and relative
     size of each difference. Checkpoint and patch: whether the checkpoint contains the patch.
     """
-    from ..checkpoint.diff import diff
-
     r = diff(a, b, base=base)
     if as_json:
         echo_json(r)
-        return
-    if r["kind"] == "patch/patch":
-        click.echo(f"A {r['a']}\nB {r['b']}")
-        click.echo("same base" if r["same_base"] else f"DIFFERENT bases: {r['base_differences']}")
-        for e in r["only_a"]:
-            click.echo(f"- only in A: {_fmt_edit(e)}")
-        for e in r["only_b"]:
-            click.echo(f"+ only in B: {_fmt_edit(e)}")
-        for e in r["both"]:
-            cos = (
-                f"cos u {e['cos_u']:.6f}, cos v {e['cos_v']:.6f}"
-                if e.get("cos_u") is not None
-                else "different shapes"
-            )
-            same = " (identical)" if e.get("identical") else ""
-            click.echo(f"= in both ({e['matched_by']}): {_fmt_edit(e['edit'])}: {cos}{same}")
+    elif r["kind"] == "patch/patch":
+        _print_patch_diff(r)
     elif r["kind"] == "checkpoint/checkpoint":
-        click.echo(f"A {r['a']}\nB {r['b']}")
-        if r["identical"]:
-            click.echo("identical tensors")
-        for k in r["only_a"]:
-            click.echo(f"- only in A: {k}")
-        for k in r["only_b"]:
-            click.echo(f"+ only in B: {k}")
-        for m in r["dtype_or_shape_differs"]:
-            click.echo(f"! {m['tensor']}: {m['a']} vs {m['b']}")
-        for t in r["differ"]:
-            rank = (
-                ""
-                if t.get("rank") is None
-                else f"rank {'>=' if t['rank_is_lower_bound'] else ''}{t['rank']}, "
-            )
-            size = f"‖Δ‖/‖A‖ {t['relative_size']:.3g}" if "relative_size" in t else "non-float"
-            click.echo(f"~ {t['tensor']} {t['shape']} {t['dtype']}: {rank}{size}")
-        click.echo(f"{len(r['differ'])} tensor(s) differ, {r['n_identical']} identical")
+        _print_checkpoint_diff(r)
     else:
-        verdict = {True: "contains", False: "does NOT contain", None: "cannot tell whether it contains"}[
-            r["contains"]
-        ]
-        click.echo(f"{r['checkpoint']} {verdict} patch {r['patch'][:12]} (by {r['how']})")
-        if r["how"] == "record" and r["contains"]:
-            part = f" as part of {r['part_of'][:12]}" if r["part_of"] else ""
-            click.echo(f"  applied at position {r['position']}{part}" + (" (forced)" if r["forced"] else ""))
-        for name, t in r.get("tensors", {}).items():
-            click.echo(f"  {name}: {', '.join(f'{k}={v}' for k, v in t.items())}")
-        if r["contains"] is None:
-            info("hint: pass --base BASE (the checkpoint the patch was made for) for a definite answer")
+        _print_contains(r)
+
+
+def _print_sides(r: dict[str, Any], note: str | None, fmt: Any = str) -> None:
+    """Both sides, a note, and what is only in one side (patches' edits or checkpoints' tensors)."""
+    click.echo(f"A {r['a']}\nB {r['b']}")
+    if note:
+        click.echo(note)
+    for e in r["only_a"]:
+        click.echo(f"- only in A: {fmt(e)}")
+    for e in r["only_b"]:
+        click.echo(f"+ only in B: {fmt(e)}")
+
+
+def _print_patch_diff(r: dict[str, Any]) -> None:
+    _print_sides(r, "same base" if r["same_base"] else f"DIFFERENT bases: {r['base_differences']}", _fmt_edit)
+    for e in r["both"]:
+        cos = (
+            f"cos u {e['cos_u']:.6f}, cos v {e['cos_v']:.6f}"
+            if e.get("cos_u") is not None
+            else "different shapes"
+        )
+        same = " (identical)" if e.get("identical") else ""
+        click.echo(f"= in both ({e['matched_by']}): {_fmt_edit(e['edit'])}: {cos}{same}")
+
+
+def _print_checkpoint_diff(r: dict[str, Any]) -> None:
+    _print_sides(r, "identical tensors" if r["identical"] else None)
+    for m in r["dtype_or_shape_differs"]:
+        click.echo(f"! {m['tensor']}: {m['a']} vs {m['b']}")
+    for t in r["differ"]:
+        rank = (
+            "" if t.get("rank") is None else f"rank {'>=' if t['rank_is_lower_bound'] else ''}{t['rank']}, "
+        )
+        size = f"‖Δ‖/‖A‖ {t['relative_size']:.3g}" if "relative_size" in t else "non-float"
+        click.echo(f"~ {t['tensor']} {t['shape']} {t['dtype']}: {rank}{size}")
+    click.echo(f"{len(r['differ'])} tensor(s) differ, {r['n_identical']} identical")
+
+
+def _print_contains(r: dict[str, Any]) -> None:
+    verdict = {True: "contains", False: "does NOT contain", None: "cannot tell whether it contains"}[
+        r["contains"]
+    ]
+    click.echo(f"{r['checkpoint']} {verdict} patch {r['patch'][:12]} (by {r['how']})")
+    if r["how"] == "record" and r["contains"]:
+        part = f" as part of {r['part_of'][:12]}" if r["part_of"] else ""
+        click.echo(f"  applied at position {r['position']}{part}" + (" (forced)" if r["forced"] else ""))
+    for name, t in r.get("tensors", {}).items():
+        click.echo(f"  {name}: {', '.join(f'{k}={v}' for k, v in t.items())}")
+    if r["contains"] is None:
+        info("hint: pass --base BASE (the checkpoint the patch was made for) for a definite answer")
 
 
 COMMANDS = [apply_cmd, revert_cmd, log_cmd, stack_cmd, diff_cmd, extract_cmd]

@@ -22,8 +22,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from safetensors.torch import save_file
 
 from .._version import __version__
 from ..arch import SPECS
+from ..atomic import staged_folder
 from ..errors import ExportError, LineageError, PatchFormatError
 from ..patch import Patch
 from ..refs import PatchesLike, resolve_patches
@@ -271,9 +270,7 @@ def export_peft(
         uniform_rank=uniform_rank,
     )
     _check_target(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with staged_folder(out, error=ExportError) as tmp:  # an existing export is swapped atomically
         meta = {
             "format": "pt",
             "rompatch_version": __version__,
@@ -281,11 +278,6 @@ def export_peft(
         }
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=meta)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o755)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info(
         "exported %d patch(es) as a rank-%d LoRA adapter on %d module(s) into %s",
         len(plist),
@@ -306,17 +298,3 @@ def _check_target(out: Path) -> None:
                 f"{out} already holds other files ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}); "
                 "choose a new or empty folder"
             )
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -1,35 +1,21 @@
-"""Patches on checkpoints on disk: apply, revert, log, atomic output, fingerprints, lineage, kills."""
+"""apply, revert and log on checkpoint folders: equal to in-memory apply, exact revert, fingerprints, lineage, CLI, Hub."""
 
 from __future__ import annotations
 
 import json
-import os
-import select
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from rompatch.apply import apply_patch
 from rompatch.arch import get_spec
-from rompatch.checkpoint.operations import (
-    AppliedEntry,
-    _chain,
-    apply_to_checkpoint,
-    checkpoint_log,
-    open_checkpoint,
-    revert_checkpoint,
-)
+from rompatch.checkpoint.operations import apply_to_checkpoint, checkpoint_log, revert_checkpoint
+from rompatch.checkpoint.reader import open_checkpoint
 from rompatch.checkpoint.safetensors_io import read_header
 from rompatch.cli.main import cli
-from rompatch.constants import CHECKPOINT_RECORD, CHECKPOINT_UNDO, ENV_TEST_PAUSE_AFTER_SHARD
+from rompatch.constants import CHECKPOINT_RECORD, CHECKPOINT_UNDO
 from rompatch.errors import (
     BaseMismatchError,
     CheckpointError,
@@ -38,37 +24,23 @@ from rompatch.errors import (
     NotAppliedError,
 )
 from rompatch.fingerprint import tensor_sha256
-from rompatch.patch import ParamInfo, RankOneDelta, new_patch, save_patch
-from tests.ckpt_helpers import file_shas, read_tensor, save_sharded, tensor_shas, weight_files
+from rompatch.patch import save_patch
+from tests.ckpt_helpers import (
+    DTYPES,
+    file_shas,
+    leftovers,
+    logits,
+    make_ckpt,
+    mem_shas,
+    read_tensor,
+    save_sharded,
+    tensor_shas,
+    weight_files,
+)
 from tests.helpers import vector_patch
 from tests.tiny import make_model
 
-REPO = Path(__file__).resolve().parent.parent
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ARCHS = ["gpt2", "llama", "gpt_neox"]
-
-
-def mem_shas(model) -> dict[str, str]:
-    return {k: tensor_sha256(v) for k, v in model.state_dict().items()}
-
-
-def make_ckpt(tmp_path: Path, arch="llama", dtype=torch.float32, name="base", seed=0):
-    model = make_model(arch, dtype=dtype, seed=seed)
-    folder = save_sharded(model, tmp_path / name)
-    assert len(weight_files(folder)) >= 3, "tests need multi-shard checkpoints"
-    return model, folder
-
-
-def leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if ".rompatch-tmp." in p.name)
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits.float()
-
-
-# ------------------------------------------------------------------------------------- apply
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -142,43 +114,6 @@ def test_apply_equals_in_memory_and_revert_restores_every_tensor(tmp_path, arch,
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("layout", ["linear", "conv1d"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_chain_is_the_in_memory_sum_over_blocks_and_sub_blocks(dtype, layout):
-    """A matrix of several row blocks and sub-blocks, neither a multiple of the row count: the value
-    and every fingerprint are those of cast(original + Σ deltas) computed whole, as in-memory apply does."""
-    rows, cols = 6000, 100  # 3 hashing blocks of ≤ 2621 rows, computed 327 rows at a time
-    g = torch.Generator().manual_seed(0)
-    original = torch.randn(rows, cols, generator=g).to(dtype)
-    name = "w"
-    n_in, n_out = (rows, cols) if layout == "conv1d" else (cols, rows)
-    patches = []
-    for k in range(3):
-        deltas = [
-            RankOneDelta(
-                u=torch.randn(n_in, generator=g), v=torch.randn(n_out, generator=g), layer=0, parameter=name
-            )
-            for _ in range(k + 1)
-        ]
-        info = ParamInfo(
-            shape=(rows, cols), dtype=str(dtype).removeprefix("torch."), sha256="0" * 64, layout=layout
-        )
-        patches.append(new_patch(deltas, base={"model": "m", "model_type": "llama"}, parameters={name: info}))
-
-    value, prints, base_sha = _chain(original, [AppliedEntry(p) for p in patches], name, None)
-
-    acc = original.to(torch.float32, copy=True)
-    expected = []
-    for p in patches:
-        for d in p.deltas:
-            acc.add_(d.matrix(layout))
-        expected.append(acc.to(dtype, copy=True))
-    assert torch.equal(value, expected[-1]) and value.dtype == dtype
-    assert base_sha == tensor_sha256(original)
-    shas = [tensor_sha256(original)] + [tensor_sha256(e) for e in expected]
-    assert prints == {k: {"before": shas[k], "after": shas[k + 1]} for k in range(3)}
-
-
 def test_checkpoint_apply_leaves_torch_thread_count_alone(tmp_path, monkeypatch):
     """No process-wide setting: another thread using torch meanwhile keeps its intra-op threads."""
     calls = []
@@ -186,33 +121,6 @@ def test_checkpoint_apply_leaves_torch_thread_count_alone(tmp_path, monkeypatch)
     model, base = make_ckpt(tmp_path)
     apply_to_checkpoint(base, [vector_patch(model, layer=1)], tmp_path / "out")
     assert calls == []
-
-
-def test_single_file_checkpoint_and_bare_model_keys(tmp_path):
-    """model.safetensors without an index; keys saved without the base-model prefix (old GPT-2)."""
-    model = make_model("gpt2")
-    folder = tmp_path / "base"
-    model.save_pretrained(folder)
-    assert (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").exists()
-    patch = vector_patch(model, layer=1)
-    apply_to_checkpoint(folder, [patch], tmp_path / "out")
-    apply_patch(model, patch)
-    name = patch.deltas[0].parameter
-    assert tensor_sha256(read_tensor(tmp_path / "out", name)) == tensor_sha256(model.get_parameter(name))
-
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    sd = {k.removeprefix("transformer."): v.contiguous() for k, v in make_model("gpt2").state_dict().items()}
-    sd.pop("lm_head.weight", None)
-    save_file(sd, bare / "model.safetensors", metadata={"format": "pt"})
-    (bare / "config.json").write_text((folder / "config.json").read_text())
-    patch2 = vector_patch(make_model("gpt2"), layer=1)
-    apply_to_checkpoint(bare, [patch2], tmp_path / "bare-out")
-    key = name.removeprefix("transformer.")
-    assert tensor_sha256(read_tensor(tmp_path / "bare-out", key)) != tensor_sha256(sd[key])
-
-
-# ------------------------------------------------------------------------------------ revert
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -282,9 +190,6 @@ def test_revert_foreign_checkpoint_subtracts_and_reports_residual(tmp_path):
         # the base itself does not contain the patch: refused
         with pytest.raises(NotAppliedError, match="already equals patch .* base fingerprint"):
             revert_checkpoint(base, [patch], out=tmp_path / f"nope-{dtype}")
-
-
-# ------------------------------------------------------------------------ fingerprints, lineage
 
 
 def test_fingerprint_mismatch_refused_with_names_and_hashes_then_forced(tmp_path):
@@ -371,165 +276,6 @@ def test_chain_continues_on_patched_checkpoint_and_lineage_is_checked(tmp_path):
     assert checkpoint_log(tmp_path / "forced")["applied"][0]["forced_reasons"] == ["lineage", "fingerprint"]
 
 
-def test_stale_record_is_detected(tmp_path):
-    model, base = make_ckpt(tmp_path)
-    patch = vector_patch(model, layer=1)
-    apply_to_checkpoint(base, [patch], tmp_path / "out", link=False)
-    name = patch.deltas[0].parameter
-    ck = open_checkpoint(tmp_path / "out")
-    e = ck.entry(name)
-    with open(tmp_path / "out" / e.file, "r+b") as f:  # someone else rewrites the edited tensor
-        f.seek(e.offset)
-        f.write(b"\x00" * 8)
-    with pytest.raises(CheckpointError, match=rf"{name} changed after rompatch wrote this checkpoint"):
-        apply_to_checkpoint(tmp_path / "out", [vector_patch(model, layer=2, subject="B")], tmp_path / "x")
-    assert checkpoint_log(tmp_path / "out")["modified"] == [name]
-    revert_checkpoint(tmp_path / "out", all=True, force=True, in_place=True)
-    assert tensor_shas(tmp_path / "out") == tensor_shas(base)
-
-
-# ------------------------------------------------------------------------ refusals, atomicity
-
-
-def test_existing_out_refused_unless_overwrite(tmp_path):
-    model, base = make_ckpt(tmp_path)
-    p1, p2 = vector_patch(model, layer=1, seed=1), vector_patch(model, layer=2, seed=2, subject="B")
-    apply_to_checkpoint(base, [p1], tmp_path / "out")
-    before = file_shas(tmp_path / "out")
-    with pytest.raises(CheckpointError, match=r"already exists; pass --overwrite"):
-        apply_to_checkpoint(base, [p2], tmp_path / "out")
-    assert file_shas(tmp_path / "out") == before
-    apply_to_checkpoint(base, [p2], tmp_path / "out", overwrite=True)
-    assert [e["id"] for e in checkpoint_log(tmp_path / "out")["applied"]] == [p2.id]
-    assert leftovers(tmp_path) == []
-
-    home = tmp_path / "not-a-model"
-    home.mkdir()
-    (home / "notes.txt").write_text("precious")
-    with pytest.raises(CheckpointError, match="does not look like a model folder"):
-        apply_to_checkpoint(base, [p1], home, overwrite=True)
-    assert (home / "notes.txt").read_text() == "precious"
-    nested = tmp_path / "outer"
-    nested.mkdir()
-    (nested / "config.json").write_text("{}")
-    inner_model = make_model("llama")
-    save_sharded(inner_model, nested / "inner")
-    with pytest.raises(CheckpointError, match="contains the input"):
-        apply_to_checkpoint(nested / "inner", [p1], nested, overwrite=True)
-
-    # in-place apply: OUT == BASE with --overwrite
-    copy = tmp_path / "copy"
-    apply_to_checkpoint(base, [p1], copy)
-    revert_checkpoint(copy, all=True, in_place=True)
-    apply_to_checkpoint(copy, [p2], copy, overwrite=True)
-    assert [e["id"] for e in checkpoint_log(copy)["applied"]] == [p2.id]
-
-
-def test_pickle_checkpoint_refused_with_conversion_hint(tmp_path):
-    folder = tmp_path / "legacy"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    torch.save({"w": torch.zeros(2)}, folder / "pytorch_model.bin")
-    with pytest.raises(CheckpointError) as ei:
-        apply_to_checkpoint(folder, [vector_patch(make_model("llama"))], tmp_path / "out")
-    msg = str(ei.value)
-    assert "pytorch_model.bin" in msg and "never unpickles" in msg and "save_pretrained" in msg
-    assert not (tmp_path / "out").exists()
-
-
-def test_not_a_checkpoint(tmp_path):
-    with pytest.raises(CheckpointError, match="no such folder: "):  # also a ModelLoadError, as in load_model
-        open_checkpoint(tmp_path / "missing" / "x")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
-        open_checkpoint(tmp_path / "empty")
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
-        open_checkpoint(bad)
-
-
-def _spawn_paused(args: list[str], pause_after: int) -> subprocess.Popen:
-    env = dict(os.environ, **{ENV_TEST_PAUSE_AFTER_SHARD: str(pause_after)}, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _RUN, *args],
-        env=env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    buf = b""
-    while b"paused after" not in buf:
-        if time.time() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise AssertionError(f"subprocess did not pause: {buf.decode(errors='replace')}")
-        ready, _, _ = select.select([proc.stderr], [], [], 1.0)
-        if ready:
-            buf += os.read(proc.stderr.fileno(), 4096)
-    return proc
-
-
-_RUN = "import sys; from rompatch.cli.main import cli; cli(sys.argv[1:], prog_name='rompatch')"
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL
-
-
-def test_kill_during_apply_leaves_no_output_and_unchanged_input(tmp_path):
-    model, base = make_ckpt(tmp_path)
-    patch = save_patch(vector_patch(model, layer=1), tmp_path / "p.safetensors")
-    inputs = file_shas(base)
-    n_files = len(weight_files(base))
-
-    proc = _spawn_paused(["apply", str(base), str(patch), "-o", str(tmp_path / "out")], pause_after=2)
-    staging = leftovers(tmp_path)
-    assert len(staging) == 1 and 2 <= len(list((tmp_path / staging[0]).glob("*.safetensors"))) < n_files
-    _kill(proc)
-    assert not (tmp_path / "out").exists(), "a killed apply leaves no OUT"
-    assert file_shas(base) == inputs, "and an unchanged input"
-    assert leftovers(tmp_path) == staging, "its staging folder stays until the next run"
-
-    apply_to_checkpoint(base, [patch], tmp_path / "out")  # the next run cleans it up
-    assert leftovers(tmp_path) == []
-    done = file_shas(tmp_path / "out")
-
-    # killed while replacing an existing OUT (--overwrite): OUT keeps its previous content
-    other = save_patch(vector_patch(model, layer=2, subject="B"), tmp_path / "q.safetensors")
-    proc = _spawn_paused(["apply", str(base), str(other), "-o", str(tmp_path / "out"), "--overwrite"], 3)
-    _kill(proc)
-    assert file_shas(tmp_path / "out") == done and file_shas(base) == inputs
-
-    # killed during revert --in-place: the checkpoint is unchanged
-    proc = _spawn_paused(["revert", str(tmp_path / "out"), str(patch), "--in-place"], 1)
-    _kill(proc)
-    assert file_shas(tmp_path / "out") == done and file_shas(base) == inputs
-    revert_checkpoint(tmp_path / "out", [patch], in_place=True)
-    assert tensor_shas(tmp_path / "out") == tensor_shas(base) and leftovers(tmp_path) == []
-
-
-def test_hardlinked_inputs_are_never_modified(tmp_path):
-    model, base = make_ckpt(tmp_path)
-    p1 = vector_patch(model, layer=1)
-    p2 = vector_patch(model, layer=1, seed=5, subject="B")
-    apply_to_checkpoint(base, [p1], tmp_path / "o1")
-    apply_to_checkpoint(tmp_path / "o1", [p2], tmp_path / "o2")
-    snap = {d: file_shas(tmp_path / d) for d in ("base", "o1")}
-    revert_checkpoint(tmp_path / "o2", [p1], in_place=True)  # rewrites the shard o1/o2 share... by a new file
-    revert_checkpoint(tmp_path / "o2", [p2], in_place=True)
-    assert {d: file_shas(tmp_path / d) for d in ("base", "o1")} == snap
-    assert tensor_shas(tmp_path / "o2") == tensor_shas(base)
-    res = apply_to_checkpoint(base, [p1], tmp_path / "copied", link=False)
-    assert res.stats.linked == []
-    assert all((tmp_path / "copied" / f.name).stat().st_ino != f.stat().st_ino for f in weight_files(base))
-
-
-# ---------------------------------------------------------------------------------------- CLI
-
-
 def test_cli_apply_log_revert(tmp_path):
     model, base = make_ckpt(tmp_path)
     p1 = save_patch(vector_patch(model, layer=1, subject="Alice"), tmp_path / "p1.safetensors")
@@ -560,8 +306,6 @@ def test_cli_apply_log_revert(tmp_path):
     r = runner.invoke(cli, ["log", str(tmp_path / "back")])
     assert "no rompatch record" in r.stdout
 
-
-# ---------------------------------------------------------------------------------------- Hub
 
 try:
     from tests.conftest_hub import hub_env, hub_server  # noqa: F401  (fixtures)
@@ -595,9 +339,6 @@ def test_apply_to_hub_checkpoint(tmp_path, hub_env):
     assert tensor_shas(tmp_path / "offline") == disk
     with pytest.raises(Exception, match="not in the local Hugging Face cache"):
         apply_to_checkpoint(f"{hub_env.user}/never-fetched", [patch], tmp_path / "x")
-
-
-# --------------------------------------------------------------------------------- SmolLM2
 
 
 @pytest.mark.slow

@@ -1,0 +1,120 @@
+"""Writing the output folder: a kill mid-write leaves nothing half-written; hard links are never modified."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rompatch.checkpoint.operations import apply_to_checkpoint, revert_checkpoint
+from rompatch.patch import save_patch
+from tests.ckpt_helpers import (
+    file_shas,
+    leftovers,
+    make_ckpt,
+    tensor_shas,
+    weight_files,
+)
+from tests.helpers import vector_patch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _spawn_paused(args: list[str], pause_after: int) -> subprocess.Popen:
+    """Run the CLI in a subprocess that pauses (sleeps) once ``pause_after`` weight files are in its
+    staging folder, so the test can kill it mid-write."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _RUN, str(pause_after), *args],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    buf = b""
+    while b"paused after" not in buf:
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError(f"subprocess did not pause: {buf.decode(errors='replace')}")
+        ready, _, _ = select.select([proc.stderr], [], [], 1.0)
+        if ready:
+            buf += os.read(proc.stderr.fileno(), 4096)
+    return proc
+
+
+_RUN = """
+import os, sys, time
+from rompatch.checkpoint import writer
+from rompatch.cli.main import cli
+
+pause_after, done, place = int(sys.argv[1]), [], writer.FolderWriter.place
+
+def place_then_pause(self, rel):
+    place(self, rel)
+    if rel in self.src.files:
+        done.append(rel)
+        if len(done) == pause_after:
+            os.write(2, f"paused after {len(done)} weight file(s)\\n".encode())
+            time.sleep(3600)
+
+writer.FolderWriter.place = place_then_pause
+cli(sys.argv[2:], prog_name="rompatch")
+"""
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_kill_during_apply_leaves_no_output_and_unchanged_input(tmp_path):
+    model, base = make_ckpt(tmp_path)
+    patch = save_patch(vector_patch(model, layer=1), tmp_path / "p.safetensors")
+    inputs = file_shas(base)
+    n_files = len(weight_files(base))
+
+    proc = _spawn_paused(["apply", str(base), str(patch), "-o", str(tmp_path / "out")], pause_after=2)
+    staging = leftovers(tmp_path)
+    assert len(staging) == 1 and 2 <= len(list((tmp_path / staging[0]).glob("*.safetensors"))) < n_files
+    _kill(proc)
+    assert not (tmp_path / "out").exists(), "a killed apply leaves no OUT"
+    assert file_shas(base) == inputs, "and an unchanged input"
+    assert leftovers(tmp_path) == staging, "its staging folder stays until the next run"
+
+    apply_to_checkpoint(base, [patch], tmp_path / "out")  # the next run cleans it up
+    assert leftovers(tmp_path) == []
+    done = file_shas(tmp_path / "out")
+
+    # killed while replacing an existing OUT (--overwrite): OUT keeps its previous content
+    other = save_patch(vector_patch(model, layer=2, subject="B"), tmp_path / "q.safetensors")
+    proc = _spawn_paused(["apply", str(base), str(other), "-o", str(tmp_path / "out"), "--overwrite"], 3)
+    _kill(proc)
+    assert file_shas(tmp_path / "out") == done and file_shas(base) == inputs
+
+    # killed during revert --in-place: the checkpoint is unchanged
+    proc = _spawn_paused(["revert", str(tmp_path / "out"), str(patch), "--in-place"], 1)
+    _kill(proc)
+    assert file_shas(tmp_path / "out") == done and file_shas(base) == inputs
+    revert_checkpoint(tmp_path / "out", [patch], in_place=True)
+    assert tensor_shas(tmp_path / "out") == tensor_shas(base) and leftovers(tmp_path) == []
+
+
+def test_hardlinked_inputs_are_never_modified(tmp_path):
+    model, base = make_ckpt(tmp_path)
+    p1 = vector_patch(model, layer=1)
+    p2 = vector_patch(model, layer=1, seed=5, subject="B")
+    apply_to_checkpoint(base, [p1], tmp_path / "o1")
+    apply_to_checkpoint(tmp_path / "o1", [p2], tmp_path / "o2")
+    snap = {d: file_shas(tmp_path / d) for d in ("base", "o1")}
+    revert_checkpoint(tmp_path / "o2", [p1], in_place=True)  # rewrites the shard o1/o2 share... by a new file
+    revert_checkpoint(tmp_path / "o2", [p2], in_place=True)
+    assert {d: file_shas(tmp_path / d) for d in ("base", "o1")} == snap
+    assert tensor_shas(tmp_path / "o2") == tensor_shas(base)
+    res = apply_to_checkpoint(base, [p1], tmp_path / "copied", link=False)
+    assert res.stats.linked == []
+    assert all((tmp_path / "copied" / f.name).stat().st_ino != f.stat().st_ino for f in weight_files(base))
