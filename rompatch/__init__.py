@@ -79,7 +79,7 @@ _EXPORTS = {
     "apply_to_checkpoint": "checkpoint.operations",
     "revert_checkpoint": "checkpoint.operations",
     "checkpoint_log": "checkpoint.operations",
-    "open_checkpoint": "checkpoint.operations",
+    "open_checkpoint": "checkpoint.reader",
     "stack_patches": "stack",
     "diff": "checkpoint.diff",
     "extract_patch": "checkpoint.extract",

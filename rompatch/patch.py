@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,6 +27,7 @@ from .errors import PatchFormatError, PatchVersionError
 from .fingerprint import dtype_name, tensor_sha256
 from .hub.mixin import HubMixin
 from .request import EditRequest
+from .safetensors_io import frame_header, parse_header
 
 LAYOUTS = ("linear", "conv1d")  # linear: weight (out, in), ΔW = v uᵀ; conv1d: weight (in, out), ΔW = u vᵀ
 REQUIRED_KEYS = (
@@ -277,13 +277,11 @@ def canonical_safetensors(data: bytes) -> bytes:
     keys sorted, no spaces, padded with spaces to 8 bytes), so that equal content gives equal bytes.
     The safetensors writer orders metadata by a per-process hash; tensor offsets are relative to
     the data section and stay valid."""
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
+    header, start = parse_header(data)
     if "__metadata__" in header:
         header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
     text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-(8 + len(text)) % 8)
-    return struct.pack("<Q", len(text)) + text + data[8 + n :]
+    return frame_header(text) + data[start:]
 
 
 # -------------------------------------------------------------------------------------- loading

@@ -29,10 +29,10 @@ from ..fingerprint import dtype_name, tensor_sha256
 from ..numerics import apply_deltas, factors_on, minus_update, update, whole
 from ..patch import Patch, RankOneDelta, load_patch
 from ..refs import resolve_patch
+from ..safetensors_io import read_range
 from ..stack import base_differences
 from .reader import Checkpoint, open_checkpoint
 from .record import provided_ids
-from .safetensors_io import read_range
 
 log = logging.getLogger(__name__)
 

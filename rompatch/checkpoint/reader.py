@@ -18,9 +18,10 @@ import torch
 
 from ..constants import CHECKPOINT_UNDO, SAFE_INDEX, SAFE_WEIGHTS
 from ..errors import CheckpointError, HubError
+from ..hub.transfer import snapshot
 from ..models import SOURCE_FILE, local_model_path
+from ..safetensors_io import TensorEntry, read_header, read_range, sha256_bytes, sha256_range, to_tensor
 from .record import Record, read_record, undo_key
-from .safetensors_io import TensorEntry, read_header, read_range, sha256_bytes, sha256_range, to_tensor
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_FILE_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "tokenizer*", "*.py"]
@@ -228,47 +229,11 @@ def _local_identity(path: Path) -> dict[str, Any]:
 
 
 def _hub_snapshot(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    """A Hub model's small files, then only the weight files its index lists (through the Hub's one
+    error mapping); returns the snapshot folder and its commit."""
 
     def fetch(patterns: list[str], rev: str | None) -> Path:
-        try:
-            return Path(snapshot_download(repo_id, revision=rev, allow_patterns=patterns))
-        except HFValidationError:
-            raise CheckpointError(f"{repo_id}: no such checkpoint folder, and not a valid Hub id") from None
-        except GatedRepoError:
-            raise HubError(
-                f"{repo_id} is gated; accept its terms on the Hub and set HF_TOKEN (or `hf auth login`)",
-                repo_id=repo_id,
-            ) from None
-        except RepositoryNotFoundError:
-            raise HubError(
-                f"{repo_id}: no such local folder or Hub model (or it is private: set HF_TOKEN)",
-                repo_id=repo_id,
-            ) from None
-        except RevisionNotFoundError:
-            raise HubError(
-                f"{repo_id}: no revision {rev!r} on the Hub; pass an existing branch, tag or commit",
-                repo_id=repo_id,
-            ) from None
-        except LocalEntryNotFoundError:
-            raise HubError(
-                f"{repo_id} is not in the local Hugging Face cache and the Hub cannot be reached (offline or "
-                "HF_HUB_OFFLINE=1); connect, or pass a local folder",
-                repo_id=repo_id,
-            ) from None
-        except HfHubHTTPError as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise HubError(
-                f"{repo_id}: Hub request failed ({first}); retry, or pass a local folder", repo_id=repo_id
-            ) from None
+        return snapshot(repo_id, patterns, revision=rev, action=f"fetch the checkpoint {repo_id}")
 
     folder = fetch(HUB_FILE_PATTERNS, revision)
     commit = folder.name if len(folder.name) == 40 else revision

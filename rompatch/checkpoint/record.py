@@ -19,8 +19,8 @@ from .._version import __version__
 from ..constants import CHECKPOINT_RECORD, CHECKPOINT_UNDO
 from ..errors import CheckpointError, PatchFormatError
 from ..patch import Patch, from_safetensors, to_metadata
+from ..safetensors_io import TensorEntry, read_header, read_range, to_tensor
 from ..stack import stacked_components
-from .safetensors_io import TensorEntry, read_header, read_range, to_tensor
 
 RECORD_FORMAT = "rompatch-checkpoint"
 RECORD_VERSION = "1.0"

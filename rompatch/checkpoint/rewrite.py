@@ -21,9 +21,9 @@ from ..apply import refuse_mismatch
 from ..constants import CHECKPOINT_UNDO
 from ..numerics import chained, factors_on, whole
 from ..patch import Patch
+from ..safetensors_io import SafetensorsWriter, tensor_bytes
 from .reader import Checkpoint
 from .record import UNDO_FORMAT, AppliedEntry, Record, TrackedTensor, delta_key, undo_key
-from .safetensors_io import SafetensorsWriter, tensor_bytes
 from .writer import Producer, ShardCopier, WriteStats, write_folder
 
 log = logging.getLogger(__name__)

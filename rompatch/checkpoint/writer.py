@@ -26,8 +26,8 @@ import torch
 from ..atomic import copy_file, link_or_copy, staged_folder
 from ..constants import CHECKPOINT_RECORD, CHECKPOINT_UNDO
 from ..errors import CheckpointError
+from ..safetensors_io import TensorEntry, pwrite_all, tensor_bytes
 from .reader import PICKLE_SUFFIXES, Checkpoint
-from .safetensors_io import TensorEntry, pwrite_all, tensor_bytes
 
 log = logging.getLogger(__name__)
 

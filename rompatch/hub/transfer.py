@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from .._version import __version__
 from ..errors import HubConnectionError, HubError, PatchFormatError, RompatchError
+from ..safetensors_io import read_metadata
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -365,18 +366,6 @@ def _cached_commit(repo_id: str, revision: str | None) -> str | None:
     return ref.read_text().strip() if ref.is_file() else None
 
 
-def _read_header_metadata(path: Path) -> dict[str, str] | None:
-    """The ``__metadata__`` of a local safetensors file, or None when it is not one (read by safetensors)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-    except (OSError, SafetensorError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
 def _is_patch_meta(meta: dict | None) -> bool:
     return bool(meta) and meta.get("format") == "rompatch"
 
@@ -409,7 +398,7 @@ def _cached_patch_files(repo_id: str, revision: str | None) -> list[str]:
         return []
     out = []
     for p in sorted(snap.rglob(f"*{PATCH_SUFFIX}")):
-        if _is_patch_meta(_read_header_metadata(p)):
+        if _is_patch_meta(read_metadata(p)):
             out.append(p.relative_to(snap).as_posix())
     return out
 
@@ -536,7 +525,7 @@ def fetch_patch(ref: str, load: Callable[[Path], T], *, revision: str | None = N
 
 def single_local_patch(folder: Path) -> Path:
     """The one patch file in a local folder (searched recursively); an error when there are none or several."""
-    found = [p for p in sorted(folder.rglob(f"*{PATCH_SUFFIX}")) if _is_patch_meta(_read_header_metadata(p))]
+    found = [p for p in sorted(folder.rglob(f"*{PATCH_SUFFIX}")) if _is_patch_meta(read_metadata(p))]
     if len(found) == 1:
         return found[0]
     if not found:

@@ -13,18 +13,19 @@ from rompatch.apply import apply_patch
 from rompatch.arch import get_spec
 from rompatch.checkpoint.operations import apply_to_checkpoint, checkpoint_log, revert_checkpoint
 from rompatch.checkpoint.reader import open_checkpoint
-from rompatch.checkpoint.safetensors_io import read_header
 from rompatch.cli.main import cli
 from rompatch.constants import CHECKPOINT_RECORD, CHECKPOINT_UNDO
 from rompatch.errors import (
     BaseMismatchError,
     CheckpointError,
     FingerprintMismatchError,
+    HubError,
     LineageError,
     NotAppliedError,
 )
 from rompatch.fingerprint import tensor_sha256
 from rompatch.patch import save_patch
+from rompatch.safetensors_io import read_header
 from tests.ckpt_helpers import (
     DTYPES,
     file_shas,
@@ -337,8 +338,10 @@ def test_apply_to_hub_checkpoint(tmp_path, hub_env):
     hub_env.set_offline(True)  # from the cache, no network
     apply_to_checkpoint(repo, [patch], tmp_path / "offline")
     assert tensor_shas(tmp_path / "offline") == disk
-    with pytest.raises(Exception, match="not in the local Hugging Face cache"):
+    with pytest.raises(HubError, match="is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids") as ei:
         apply_to_checkpoint(f"{hub_env.user}/never-fetched", [patch], tmp_path / "x")
+    assert "pass a local folder" in str(ei.value) and ei.value.repo_id == f"{hub_env.user}/never-fetched"
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow

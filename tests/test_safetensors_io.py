@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rompatch.checkpoint.safetensors_io import (
+from rompatch.errors import CheckpointError
+from rompatch.safetensors_io import (
     SafetensorsWriter,
     frame_header,
     parse_header,
@@ -19,7 +20,6 @@ from rompatch.checkpoint.safetensors_io import (
     tensor_bytes,
     to_tensor,
 )
-from rompatch.errors import CheckpointError
 
 
 def test_read_header_and_range_match_safetensors(tmp_path):

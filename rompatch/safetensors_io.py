@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
-from ..fingerprint import dtype_name
+from .errors import CheckpointError
+from .fingerprint import dtype_name
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 ITEMSIZE = {
