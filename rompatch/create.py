@@ -274,6 +274,7 @@ def create_patch(
     return editor.patch(reqs, on_edit=on_edit)
 
 
+# create_patches takes create_patch's keywords, spelled out again so each documents itself.
 def create_patches(
     model: Any,
     tok: Any,
