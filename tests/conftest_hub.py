@@ -1,4 +1,4 @@
-"""Pytest plugin: a fake Hugging Face Hub (``tests/hubserver.py``) and an environment pointing at it.
+"""Pytest plugin: a fake Hugging Face Hub (``tests/hubserver/``) and an environment pointing at it.
 
 Register it from ``tests/conftest.py`` with ``pytest_plugins = ["tests.conftest_hub"]``.
 

@@ -1,4 +1,4 @@
-"""The fake Hub in tests/hubserver.py, exercised with the real huggingface_hub client (2.4.0)."""
+"""The fake Hub in tests/hubserver/, exercised with the real huggingface_hub client (2.4.0)."""
 
 from __future__ import annotations
 
