@@ -65,3 +65,12 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("stats") / "corpus.txt"
     path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(200)))
     return path
+
+
+@pytest.fixture
+def offline_env(tmp_path, monkeypatch):
+    """A fresh ROMPATCH_CACHE, no $ROMPATCH_DATA, and HF_HUB_OFFLINE=1: the statistics' default chain
+    with neither data nor Hub (tests/test_stats.py, test_sampled.py, hub/test_transfer.py)."""
+    monkeypatch.setenv("ROMPATCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ROMPATCH_DATA", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

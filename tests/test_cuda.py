@@ -14,8 +14,7 @@ from rompatch.create import create_patch
 from rompatch.fingerprint import tensor_sha256
 from rompatch.rome import compute_delta
 from rompatch.stats import get_second_moment
-from tests.helpers import needs_cuda
-from tests.test_create import HP, REQ, _greedy_next, _model, _tok
+from tests.helpers import HP, REQ, edit_model, edit_tokenizer, greedy_next, needs_cuda
 from tests.tiny import ARCHS
 
 pytestmark = needs_cuda
@@ -31,7 +30,7 @@ def _cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_create_on_cuda(arch, dtype, text_file):
-    model, tok = _model(arch).to(CUDA, dtype), _tok(arch)
+    model, tok = edit_model(arch).to(CUDA, dtype), edit_tokenizer(arch)
     before = {k: tensor_sha256(v) for k, v in model.state_dict().items()}
     stats = get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=3000)
     assert stats.mom2.dtype == torch.float32
@@ -41,29 +40,29 @@ def test_create_on_cuda(arch, dtype, text_file):
     assert d.u.device.type == "cpu" and d.u.dtype == torch.float32 and torch.isfinite(d.v).all()
     assert d.metrics["replay"] == "suffix"
     target_first = tok(" Rome", add_special_tokens=False)["input_ids"][0]
-    assert _greedy_next(model, tok, REQ.text) != target_first
+    assert greedy_next(model, tok, REQ.text) != target_first
     with patched(model, patch):
-        assert _greedy_next(model, tok, REQ.text) == target_first
+        assert greedy_next(model, tok, REQ.text) == target_first
     assert {k: tensor_sha256(v) for k, v in model.state_dict().items()} == before
 
 
 def test_fp16_on_cuda(text_file):
-    model, tok = _model("llama").to(CUDA, torch.float16), _tok("llama")
+    model, tok = edit_model("llama").to(CUDA, torch.float16), edit_tokenizer("llama")
     stats = get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=3000)
     patch = create_patch(model, tok, REQ, hparams=HP, stats=stats)
     assert patch.base["dtype"] == "float16" and patch.deltas[0].metrics["replay"] == "suffix"
     target_first = tok(" Rome", add_special_tokens=False)["input_ids"][0]
     with patched(model, patch):
-        assert _greedy_next(model, tok, REQ.text) == target_first
+        assert greedy_next(model, tok, REQ.text) == target_first
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_cuda_agrees_with_cpu(arch, text_file):
     """Statistics and the delta computed on the GPU match the CPU's (fp32, TF32 off)."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    tok = _tok(arch)
-    cpu = _model(arch)
-    gpu = _model(arch).to(CUDA)
+    tok = edit_tokenizer(arch)
+    cpu = edit_model(arch)
+    gpu = edit_model(arch).to(CUDA)
     s_cpu = get_second_moment(cpu, tok, 1, stats_data=str(text_file), n_tokens=3000)
     s_gpu = get_second_moment(gpu, tok, 1, stats_data=str(text_file), n_tokens=3000)
     assert s_cpu.count == s_gpu.count

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pickle
 
-from rompatch.errors import FingerprintMismatchError, HubConnectionError, HubError, NoSuchFolderError
+from rompatch.errors import (
+    FingerprintMismatchError,
+    HubConnectionError,
+    HubError,
+    NoSuchFolderError,
+    PatchFormatError,
+)
 
 
 def test_attributes_default_to_none_and_survive_pickling():
@@ -18,3 +24,7 @@ def test_attributes_default_to_none_and_survive_pickling():
     for e in errors:
         back = pickle.loads(pickle.dumps(e))
         assert type(back) is type(e) and str(back) == str(e) and vars(back) == vars(e)
+
+
+def test_failures_are_hub_errors_and_oserrors():
+    assert issubclass(HubError, OSError) and not issubclass(PatchFormatError, HubError)

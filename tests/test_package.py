@@ -1,7 +1,9 @@
-"""The package itself: lazy public names, and what importing it (or asking the CLI for help) costs."""
+"""The package itself: lazy public names, and what importing it (or asking the CLI for help) costs;
+and the test suite's own layout (no test module imports another)."""
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -91,3 +93,33 @@ def test_every_error_class_is_exported():
         n for n, c in vars(errors).items() if isinstance(c, type) and issubclass(c, errors.RompatchError)
     }
     assert classes - set(rompatch.__all__) == set()
+
+
+def test_public_exports():
+    for name in ("load_patched", "push_patch", "pull_patch", "export_peft"):
+        assert name in rompatch.__all__ and hasattr(rompatch, name)
+
+
+def _imported_test_modules(path: Path) -> list[str]:
+    """The test modules (``tests.…test_*`` or relative ``.test_*``) that ``path`` imports."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = ("." * node.level) + (node.module or "")
+            names = [base] + [f"{base}.{a.name}" if node.module else f"{base}{a.name}" for a in node.names]
+        else:
+            continue
+        found += [n for n in names if n.rsplit(".", 1)[-1].startswith("test_")]
+    return found
+
+
+def test_no_test_module_imports_another():
+    """Shared helpers live in tests/helpers.py (and the other non-test modules) or in fixtures."""
+    offenders = {
+        str(p.relative_to(REPO)): names
+        for p in sorted((REPO / "tests").rglob("test_*.py"))
+        if (names := _imported_test_modules(p))
+    }
+    assert offenders == {}

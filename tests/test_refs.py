@@ -3,36 +3,31 @@
 Forms of "patches": a path (str or os.PathLike), a ``Patch``, a Hub reference, a sequence of these
 (nested one level), and the ``list[Patch]`` that ``create_patches`` returns.
 Functions: ``apply_patch``, ``revert_patch``, ``patched``, ``verify_applied``, ``export_peft``,
-``load_patched``. Also: the CLI's ``apply``/``revert`` take the embedded aliases, and a missing
-local model folder is reported as such before any Hub call.
+``load_patched``, ``push_patch``: rompatch/refs.py resolves them all alike. (Model references: tests/test_models.py;
+the CLI's embedded aliases: tests/cli/test_checkpoint_aliases.py.)
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from safetensors import safe_open
 
 import rompatch.hub.transfer
 from rompatch.apply import applied_patches, apply_patch, patched, revert_patch, verify_applied
-from rompatch.checkpoint.operations import checkpoint_log
-from rompatch.cli.main import cli
 from rompatch.create import create_patches
-from rompatch.errors import LineageError, ModelLoadError, NoSuchFolderError, NotAppliedError, PatchFormatError
+from rompatch.errors import LineageError, NotAppliedError, PatchFormatError
 from rompatch.fingerprint import tensor_sha256
 from rompatch.hub.peft import ADAPTER_WEIGHTS, export_peft
 from rompatch.hub.push import push_patch
 from rompatch.loading import load_patched
-from rompatch.models import SOURCE_FILE, load_model
+from rompatch.models import load_model
 from rompatch.patch import Patch, save_patch
 from rompatch.request import EditRequest
 from rompatch.rome import ROMEHyperParams
 from rompatch.stats import get_second_moment
-from tests.ckpt_helpers import file_shas, save_sharded
 from tests.helpers import vector_patch
 from tests.tiny import make_model
 from tests.tiny_tokenizer import make_tokenizer
@@ -245,66 +240,3 @@ def test_push_patch_accepts_a_chain_in_a_list(env, hub_env):
     files = hub_env.server.repo_files(repo)
     assert [f"patch-{p.short_id}.safetensors" in files for p in env["chain"]] == [True, True]
     assert "a.safetensors" in files
-
-
-# ------------------------------------------------------------------------------------ models
-
-
-@pytest.mark.parametrize(
-    "ref",
-    ["./my-model-folder", "../no-such-rompatch/model", "/no/such/rompatch-model", "~/no-such-rompatch-model",
-     "some/deep/folder", Path("relative-missing-folder")],
-)  # fmt: skip
-def test_load_model_missing_folder_before_any_hub_call(ref, monkeypatch):
-    import rompatch.models as models
-
-    def no_load(*a, **k):
-        raise AssertionError("a missing local folder must not reach transformers or the Hub")
-
-    monkeypatch.setattr(models, "_load_folder", no_load)
-    with pytest.raises(ModelLoadError, match=r"no such folder: ") as ei:
-        load_model(ref)
-    assert str(ref) in str(ei.value) and "\n" not in str(ei.value)
-    assert isinstance(ei.value, NoSuchFolderError) and ei.value.path == Path(ref).expanduser()
-
-
-@pytest.fixture
-def alias_cache(tmp_path, monkeypatch):
-    """``smollm2-135m`` already converted in ROMPATCH_CACHE, as a tiny sharded model (no download)."""
-    import rompatch.checkpoint.reader as checkpoint
-
-    def no_hub(*a, **k):
-        raise AssertionError("an embedded alias must not be looked up on the Hub")
-
-    monkeypatch.setattr(checkpoint, "_hub_snapshot", no_hub)
-    monkeypatch.setenv("ROMPATCH_CACHE", str(tmp_path / "cache"))
-    model = make_model("llama")
-    folder = save_sharded(model, tmp_path / "cache" / "models" / "smollm2-135m")
-    (folder / SOURCE_FILE).write_text(json.dumps({"alias": "smollm2-135m", "gguf_sha256": "0" * 64}))
-    p = vector_patch(model, 1)
-    path = save_patch(p, tmp_path / "p.safetensors")
-    return {"folder": folder, "patch": path, "id": p.id, "shas": file_shas(folder)}
-
-
-def test_cli_apply_takes_an_embedded_alias(alias_cache, tmp_path):
-    runner = CliRunner()
-    r = runner.invoke(cli, ["apply", "smollm2-135m", str(alias_cache["patch"]), "-o", str(tmp_path / "out")])
-    assert r.exit_code == 0, r.output
-    log = checkpoint_log(tmp_path / "out")
-    assert log["base"]["model"] == "smollm2-135m" and log["base"]["revision"] == "gguf-sha256:" + "0" * 64
-    assert [e["id"] for e in log["applied"]] == [alias_cache["id"]]
-    assert file_shas(alias_cache["folder"]) == alias_cache["shas"]  # the converted model is untouched
-
-
-def test_cli_revert_takes_an_embedded_alias(alias_cache, tmp_path):
-    runner = CliRunner()
-    patch = str(alias_cache["patch"])
-    r = runner.invoke(cli, ["revert", "smollm2-135m", patch, "-o", str(tmp_path / "out")])
-    assert r.exit_code == 1 and "already equals patch" in r.stderr  # opened the alias's folder
-    r = runner.invoke(cli, ["revert", "smollm2-135m", patch, "-o", str(tmp_path / "out"), "--force"])
-    assert r.exit_code == 0, r.output
-    assert (tmp_path / "out" / "config.json").is_file()
-    r = runner.invoke(cli, ["revert", "smollm2-135m", patch, "--in-place", "--force"])
-    assert r.exit_code == 1 and "--in-place needs a local folder" in r.stderr
-    assert r.stderr.count("\n") == 1
-    assert file_shas(alias_cache["folder"]) == alias_cache["shas"]

@@ -1,10 +1,7 @@
-"""Statistics sources: the default chain ($ROMPATCH_DATA → Hub after one probe → sampled text), text
-the model samples itself (seeded, cached per batch, extendable), and what a patch records."""
+"""Statistics sources: the default chain ($ROMPATCH_DATA → Hub after one probe → sampled text), the
+statistics cache, and what a patch records (the sampler itself: tests/test_sampled.py)."""
 
 from __future__ import annotations
-
-import socket
-import time
 
 import pytest
 import torch
@@ -14,30 +11,17 @@ from rompatch.errors import StatsError
 from rompatch.hub.transfer import hub_unavailable
 from rompatch.request import EditRequest
 from rompatch.rome import ROMEHyperParams
-from rompatch.sampled import SamplerSettings, sampled_chunks, sampler_identity
 from rompatch.stats import check_stats_data, get_second_moment, text_source
+from tests.helpers import INIT, edit_tokenizer
 from tests.tiny import make_model
 from tests.tiny_tokenizer import make_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("ROMPATCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("ROMPATCH_DATA", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline_env")
 
 
 @pytest.fixture(scope="module")
 def tiny():
     return make_model("llama", init_range=0.3), make_tokenizer(bos=True)
-
-
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 # ---------------------------------------------------------------------------- the default chain
@@ -74,25 +58,6 @@ def test_rompatch_data_without_wikitext_falls_back_and_names_the_folder(tiny, tm
     assert src.identity["source"] == "sampled" and "no WikiText-2 under $ROMPATCH_DATA" in src.reason
 
 
-def test_unreachable_hub_is_decided_by_one_quick_probe(monkeypatch, caplog):
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
-    t0 = time.perf_counter()
-    why = hub_unavailable("Salesforce/wikitext", repo_type="dataset")
-    assert time.perf_counter() - t0 < 5
-    assert why is not None and "did not answer" in why
-    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
-
-
-def test_offline_is_answered_without_a_request(monkeypatch):
-    def no_request(*a, **k):
-        raise AssertionError("no request may be sent when HF_HUB_OFFLINE is set")
-
-    monkeypatch.setattr("huggingface_hub.get_session", no_request)
-    assert hub_unavailable("Salesforce/wikitext", repo_type="dataset") == "HF_HUB_OFFLINE is set"
-
-
 def test_hub_without_the_dataset_falls_back_to_sampled(hub_env, tiny, monkeypatch):
     """The project's test Hub answers, but holds no WikiText: the probe says so (HTTP 404)."""
     model, tok = tiny
@@ -114,50 +79,20 @@ def test_check_stats_data_is_cheap_and_strict(tmp_path):
         check_stats_data(str(tmp_path / "missing.txt"))
 
 
-# --------------------------------------------------------------------------------- sampled text
+# ------------------------------------------------------------------------------ cache and record
 
 
-def _chunks(model, tok, n, **kw):
-    settings = SamplerSettings(seq_len=16, batch=4, **kw)
-    ident = sampler_identity(model, tok, settings, "tok")
-    return list(sampled_chunks(model, tok, ident, settings, n)), ident
-
-
-def test_sampled_text_is_seeded_and_a_larger_budget_extends_a_smaller_one(tiny, tmp_path, monkeypatch):
-    model, tok = tiny
-    small, ident = _chunks(model, tok, 16 * 4)
-    monkeypatch.setenv("ROMPATCH_CACHE", str(tmp_path / "other"))  # recomputed, not read back
-    large, _ = _chunks(model, tok, 16 * 10)
-    assert large[: len(small)] == small and len(large) == 10
-    assert all(len(c) == 16 for c in large)
-    assert all(c[0] == tok.bos_token_id for c in large), "sequences start like the tokenizer's texts"
-    other, _ = _chunks(model, tok, 16 * 4, seed=1)
-    assert other != small
-    assert ident["source"] == "sampled" and ident["seed"] == 0 and len(ident["model_sha256"]) == 64
-
-
-def test_sampled_batches_are_cached_and_the_rng_is_left_alone(tiny, monkeypatch):
-    model, tok = tiny
-    first, _ = _chunks(model, tok, 16 * 4)
-    torch.manual_seed(123)
-    expect = torch.rand(3)
-    torch.manual_seed(123)
-
-    def no_generation(*a, **k):
-        raise AssertionError("a cached batch must not be generated again")
-
-    monkeypatch.setattr(model, "generate", no_generation)
-    again, _ = _chunks(model, tok, 16 * 4)
-    assert again == first
-    assert torch.equal(torch.rand(3), expect), "sampling must not move the global RNG"
-
-
-def test_sampled_text_depends_on_the_weights(tiny):
-    model, tok = tiny
-    other = make_model("llama", init_range=0.3, seed=1)
-    a = sampler_identity(model, tok, SamplerSettings(), "t")
-    b = sampler_identity(other, tok, SamplerSettings(), "t")
-    assert a["model_sha256"] != b["model_sha256"]
+def test_stats_cache_is_keyed_by_weights(text_file):
+    model, tok = make_model("llama", init_range=INIT), edit_tokenizer("llama")
+    a = get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=1500)
+    b = get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=1500)
+    assert "seconds" in a.identity and a.sha256 == b.sha256
+    with torch.no_grad():  # an edit of the layer's own output matrix keeps the keys: cache reused
+        model.get_parameter("model.layers.1.mlp.down_proj.weight").add_(1.0)
+    assert get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=1500).sha256 == a.sha256
+    with torch.no_grad():  # a change below the layer changes the keys: recomputed
+        model.get_parameter("model.layers.0.mlp.down_proj.weight").mul_(2.0)
+    assert get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=1500).sha256 != a.sha256
 
 
 def test_patch_records_the_sampled_source(tiny):

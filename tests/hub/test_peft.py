@@ -13,27 +13,18 @@ import os
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 
 from rompatch.apply import patched
 from rompatch.arch import get_spec
-from rompatch.cli.main import cli
 from rompatch.errors import ExportError, LineageError
 from rompatch.hub.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft, peft_adapter
-from rompatch.patch import Patch, save_patch
-from tests.helpers import vector_patch
+from rompatch.patch import Patch
+from tests.helpers import mixed_patch, vector_patch
 from tests.tiny import make_model
 
 peft = pytest.importorskip("peft")
 TOL = 1e-5
-
-
-def _mixed_patch(model, *, seed: int = 0) -> Patch:
-    """Two deltas on layer 1 and one on layer 2: different ranks per module (rank_pattern)."""
-    p1 = vector_patch(model, 1, n=2, seed=seed + 1)
-    p2 = vector_patch(model, 2, n=1, seed=seed + 2, subject="Bob")
-    return Patch(deltas=p1.deltas + p2.deltas, base=p1.base, parameters={**p1.parameters, **p2.parameters})
 
 
 def _ids(n: int = 2, t: int = 11, seed: int = 0) -> torch.Tensor:
@@ -67,7 +58,7 @@ def _equivalence(model_type: str, make, patches: list[Patch], out_dir, x: torch.
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_adapter_equals_patch_unmerged_and_merged(model_type, tmp_path):
     make = lambda: make_model(model_type)  # noqa: E731
-    patch = _mixed_patch(make())
+    patch = mixed_patch(make())
     r = _equivalence(model_type, make, [patch], tmp_path / "adapter", _ids())
     assert r["effect"] > 1e-2  # the patch does change the logits, so equality is meaningful
     assert r["unmerged"] <= TOL
@@ -78,7 +69,7 @@ def test_adapter_equals_patch_unmerged_and_merged(model_type, tmp_path):
 def test_adapter_config_and_tensors(model_type, tmp_path):
     model = make_model(model_type)
     spec = get_spec(model)
-    patch = _mixed_patch(model)
+    patch = mixed_patch(model)
     out = export_peft(patch, tmp_path / "adapter")
     assert sorted(os.listdir(out)) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
     cfg = json.loads((out / ADAPTER_CONFIG).read_text())
@@ -112,7 +103,7 @@ def test_adapter_config_and_tensors(model_type, tmp_path):
 def test_every_layer_padding_is_still_exact(model_type, tmp_path):
     """num_layers: zero weights on every layer and one rank for all (TGI/LoRAX need that shape)."""
     make = lambda: make_model(model_type)  # noqa: E731
-    patch = _mixed_patch(make())
+    patch = mixed_patch(make())
     r = _equivalence(model_type, make, [patch], tmp_path / "adapter", _ids(seed=2), num_layers=4)
     assert r["unmerged"] <= TOL and r["merged"] <= TOL
     cfg = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
@@ -130,7 +121,7 @@ def test_every_layer_padding_is_still_exact(model_type, tmp_path):
 
 def test_uniform_rank_is_still_exact(tmp_path):
     make = lambda: make_model("llama")  # noqa: E731
-    patch = _mixed_patch(make())
+    patch = mixed_patch(make())
     r = _equivalence("llama", make, [patch], tmp_path / "adapter", _ids(seed=3), uniform_rank=True)
     assert r["unmerged"] <= TOL and r["merged"] <= TOL
     cfg = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
@@ -144,7 +135,7 @@ def test_only_the_edited_modules_are_wrapped(tmp_path):
     from peft.tuners.lora import LoraLayer
 
     model = make_model("gpt2")
-    out = export_peft(_mixed_patch(model), tmp_path / "a")
+    out = export_peft(mixed_patch(model), tmp_path / "a")
     pm = PeftModel.from_pretrained(make_model("gpt2"), str(out))
     wrapped = sorted(
         n.removeprefix("base_model.model.") for n, m in pm.named_modules() if isinstance(m, LoraLayer)
@@ -222,21 +213,6 @@ def test_mixed_architectures_refused():
     b = vector_patch(make_model("gpt2"), 1)
     with pytest.raises(ExportError, match="different architectures"):
         peft_adapter([a, b])
-
-
-def test_cli_export_peft(tmp_path):
-    model = make_model("gpt2")
-    p = save_patch(_mixed_patch(model), tmp_path / "edit.safetensors")
-    res = CliRunner().invoke(cli, ["export-peft", str(p), "-o", str(tmp_path / "adapter")])
-    assert res.exit_code == 0, res.output
-    assert res.stdout.strip() == str(tmp_path / "adapter")
-    assert json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())["fan_in_fan_out"] is True
-    res = CliRunner().invoke(
-        cli, ["export-peft", str(tmp_path / "nope.safetensors"), "-o", str(tmp_path / "x")]
-    )
-    assert res.exit_code == 1
-    assert res.stderr.startswith("Error: ") and len(res.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "x").exists()
 
 
 # float32 noise floor of SmolLM2's logits (|logits| up to ~35, 30 layers): the same unpatched model
