@@ -13,11 +13,7 @@ import pytest
 import torch
 
 from rompatch.constants import cache_dir
-from rompatch.errors import (
-    DeviceError,
-    ModelLoadError,
-    NoSuchFolderError,
-)
+from rompatch.errors import DeviceError, ModelLoadError, NoSuchFolderError
 from rompatch.models import SOURCE_FILE, embedded_dir, load_model, resolve_device
 from rompatch.predict import greedy
 

@@ -20,7 +20,7 @@ from tests.tiny import make_model
 @pytest.fixture
 def alias_cache(tmp_path, monkeypatch):
     """``smollm2-135m`` already converted in ROMPATCH_CACHE, as a tiny sharded model (no download)."""
-    import rompatch.checkpoint.operations as checkpoint
+    import rompatch.checkpoint.reader as checkpoint
 
     def no_hub(*a, **k):
         raise AssertionError("an embedded alias must not be looked up on the Hub")
