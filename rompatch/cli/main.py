@@ -16,7 +16,7 @@ from ..errors import RompatchError
 # Each command: the module of rompatch/cli that defines it (in its COMMANDS) and its one-line help.
 # `rompatch --help` lists them from this table without importing the modules (which import torch);
 # a command's module is imported when that command runs (click's "lazily loading subcommands").
-# tests/test_cli_basic.py checks the table against the commands themselves.
+# tests/cli/test_main.py checks the table against the commands themselves.
 COMMANDS: dict[str, tuple[str, str]] = {
     "apply": ("checkpoint", "Apply patches to checkpoint BASE and write the complete model folder OUT."),
     "revert": (
