@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import click
 
-from ..arch import check_layer, default_layer
 from ..constants import DEFAULT_STATS_TOKENS
-from ..errors import EvalError
+from ..evaluation.suite import DEFAULT_GEN_LENGTH, EvalSettings, SuiteResult, run_suite
 from .common import device_option, dtype_option, echo_json, info, json_option, model_argument
-
-DEFAULT_GEN_LENGTH = 50  # tokens per generation incl. the prompt; the paper uses 100 (slow on CPU)
 
 
 @click.command(name="eval")
@@ -109,32 +105,7 @@ DEFAULT_GEN_LENGTH = 50  # tokens per generation incl. the prompt; the paper use
 @device_option
 @dtype_option
 @json_option
-def eval_cmd(
-    model,
-    data_path,
-    kind,
-    limit,
-    layer,
-    stats_data,
-    stats_tokens,
-    no_mom2,
-    fast,
-    batch_size,
-    fluency,
-    gen_length,
-    gen_seed,
-    snippets,
-    tfidf,
-    zsre_target,
-    sequential,
-    eval_every,
-    out_dir,
-    plot,
-    label,
-    device,
-    dtype,
-    as_json,
-):
+def eval_cmd(model, data_path, no_mom2, out_dir, as_json, **options):
     """Evaluate ROME edits on CounterFact or zsRE, before and after each edit, or sequentially.
 
     \b
@@ -142,111 +113,22 @@ def eval_cmd(
     (and consistency RS with --snippets). zsRE: efficacy, paraphrase and specificity as
     token-level accuracy. With --out DIR an interrupted run resumes where it stopped.
     """
-    from ..evaluation.evaluate import file_sha256, load_records, run_evaluation
-    from ..evaluation.fluency import GenerationSettings
-    from ..models import load_model
-    from ..rome import ROMEHyperParams
-    from ..stats import check_stats_data, get_second_moment
-
-    if tfidf and not snippets:
-        raise EvalError("--tfidf needs --snippets (the reference texts RS compares against)")
-    if plot and out_dir:
-        from ..evaluation.plot import _pyplot
-
-        _pyplot()  # fail before any heavy work if matplotlib is missing
-    found, records = load_records(data_path, kind=kind, limit=None if sequential else limit)
-    if sequential and limit:
-        records = records[:limit]
-    if sequential and sequential > len(records):
-        raise EvalError(
-            f"--sequential {sequential} needs {sequential} records but the data has {len(records)}; lower N"
-        )
-    consistency = None
-    if snippets and found == "counterfact":
-        from ..evaluation.fluency import Consistency
-
-        consistency = Consistency.load(snippets, tfidf)
-    check_stats_data(stats_data)
-    m, tok = load_model(model, device=device, dtype=dtype)
-    if layer is not None:
-        check_layer(m, layer)
-    hp = ROMEHyperParams(
-        layer=layer if layer is not None else default_layer(m),
-        mom2_adjustment=not no_mom2,
-        optim_autocast="bfloat16" if fast else "none",
-    )
-    generation = (
-        GenerationSettings(max_out_len=gen_length, seed=gen_seed)
-        if fluency and found == "counterfact"
-        else None
-    )
-    stats = (
-        None
-        if no_mom2
-        else get_second_moment(
-            m, tok, hp.layer, stats_data=stats_data, n_tokens=stats_tokens, progress=True, notify=info
-        )
-    )
-    config = {
-        "model": model,
-        "dtype": dtype,
-        "kind": found,
-        "data": Path(data_path).name,
-        "data_sha256": file_sha256(data_path),
-        "hparams": hp.to_dict(),
-        "stats": None if stats is None else hashlib.sha256(stats.sha256.encode()).hexdigest()[:16],
-        "generation": None if generation is None else generation.to_dict(),
-        "consistency": bool(consistency),
-        "zsre_target": zsre_target if found == "zsre" else None,
-    }
-    name = label or model
-    if sequential:
-        _sequential(
-            m,
-            tok,
-            found,
-            records,
-            sequential,
-            eval_every,
-            hp,
-            stats,
-            config,
-            out_dir,
-            generation,
-            zsre_target,
-            batch_size,
-            plot,
-            name,
-            as_json,
-        )
-        return
-    res = run_evaluation(
-        m,
-        tok,
-        records,
-        kind=found,
-        hparams=hp,
-        stats=stats,
-        config=config,
-        out_dir=out_dir,
-        generation=generation,
-        consistency=consistency,
-        zsre_target=zsre_target,
-        batch_size=batch_size,
-        progress=True,
-        model_label=name,
-    )
-    if out_dir and plot:
-        from ..evaluation.plot import plot_distributions
-
-        p = plot_distributions(res, Path(out_dir) / f"eval-{found}.png", title=f"{name}: {found}")
-        info(f"plot: {p}")
+    settings = EvalSettings(model=model, data=data_path, mom2=not no_mom2, out_dir=out_dir, **options)
+    run = run_suite(settings, notify=info)
+    if run.plot is not None:
+        info(f"plot: {run.plot}")
     if as_json:
-        echo_json({k: v for k, v in res.items() if k != "markdown"})
-        return
-    s = res["summary"]
+        echo_json({k: v for k, v in run.result.items() if k != "markdown"})
+    elif run.sequential:
+        _print_sequential(run)
+    else:
+        _print_evaluation(run, out_dir)
+
+
+def _print_evaluation(run: SuiteResult, out_dir: str | None) -> None:
+    res, s = run.result, run.result["summary"]
     info(
-        f"{s['n']} {found} cases, layer {hp.layer}; {res['computed']} computed in {res['seconds']} s"
+        f"{s['n']} {run.kind} cases, layer {run.hparams.layer}; {res['computed']} computed in {res['seconds']} s"
         + (f" (median {s['median_edit_seconds']:.1f} s per edit)" if s.get("median_edit_seconds") else "")
     )
     click.echo(res["markdown"])
@@ -256,57 +138,9 @@ def eval_cmd(
         info(f"results: {Path(out_dir) / 'results.json'}, {Path(out_dir) / 'summary.md'}")
 
 
-def _sequential(
-    m,
-    tok,
-    kind,
-    records,
-    n,
-    every,
-    hp,
-    stats,
-    config,
-    out_dir,
-    generation,
-    zsre_target,
-    batch_size,
-    plot,
-    name,
-    as_json,
-):
-    from ..evaluation.sequential import run_sequential
-
-    # Fluency of unrelated text: generation prompts of the two records after the edited ones.
-    spare = records[n : n + 2] or records[:2]
-    prompts = [p for r in spare for p in r.get("generation_prompts", [])] if kind == "counterfact" else []
-    res = run_sequential(
-        m,
-        tok,
-        records,
-        kind=kind,
-        n=n,
-        hparams=hp,
-        stats=stats,
-        every=every,
-        out_dir=out_dir,
-        config=config,
-        generation=generation,
-        fluency_prompts=prompts,
-        zsre_target=zsre_target,
-        batch_size=batch_size,
-        progress=True,
-    )
-    if out_dir and plot:
-        from ..evaluation.plot import plot_sequential
-
-        p = plot_sequential(
-            res, Path(out_dir) / f"eval-sequential-{kind}.png", title=f"{name}: {n} sequential edits"
-        )
-        info(f"plot: {p}")
-    if as_json:
-        echo_json({k: v for k, v in res.items() if k != "markdown"})
-        return
-    info(f"{res['completed']} sequential {kind} edits, layer {hp.layer}, {res['seconds']} s")
+def _print_sequential(run: SuiteResult) -> None:
+    res = run.result
+    info(f"{res['completed']} sequential {run.kind} edits, layer {run.hparams.layer}, {res['seconds']} s")
     click.echo(res["markdown"])
 
 

@@ -20,8 +20,6 @@ zsRE: see ``rompatch.evaluation.zsre`` (token-level accuracy).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import statistics
@@ -30,38 +28,27 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..apply import patched
-from ..arch import get_spec
-from ..atomic import atomic_write
 from ..errors import EvalError, RequestError
-from ..models import model_identity
-from ..patch import ParamInfo, Patch, RankOneDelta, new_patch
 from ..request import EditRequest
 from ..rome import ROMEHyperParams
 from ..scoring import target_logprobs
 from ..stats import SecondMoment
+from .edits import edit_patch, edit_summary, measured_edit
+from .fluency import Consistency, GenerationSettings, fluency
 from .metrics import harmonic_mean
+from .records import CASES_FILE, append_record, check_config, read_cases, read_json, write_results
+from .zsre import evaluate_zsre, is_zsre, prepare_zsre
 
 log = logging.getLogger(__name__)
 
 KINDS = ("counterfact", "zsre")
-CASES_FILE = "cases.jsonl"
-CONFIG_FILE = "config.json"
-RESULTS_FILE = "results.json"
-SUMMARY_FILE = "summary.md"
 
 
 # ------------------------------------------------------------------------------------ data
 
 
 def load_counterfact(path: str, *, limit: int | None = None) -> list[dict[str, Any]]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise RequestError(f"cannot read {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise RequestError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    data = read_json(path, error=RequestError)
     if not isinstance(data, list) or not data or "requested_rewrite" not in data[0]:
         raise RequestError(
             f"{path} is not a CounterFact file (a JSON list of records with 'requested_rewrite')"
@@ -71,8 +58,6 @@ def load_counterfact(path: str, *, limit: int | None = None) -> list[dict[str, A
 
 def detect_kind(records: Any) -> str:
     """'counterfact' or 'zsre' from the first record's fields."""
-    from .zsre import is_zsre
-
     first = records[0] if isinstance(records, list) and records else None
     if isinstance(first, Mapping) and "requested_rewrite" in first:
         return "counterfact"
@@ -84,21 +69,18 @@ def detect_kind(records: Any) -> str:
     )
 
 
+def check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise EvalError(f"kind must be counterfact or zsre, not {kind!r}")
+
+
 def load_records(
     path: str, *, kind: str = "auto", limit: int | None = None
 ) -> tuple[str, list[dict[str, Any]]]:
     """Read a CounterFact or zsRE file; returns (kind, records). ``kind='auto'`` detects it."""
-    from .zsre import prepare_zsre
-
     if kind not in ("auto", *KINDS):
         raise EvalError(f"kind must be auto, counterfact or zsre, not {kind!r}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise EvalError(f"cannot read {path}: {e.strerror}; pass an existing JSON file") from None
-    except json.JSONDecodeError as e:
-        raise EvalError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    data = read_json(path, unreadable="cannot read {path}: {reason}; pass an existing JSON file")
     if not isinstance(data, list) or not data:
         raise EvalError(f"{path} must be a non-empty JSON list of CounterFact or zsRE records")
     found = detect_kind(data)
@@ -107,14 +89,6 @@ def load_records(
     if found == "zsre":
         return found, prepare_zsre(data, where=path, limit=limit)
     return found, data[:limit] if limit else data
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -------------------------------------------------------------------------------- measure
@@ -162,10 +136,9 @@ def case_scores(m: Mapping[str, Any]) -> dict[str, float]:
     return {"ES": es, "EM": em, "PS": ps, "PM": pm, "NS": ns, "NM": nm}
 
 
-def harmonic(xs: Sequence[float]) -> float:
-    """S: harmonic mean of the scores (NaNs ignored; 0 if any is ≤ 0)."""
-    h = harmonic_mean(xs)
-    return 0.0 if math.isnan(h) else h
+def score_case(model: Any, tok: Any, record: Mapping[str, Any], *, batch_size: int = 64) -> dict[str, float]:
+    """ES/EM, PS/PM, NS/NM of the model as it is now on one record (``case_scores`` of ``measure_case``)."""
+    return case_scores(measure_case(model, tok, record, batch_size=batch_size))
 
 
 # ------------------------------------------------------------------------------- summarize
@@ -190,46 +163,33 @@ def summarize(cases: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         keys += sorted({k for x in per for k in x} - set(keys))
         s = {k: 100 * _mean([x[k] for x in per if k in x]) for k in keys}
         if all(k in s for k in ("ES", "PS", "NS")):
-            s["S"] = harmonic([s["ES"], s["PS"], s["NS"]])
+            h = harmonic_mean([s["ES"], s["PS"], s["NS"]])
+            s["S"] = 0.0 if math.isnan(h) else h  # S is 0 when none of ES, PS, NS was measured
         out[phase] = {k: (None if math.isnan(v) else round(v, 2)) for k, v in s.items()}
     return out
 
 
 # ------------------------------------------------------------------------------- one edit
 
-EDIT_METRICS = (
-    "seconds",
-    "v_norm",
-    "update_spectral_norm",
-    "weight_spectral_norm",
-    "v_steps_run",
-    "p_new_before",
-    "p_new_after",
-    "delta_capped",
-)
 
-
-def edit_patch(
+def _scores_and_texts(
     model: Any,
     tok: Any,
-    req: EditRequest,
+    rec: Mapping[str, Any],
     *,
-    hparams: ROMEHyperParams,
-    stats: SecondMoment | None,
-    lineage: Sequence[str] = (),
-) -> tuple[RankOneDelta, Patch]:
-    """Compute one edit on the model as it is now and wrap it in a patch (not applied)."""
-    from ..create import edit_to_delta
-
-    spec = get_spec(model)
-    d = edit_to_delta(model, tok, req, stats=stats, hparams=hparams)
-    info = ParamInfo.of(model.get_parameter(d.parameter).data, spec.layout)
-    patch = new_patch([d], base=model_identity(model), parameters={d.parameter: info}, lineage=list(lineage))
-    return d, patch
-
-
-def edit_summary(d: RankOneDelta) -> dict[str, Any]:
-    return {k: d.seconds if k == "seconds" else d.metrics.get(k) for k in EDIT_METRICS}
+    generation: GenerationSettings | None,
+    consistency: Consistency | None,
+    batch_size: int,
+) -> tuple[dict[str, float], list[str] | None]:
+    """A record's scores on the model as it is now, with GE (and RS) and the generated texts."""
+    scores = score_case(model, tok, rec, batch_size=batch_size)
+    texts = None
+    prompts = list(rec.get("generation_prompts", []))
+    if generation is not None and prompts:
+        scores["GE"], texts = fluency(model, tok, prompts, settings=generation)
+        if consistency is not None:
+            scores["RS"] = consistency.score(rec, texts)
+    return scores, texts
 
 
 def evaluate_counterfact(
@@ -239,8 +199,8 @@ def evaluate_counterfact(
     *,
     hparams: ROMEHyperParams,
     stats: SecondMoment | None,
-    generation: Any = None,
-    consistency: Any = None,
+    generation: GenerationSettings | None = None,
+    consistency: Consistency | None = None,
     batch_size: int = 64,
 ) -> Iterator[dict[str, Any]]:
     """For each record: measure, create the edit on the base, measure with it applied, revert.
@@ -248,24 +208,18 @@ def evaluate_counterfact(
     ``generation`` (a ``fluency.GenerationSettings``) adds fluency GE (and, with ``consistency``,
     a ``fluency.Consistency``, the reference score RS) to 'pre' and 'post', and the generated texts.
     """
-    from .fluency import fluency
-
-    def measure(rec):
-        scores = case_scores(measure_case(model, tok, rec, batch_size=batch_size))
-        texts = None
-        prompts = list(rec.get("generation_prompts", []))
-        if generation is not None and prompts:
-            scores["GE"], texts = fluency(model, tok, prompts, settings=generation)
-            if consistency is not None:
-                scores["RS"] = consistency.score(rec, texts)
-        return scores, texts
-
     for rec in records:
         req = EditRequest.from_dict(rec)
-        pre, pre_texts = measure(rec)
-        d, patch = edit_patch(model, tok, req, hparams=hparams, stats=stats)
-        with patched(model, patch):
-            post, post_texts = measure(rec)
+        d, (pre, pre_texts), (post, post_texts) = measured_edit(
+            model,
+            tok,
+            req,
+            lambda rec=rec: _scores_and_texts(
+                model, tok, rec, generation=generation, consistency=consistency, batch_size=batch_size
+            ),
+            hparams=hparams,
+            stats=stats,
+        )
         out = {
             "case_id": rec.get("case_id"),
             "subject": req.subject,
@@ -366,57 +320,51 @@ def summary_notes(kind: str, config: Mapping[str, Any], summary: Mapping[str, An
 # ------------------------------------------------------------------------- resumable runs
 
 
-def read_cases(path: Path) -> list[dict[str, Any]]:
-    """Per-case records from a JSONL file; a truncated last line (interrupted write) is dropped."""
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    out: list[dict[str, Any]] = []
-    for i, line in enumerate(lines):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                log.warning("%s: dropping an incomplete last line (interrupted run)", path)
-                with open(path, "r+", encoding="utf-8") as f:
-                    f.truncate(len("".join(lines[:i]).encode("utf-8")))
-                break
-            raise EvalError(
-                f"{path}: line {i + 1} is not valid JSON; delete the file to start over"
-            ) from None
-    else:
-        if lines and not lines[-1].endswith("\n"):  # complete record, newline not yet written
-            with open(path, "a", encoding="utf-8") as f:
-                f.write("\n")
-    return out
+def _done_cases(out: Path | None, config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The cases an earlier run of ``config`` finished in ``out`` (by case id); checks the config."""
+    if out is None:
+        return {}
+    check_config(out, config)
+    return {str(c["case_id"]): c for c in read_cases(out / CASES_FILE)}
 
 
-def check_config(out_dir: Path, config: Mapping[str, Any]) -> None:
-    """Write ``config.json`` on first use; refuse to mix results of another configuration."""
-    path = out_dir / CONFIG_FILE
-    want = json.loads(json.dumps(config, sort_keys=True))
-    if path.is_file():
-        try:
-            have = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            have = None
-        if have != want:
-            diff = (
-                sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-                if isinstance(have, dict)
-                else ["config.json unreadable"]
-            )
-            raise EvalError(
-                f"{out_dir} holds results of a different evaluation (differs in: {', '.join(diff)}); "
-                "use another --out folder or delete this one"
-            )
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(want, indent=2, sort_keys=True)))
+def _collect(
+    cases: Iterator[dict[str, Any]],
+    done: dict[str, dict[str, Any]],
+    *,
+    out: Path | None,
+    on_case: Callable[[dict[str, Any]], None] | None,
+    bar: Any,
+) -> tuple[int, float]:
+    """Add each case to ``done`` (and append it to ``out/cases.jsonl``) as it finishes.
+    Returns (cases computed, seconds taken)."""
+    t0 = time.perf_counter()
+    computed = 0
+    try:
+        for c in cases:
+            done[str(c["case_id"])] = c
+            computed += 1
+            if out is not None:
+                append_record(out / CASES_FILE, c)
+            if on_case is not None:
+                on_case(c)
+            bar.update(1)
+    finally:
+        bar.close()
+    return computed, time.perf_counter() - t0
 
 
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, ensure_ascii=False)))
+def run_summary(cases: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``summarize`` plus the median edit time and the cases whose update outgrew the matrix."""
+    summary = summarize(cases)
+    secs = [c["edit"]["seconds"] for c in cases if c.get("edit", {}).get("seconds") is not None]
+    summary["median_edit_seconds"] = statistics.median(secs) if secs else None
+    summary["updates_larger_than_matrix"] = [
+        c["case_id"]
+        for c in cases
+        if c.get("edit", {}).get("update_spectral_norm") is not None and update_too_large(c)
+    ]
+    return summary
 
 
 def run_evaluation(
@@ -429,8 +377,8 @@ def run_evaluation(
     stats: SecondMoment | None,
     config: Mapping[str, Any] | None = None,
     out_dir: str | Path | None = None,
-    generation: Any = None,
-    consistency: Any = None,
+    generation: GenerationSettings | None = None,
+    consistency: Consistency | None = None,
     zsre_target: str = "answers",
     batch_size: int = 64,
     progress: bool = False,
@@ -446,103 +394,58 @@ def run_evaluation(
     """
     from tqdm.auto import tqdm
 
-    if kind not in KINDS:
-        raise EvalError(f"kind must be counterfact or zsre, not {kind!r}")
+    check_kind(kind)
     config = dict(config or {})
     out = Path(out_dir) if out_dir is not None else None
-    done: dict[str, dict[str, Any]] = {}
-    if out is not None:
-        check_config(out, config)
-        for c in read_cases(out / CASES_FILE):
-            done[str(c["case_id"])] = c
+    done = _done_cases(out, config)
     todo = [r for r in records if str(r.get("case_id")) not in done]
     if done:
         log.info("resuming: %d of %d cases already done", len(records) - len(todo), len(records))
     if kind == "counterfact":
-        gen = evaluate_counterfact(
-            model,
-            tok,
-            todo,
-            hparams=hparams,
-            stats=stats,
-            generation=generation,
-            consistency=consistency,
+        cases = evaluate_counterfact(
+            model, tok, todo, hparams=hparams, stats=stats, generation=generation, consistency=consistency,
             batch_size=batch_size,
-        )
+        )  # fmt: skip
     else:
-        from .zsre import evaluate_zsre
-
-        gen = evaluate_zsre(
+        cases = evaluate_zsre(
             model, tok, todo, hparams=hparams, stats=stats, target=zsre_target, batch_size=batch_size
         )
-    t0 = time.perf_counter()
     bar = tqdm(
         total=len(records), initial=len(records) - len(todo), desc=kind, unit="case", disable=not progress
     )
-    sink = open(out / CASES_FILE, "a", encoding="utf-8") if out is not None else None
-    computed = 0
-    try:
-        for c in gen:
-            done[str(c["case_id"])] = c
-            computed += 1
-            if sink is not None:
-                sink.write(json.dumps(c, ensure_ascii=False) + "\n")
-                sink.flush()
-            if on_case is not None:
-                on_case(c)
-            bar.update(1)
-    finally:
-        bar.close()
-        if sink is not None:
-            sink.close()
-    seconds = time.perf_counter() - t0
-    cases = [done[str(r.get("case_id"))] for r in records if str(r.get("case_id")) in done]
-    summary = summarize(cases)
-    secs = [c["edit"]["seconds"] for c in cases if c.get("edit", {}).get("seconds") is not None]
-    summary["median_edit_seconds"] = statistics.median(secs) if secs else None
-    summary["updates_larger_than_matrix"] = [
-        c["case_id"]
-        for c in cases
-        if c.get("edit", {}).get("update_spectral_norm") is not None and update_too_large(c)
-    ]
-    edit_label = f"ROME (layer {hparams.layer})"
-    md = markdown_table(
-        summary_rows(summary, model_label=model_label, edit_label=edit_label),
-        kind=kind,
-        notes=summary_notes(
-            kind,
-            {
-                **config,
-                "zsre_target": zsre_target,
-                "generation": None if generation is None else generation.to_dict(),
-            },
-            summary,
-        ),
+    computed, seconds = _collect(cases, done, out=out, on_case=on_case, bar=bar)
+    finished = [done[str(r.get("case_id"))] for r in records if str(r.get("case_id")) in done]
+    summary = run_summary(finished)
+    generation_dict = None if generation is None else generation.to_dict()
+    notes = summary_notes(
+        kind, {**config, "zsre_target": zsre_target, "generation": generation_dict}, summary
     )
+    rows = summary_rows(summary, model_label=model_label, edit_label=f"ROME (layer {hparams.layer})")
     result = {
         "kind": kind,
         "summary": summary,
         "config": config,
-        "cases": cases,
-        "markdown": md,
+        "cases": finished,
+        "markdown": markdown_table(rows, kind=kind, notes=notes),
         "seconds": round(seconds, 1),
         "computed": computed,
     }
     if out is not None:
-        write_json(out / RESULTS_FILE, {k: v for k, v in result.items() if k != "markdown"})
-        atomic_write(out / SUMMARY_FILE, lambda tmp: Path(tmp).write_text(md + "\n", encoding="utf-8"))
+        write_results(out, result)
     return result
 
 
 __all__ = [
+    "KINDS",
     "evaluate_counterfact",
     "summarize",
     "measure_case",
     "case_scores",
+    "score_case",
     "load_counterfact",
     "load_records",
     "detect_kind",
     "run_evaluation",
     "markdown_table",
-    "edit_patch",
+    "edit_patch",  # here too for existing callers; it lives in rompatch.evaluation.edits
 ]

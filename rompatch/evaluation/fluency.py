@@ -15,8 +15,6 @@ give the same texts on the same model (pre- and post-edit generations share thei
 
 from __future__ import annotations
 
-import inspect
-import json
 import logging
 import math
 import unicodedata
@@ -29,8 +27,10 @@ from typing import Any
 import torch
 
 from ..errors import EvalError
+from ..rome import _cache_kwarg
 from ..tokens import encode, pad_id
 from .metrics import TfidfModel, mean_ngram_entropy, tfidf_similarity
+from .records import read_json
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +89,6 @@ def generate_topk(
     """One top-k sampled text per prompt (prompt included), ``settings.max_out_len`` tokens each."""
     ids = generate_topk_ids(model, tok, prompts, settings=settings)
     return [_clean(tok.decode(x, skip_special_tokens=True)) for x in ids]
-
-
-def _cache_kwarg(model: Any) -> str:
-    """The KV-cache argument name: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _sample_batch(model, tok, seqs, settings, gen, device) -> list[str]:
@@ -156,15 +150,11 @@ class AttributeSnippets:
 
     @classmethod
     def load(cls, path: str | Path) -> AttributeSnippets:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except OSError as e:
-            raise EvalError(f"cannot read attribute snippets {path}: {e.strerror}") from None
-        except json.JSONDecodeError as e:
-            raise EvalError(
-                f"{path} is not valid JSON ({e.msg}); pass ROME's attribute_snippets.json"
-            ) from None
+        data = read_json(
+            path,
+            unreadable="cannot read attribute snippets {path}: {reason}",
+            invalid="{path} is not valid JSON ({msg}); pass ROME's attribute_snippets.json",
+        )
         by_key: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         try:
             for el in data:

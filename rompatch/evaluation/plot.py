@@ -23,6 +23,11 @@ def _pyplot():
     return plt
 
 
+def require_matplotlib() -> None:
+    """Raise ``MissingDependencyError`` now if matplotlib is missing (before any long run)."""
+    _pyplot()
+
+
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))

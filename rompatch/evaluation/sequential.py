@@ -28,12 +28,12 @@ The model is left unchanged when the function returns.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,22 +41,16 @@ import torch
 
 from ..apply import apply_patch, revert_patch
 from ..arch import get_spec
-from ..atomic import atomic_write
 from ..errors import EvalError
 from ..patch import Patch, load_patch, save_patch
 from ..request import EditRequest
 from ..rome import ROMEHyperParams, compute_key
 from ..stats import SecondMoment
-from .evaluate import (
-    KINDS,
-    case_scores,
-    check_config,
-    edit_patch,
-    edit_summary,
-    measure_case,
-    read_cases,
-    write_json,
-)
+from .edits import edit_patch, edit_summary
+from .evaluate import check_kind, score_case
+from .fluency import GenerationSettings, fluency
+from .records import append_record, check_config, read_cases, write_results
+from .zsre import score_zsre, zsre_request
 
 log = logging.getLogger(__name__)
 
@@ -74,22 +68,6 @@ def checkpoint_schedule(n: int, every: int) -> list[int]:
     if n < 1 or every < 1:
         raise EvalError(f"--sequential and --eval-every must be ≥ 1 (got {n}, {every})")
     return sorted({1, n, *range(every, n + 1, every)})
-
-
-def _request(kind: str, rec: Mapping[str, Any], zsre_target: str) -> EditRequest:
-    if kind == "zsre":
-        from .zsre import zsre_request
-
-        return zsre_request(rec, target=zsre_target)
-    return EditRequest.from_dict(rec)
-
-
-def _scores(kind: str, model, tok, rec, zsre_target: str, batch_size: int) -> dict[str, float]:
-    if kind == "zsre":
-        from .zsre import measure_zsre, zsre_scores
-
-        return zsre_scores(measure_zsre(model, tok, rec, target=zsre_target, batch_size=batch_size))
-    return case_scores(measure_case(model, tok, rec, batch_size=batch_size))
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -137,6 +115,179 @@ def update_diagnostics(
     return out
 
 
+@dataclass
+class _Measure:
+    """How a sequential run measures the model as it is now: the scores of a record, and fluency."""
+
+    model: Any
+    tok: Any
+    kind: str
+    zsre_target: str
+    batch_size: int
+    generation: GenerationSettings | None  # None: fluency is not measured
+    fluency_prompts: list[str]
+
+    def request(self, rec: Mapping[str, Any]) -> EditRequest:
+        if self.kind == "zsre":
+            return zsre_request(rec, target=self.zsre_target)
+        return EditRequest.from_dict(rec)
+
+    def scores(self, rec: Mapping[str, Any]) -> dict[str, float]:
+        if self.kind == "zsre":
+            return score_zsre(self.model, self.tok, rec, target=self.zsre_target, batch_size=self.batch_size)
+        return score_case(self.model, self.tok, rec, batch_size=self.batch_size)
+
+    def fluency(self) -> dict[str, Any]:
+        """GE (×100) of the fluency prompts' generations, and the first three texts."""
+        ge, texts = fluency(self.model, self.tok, self.fluency_prompts, settings=self.generation)
+        return {"GE": round(100 * ge, 2), "texts": texts[:3]}
+
+
+@dataclass
+class _Run:
+    """A sequential run in progress: its records and folder, and the chain of edits made so far."""
+
+    measure: _Measure
+    recs: list[Mapping[str, Any]]
+    marks: list[int]
+    hparams: ROMEHyperParams
+    stats: SecondMoment | None
+    out: Path | None
+    t0: float = 0.0
+    pre: dict[str, dict[str, float]] = field(default_factory=dict)
+    ckpts: dict[int, dict[str, Any]] = field(default_factory=dict)
+    edits: list[dict[str, Any]] = field(default_factory=list)
+    applied: list[Patch] = field(default_factory=list)
+    keys: list[torch.Tensor] = field(default_factory=list)
+    weight0: torch.Tensor | None = None
+
+    def _log(self, name: str, obj: Mapping[str, Any]) -> None:
+        if self.out is not None:
+            append_record(self.out / name, obj)
+
+    def read_logs(self) -> None:
+        """Baselines and checkpoints measured and edits made by an earlier run into the same folder."""
+        if self.out is not None:
+            self.pre = {str(c["case_id"]): c["pre"] for c in read_cases(self.out / PRE_FILE)}
+            self.ckpts = {int(c["n"]): c for c in read_cases(self.out / CHECKPOINTS_FILE)}
+
+    def baselines(self, progress: bool) -> None:
+        """Every record's scores on the unedited model, and its fluency (checkpoint 0)."""
+        from tqdm.auto import tqdm
+
+        missing = [r for r in self.recs if str(r.get("case_id")) not in self.pre]
+        for r in tqdm(
+            missing, desc="baseline", unit="case", disable=not progress or not missing, leave=False
+        ):
+            self.pre[str(r.get("case_id"))] = self.measure.scores(r)
+            self._log(PRE_FILE, {"case_id": r.get("case_id"), "pre": self.pre[str(r.get("case_id"))]})
+        if self.measure.generation is not None and 0 not in self.ckpts:
+            self.ckpts[0] = {"n": 0, **self.measure.fluency(), "update_ratio": 0.0}
+            self._log(CHECKPOINTS_FILE, self.ckpts[0])
+
+    def push(self, patch: Patch, d: Any) -> None:
+        """Apply ``patch`` (of the one delta ``d``) on top of the chain."""
+        m = self.measure
+        apply_patch(m.model, patch)
+        self.applied.append(patch)
+        self.keys.append(_key(m.model, m.tok, d, self.hparams.layer))
+
+    def reapply_logged(self) -> None:
+        """Re-apply the chain of patches an earlier run saved (each checked against the edit log)."""
+        if self.out is None:
+            return
+        self.edits = read_cases(self.out / EDITS_FILE)[: len(self.recs)]
+        for e in self.edits:
+            p = load_patch(self.out / PATCH_DIR / e["patch"])
+            if p.id != e["patch_id"]:
+                raise EvalError(
+                    f"{self.out / PATCH_DIR / e['patch']} is not the patch logged in {EDITS_FILE}; "
+                    f"delete {self.out}"
+                )
+            self.push(p, p.deltas[0])
+        if self.edits:
+            log.info("resuming sequential run at edit %d of %d", len(self.edits) + 1, len(self.recs))
+
+    def edit(self, i: int) -> None:
+        """Compute edit ``i`` (from 1) on the model with edits 1..i-1 applied; save, apply and log it."""
+        m = self.measure
+        rec = self.recs[i - 1]
+        req = m.request(rec)
+        lineage = [p.id for p in self.applied]
+        d, patch = edit_patch(m.model, m.tok, req, hparams=self.hparams, stats=self.stats, lineage=lineage)
+        name = f"{i:04d}.safetensors"
+        if self.out is not None:
+            save_patch(patch, self.out / PATCH_DIR / name)
+        self.push(patch, d)
+        entry = {
+            "i": i,
+            "case_id": rec.get("case_id"),
+            "subject": req.subject,
+            "target_new": req.target_new,
+            "patch": name,
+            "patch_id": patch.id,
+            "edit": edit_summary(d),
+            "immediate": m.scores(rec),
+        }
+        self.edits.append(entry)
+        self._log(EDITS_FILE, entry)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Re-measure all edits made so far, with the update diagnostics and fluency; logged."""
+        c = _checkpoint(
+            self.measure,
+            self.recs[: len(self.edits)],
+            self.pre,
+            deltas=[p.deltas[0] for p in self.applied],
+            keys=self.keys,
+            weight0=self.weight0,
+            stats=self.stats,
+            t0=self.t0,
+        )
+        self.ckpts[c["n"]] = c
+        self._log(CHECKPOINTS_FILE, c)
+        return c
+
+    def edit_rest(self, *, progress: bool, max_seconds: float | None) -> bool:
+        """Make the remaining edits, measuring at the marks; True when the time limit stopped it early."""
+        from tqdm.auto import tqdm
+
+        n = len(self.recs)
+        bar = tqdm(
+            total=n, initial=len(self.edits), desc="sequential edits", unit="edit", disable=not progress
+        )
+        try:
+            for i in range(len(self.edits) + 1, n + 1):
+                self.edit(i)
+                bar.update(1)
+                over = max_seconds is not None and time.perf_counter() - self.t0 > max_seconds and i < n
+                if (i in self.marks or over) and i not in self.ckpts:
+                    bar.set_postfix_str(_short(self.measure.kind, self.checkpoint()))
+                if over:
+                    log.warning("stopping after %d edits: time limit of %.0f s reached", i, max_seconds)
+                    return True
+        finally:
+            bar.close()
+        return False
+
+    def revert_all(self) -> None:
+        for p in reversed(self.applied):
+            revert_patch(self.measure.model, p)
+
+    def result(self, config: Mapping[str, Any], stopped_early: bool) -> dict[str, Any]:
+        result = {
+            "kind": self.measure.kind,
+            "config": config,
+            "checkpoints": [self.ckpts[k] for k in sorted(self.ckpts)],
+            "edits": self.edits,
+            "completed": len(self.edits),
+            "stopped_early": stopped_early,
+            "seconds": round(time.perf_counter() - self.t0, 1),
+        }
+        result["markdown"] = sequential_markdown(result)
+        return result
+
+
 def run_sequential(
     model: Any,
     tok: Any,
@@ -150,7 +301,7 @@ def run_sequential(
     checkpoints: Sequence[int] | None = None,
     out_dir: str | Path | None = None,
     config: Mapping[str, Any] | None = None,
-    generation: Any = None,
+    generation: GenerationSettings | None = None,
     fluency_prompts: Sequence[str] = (),
     zsre_target: str = "answers",
     batch_size: int = 64,
@@ -163,154 +314,39 @@ def run_sequential(
     stops after the first edit that ends past the limit, measures a checkpoint there, and says so in
     the result (a rerun with the same ``out_dir`` goes on from there).
     """
-    from tqdm.auto import tqdm
-
-    if kind not in KINDS:
-        raise EvalError(f"kind must be counterfact or zsre, not {kind!r}")
+    check_kind(kind)
     if n > len(records):
         raise EvalError(f"--sequential {n} needs {n} records but the data has {len(records)}; lower N")
-    recs = list(records[:n])
     marks = sorted(set(checkpoints)) if checkpoints else checkpoint_schedule(n, every)
-    layer = hparams.layer
-    if layer is None:
+    if hparams.layer is None:
         raise EvalError("run_sequential needs hparams.layer set")
-    spec = get_spec(model)
-    param = spec.mlp_out_param(layer)
+    param = get_spec(model).mlp_out_param(hparams.layer)
     config = {**dict(config or {}), "sequential": n, "checkpoints": marks}
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         check_config(out, config)
         (out / PATCH_DIR).mkdir(exist_ok=True)
     gen_on = generation is not None and bool(fluency_prompts) and kind == "counterfact"
-
-    # --- baselines on the unedited model (before any saved patch is re-applied)
-    pre: dict[str, dict[str, float]] = {}
-    if out is not None:
-        pre = {str(c["case_id"]): c["pre"] for c in read_cases(out / PRE_FILE)}
-    ckpts: dict[int, dict[str, Any]] = {}
-    if out is not None:
-        ckpts = {int(c["n"]): c for c in read_cases(out / CHECKPOINTS_FILE)}
-    t0 = time.perf_counter()
-    missing = [r for r in recs if str(r.get("case_id")) not in pre]
-    for r in tqdm(missing, desc="baseline", unit="case", disable=not progress or not missing, leave=False):
-        pre[str(r.get("case_id"))] = _scores(kind, model, tok, r, zsre_target, batch_size)
-        if out is not None:
-            _append(out / PRE_FILE, {"case_id": r.get("case_id"), "pre": pre[str(r.get("case_id"))]})
-    if gen_on and 0 not in ckpts:
-        from .fluency import fluency
-
-        ge, texts = fluency(model, tok, list(fluency_prompts), settings=generation)
-        ckpts[0] = {"n": 0, "GE": round(100 * ge, 2), "texts": texts[:3], "update_ratio": 0.0}
-        if out is not None:
-            _append(out / CHECKPOINTS_FILE, ckpts[0])
-    weight0 = model.get_parameter(param).detach().float().cpu().clone()
-
-    applied: list[Patch] = []
-    keys: list[torch.Tensor] = []
-    edits: list[dict[str, Any]] = read_cases(out / EDITS_FILE) if out is not None else []
-    edits = edits[:n]
-    stopped_early = False
+    measure = _Measure(
+        model, tok, kind, zsre_target, batch_size, generation if gen_on else None, list(fluency_prompts)
+    )
+    run = _Run(measure, list(records[:n]), marks, hparams, stats, out)
+    run.read_logs()
+    run.t0 = time.perf_counter()
+    run.baselines(progress)  # on the unedited model, before any saved patch is re-applied
+    run.weight0 = model.get_parameter(param).detach().float().cpu().clone()
     try:
-        # --- resume: re-apply the saved chain
-        for e in edits:
-            p = load_patch(out / PATCH_DIR / e["patch"])
-            if p.id != e["patch_id"]:
-                raise EvalError(
-                    f"{out / PATCH_DIR / e['patch']} is not the patch logged in {EDITS_FILE}; delete {out}"
-                )
-            apply_patch(model, p)
-            applied.append(p)
-            keys.append(_key(model, tok, p.deltas[0], layer))
-        if edits:
-            log.info("resuming sequential run at edit %d of %d", len(edits) + 1, n)
-        bar = tqdm(total=n, initial=len(edits), desc="sequential edits", unit="edit", disable=not progress)
-        try:
-            for i in range(len(edits) + 1, n + 1):
-                rec = recs[i - 1]
-                req = _request(kind, rec, zsre_target)
-                d, patch = edit_patch(
-                    model, tok, req, hparams=hparams, stats=stats, lineage=[p.id for p in applied]
-                )
-                name = f"{i:04d}.safetensors"
-                if out is not None:
-                    save_patch(patch, out / PATCH_DIR / name)
-                apply_patch(model, patch)
-                applied.append(patch)
-                keys.append(_key(model, tok, d, layer))
-                entry = {
-                    "i": i,
-                    "case_id": rec.get("case_id"),
-                    "subject": req.subject,
-                    "target_new": req.target_new,
-                    "patch": name,
-                    "patch_id": patch.id,
-                    "edit": edit_summary(d),
-                    "immediate": _scores(kind, model, tok, rec, zsre_target, batch_size),
-                }
-                edits.append(entry)
-                if out is not None:
-                    _append(out / EDITS_FILE, entry)
-                bar.update(1)
-                over = max_seconds is not None and time.perf_counter() - t0 > max_seconds and i < n
-                if (i in marks or over) and i not in ckpts:
-                    ckpts[i] = _checkpoint(
-                        model, tok, kind, recs[:i], pre, applied, keys, weight0, stats, zsre_target,
-                        batch_size, gen_on, generation, fluency_prompts, t0,
-                    )  # fmt: skip
-                    if out is not None:
-                        _append(out / CHECKPOINTS_FILE, ckpts[i])
-                    bar.set_postfix_str(_short(kind, ckpts[i]))
-                if over:
-                    stopped_early = True
-                    log.warning("stopping after %d edits: time limit of %.0f s reached", i, max_seconds)
-                    break
-        finally:
-            bar.close()
-        # a resumed run whose last checkpoint was not written yet
-        last = len(edits)
-        if last in marks and last not in ckpts and applied:
-            ckpts[last] = _checkpoint(
-                model,
-                tok,
-                kind,
-                recs[:last],
-                pre,
-                applied,
-                keys,
-                weight0,
-                stats,
-                zsre_target,
-                batch_size,
-                gen_on,
-                generation,
-                fluency_prompts,
-                t0,
-            )
-            if out is not None:
-                _append(out / CHECKPOINTS_FILE, ckpts[last])
+        run.reapply_logged()
+        stopped_early = run.edit_rest(progress=progress, max_seconds=max_seconds)
+        last = len(run.edits)  # a resumed run whose last checkpoint was not written yet
+        if last in marks and last not in run.ckpts and run.applied:
+            run.checkpoint()
     finally:
-        for p in reversed(applied):
-            revert_patch(model, p)
-    result = {
-        "kind": kind,
-        "config": config,
-        "checkpoints": [ckpts[k] for k in sorted(ckpts)],
-        "edits": edits,
-        "completed": len(edits),
-        "stopped_early": stopped_early,
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    result["markdown"] = sequential_markdown(result)
+        run.revert_all()
+    result = run.result(config, stopped_early)
     if out is not None:
-        write_json(out / "results.json", {k: v for k, v in result.items() if k != "markdown"})
-        atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(result["markdown"] + "\n"))
+        write_results(out, result)
     return result
-
-
-def _append(path: Path, obj: Mapping[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        f.flush()
 
 
 def _key(model, tok, d, layer) -> torch.Tensor:
@@ -325,39 +361,30 @@ def _short(kind: str, c: Mapping[str, Any]) -> str:
 
 
 def _checkpoint(
-    model,
-    tok,
-    kind,
-    recs,
-    pre,
-    applied,
-    keys,
-    weight0,
-    stats,
-    zsre_target,
-    batch_size,
-    gen_on,
-    generation,
-    fluency_prompts,
-    t0,
+    measure: _Measure,
+    recs: Sequence[Mapping[str, Any]],
+    pre: Mapping[str, dict[str, float]],
+    *,
+    deltas: Sequence[Any],
+    keys: Sequence[torch.Tensor],
+    weight0: torch.Tensor,
+    stats: SecondMoment | None,
+    t0: float,
 ) -> dict[str, Any]:
+    """Scores of ``recs`` now and on the unedited model (``pre``), update diagnostics, fluency."""
     t = time.perf_counter()
-    now = [_scores(kind, model, tok, r, zsre_target, batch_size) for r in recs]
+    now = [measure.scores(r) for r in recs]
     base = [pre[str(r.get("case_id"))] for r in recs]
-    keys_ = CF_KEYS if kind == "counterfact" else ZSRE_KEYS
+    keys_ = CF_KEYS if measure.kind == "counterfact" else ZSRE_KEYS
     c: dict[str, Any] = {"n": len(recs)}
     for k in keys_:
         c[k] = _mean([x[k] for x in now])
         c[f"pre_{k}"] = _mean([x[k] for x in base])
     first = keys_[0]
     c[f"{first}_by_edit"] = [x[first] for x in now]  # retention of each earlier edit, oldest first
-    c.update(update_diagnostics([p.deltas[0] for p in applied], keys, weight0, stats))
-    if gen_on:
-        from .fluency import fluency
-
-        ge, texts = fluency(model, tok, list(fluency_prompts), settings=generation)
-        c["GE"] = round(100 * ge, 2)
-        c["texts"] = texts[:3]
+    c.update(update_diagnostics(deltas, keys, weight0, stats))
+    if measure.generation is not None:
+        c.update(measure.fluency())
     c["measure_seconds"] = round(time.perf_counter() - t, 1)
     c["elapsed_seconds"] = round(time.perf_counter() - t0, 1)
     return c

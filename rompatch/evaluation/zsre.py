@@ -22,7 +22,6 @@ one forward pass over prompt + target.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -33,6 +32,8 @@ from ..request import EditRequest
 from ..rome import ROMEHyperParams
 from ..stats import SecondMoment
 from ..tokens import encode, pad_id, pad_right, target_ids
+from .edits import edit_summary, measured_edit
+from .records import read_json
 
 ZSRE_FIELDS = ("subject", "src", "rephrase", "answers", "loc", "loc_ans")
 ZSRE_TARGETS = ("answers", "alt")
@@ -44,14 +45,7 @@ def is_zsre(record: Any) -> bool:
 
 def load_zsre(path: str, *, limit: int | None = None) -> list[dict[str, Any]]:
     """Read a MEND-format zsRE JSON list; records get ``case_id`` = their index in the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise EvalError(f"cannot read {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise EvalError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    return prepare_zsre(data, where=path, limit=limit)
+    return prepare_zsre(read_json(path), where=path, limit=limit)
 
 
 def prepare_zsre(data: Any, *, where: str = "zsRE data", limit: int | None = None) -> list[dict[str, Any]]:
@@ -129,6 +123,13 @@ def zsre_scores(m: Mapping[str, Sequence[bool]]) -> dict[str, float]:
     }
 
 
+def score_zsre(
+    model: Any, tok: Any, record: Mapping[str, Any], *, target: str = "answers", batch_size: int = 64
+) -> dict[str, float]:
+    """Token accuracies of the model as it is now on one record (``zsre_scores`` of ``measure_zsre``)."""
+    return zsre_scores(measure_zsre(model, tok, record, target=target, batch_size=batch_size))
+
+
 def evaluate_zsre(
     model: Any,
     tok: Any,
@@ -140,15 +141,16 @@ def evaluate_zsre(
     batch_size: int = 64,
 ) -> Iterator[dict[str, Any]]:
     """For each record: measure, create the edit on the base, measure with it applied, revert."""
-    from ..apply import patched
-    from .evaluate import edit_patch, edit_summary
-
     for rec in records:
         req = zsre_request(rec, target=target)
-        pre = zsre_scores(measure_zsre(model, tok, rec, target=target, batch_size=batch_size))
-        d, patch = edit_patch(model, tok, req, hparams=hparams, stats=stats)
-        with patched(model, patch):
-            post = zsre_scores(measure_zsre(model, tok, rec, target=target, batch_size=batch_size))
+        d, pre, post = measured_edit(
+            model,
+            tok,
+            req,
+            lambda rec=rec: score_zsre(model, tok, rec, target=target, batch_size=batch_size),
+            hparams=hparams,
+            stats=stats,
+        )
         yield {
             "kind": "zsre",
             "case_id": rec.get("case_id"),
@@ -167,6 +169,7 @@ __all__ = [
     "zsre_request",
     "measure_zsre",
     "zsre_scores",
+    "score_zsre",
     "evaluate_zsre",
     "teacher_forced_correct",
 ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from rompatch.evaluation.metrics import (
     TfidfModel,
@@ -19,7 +18,6 @@ from rompatch.evaluation.metrics import (
     treebank_words,
     word_tokenize,
 )
-from rompatch.evaluation.sequential import checkpoint_schedule, update_diagnostics
 
 
 def _weighted(h2: float, h3: float) -> float:
@@ -107,40 +105,3 @@ def test_tfidf_matches_sklearn_definitions():
     ir, ip = math.log(4 / 3) + 1, math.log(2) + 1
     assert tfidf_similarity("paris rome", "rome", m) == pytest.approx(ir / math.hypot(ir, ip))
     assert math.isnan(tfidf_similarity("zzz", "rome", m))
-
-
-def test_checkpoint_schedule():
-    assert checkpoint_schedule(100, 25) == [1, 25, 50, 75, 100]
-    assert checkpoint_schedule(7, 3) == [1, 3, 6, 7]
-    assert checkpoint_schedule(1, 10) == [1]
-
-
-class _D:
-    def __init__(self, u, v):
-        self.u, self.v = torch.tensor(u, dtype=torch.float32), torch.tensor(v, dtype=torch.float32)
-
-
-def test_update_diagnostics_on_constructed_edits():
-    # keys k1 = e1, k2 = (1, 1); u1 = e1, u2 = (0.6, 0.8); v1 = (1, 0), v2 = (0, 2); W = I.
-    d1, d2 = _D([1.0, 0.0], [1.0, 0.0]), _D([0.6, 0.8], [0.0, 2.0])
-    keys = [torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])]
-    out = update_diagnostics([d1, d2], keys, torch.eye(2), None)
-    total = torch.tensor([[1.0, 0.0], [1.2, 1.6]], dtype=torch.float64)  # v1 u1ᵀ + v2 u2ᵀ
-    assert out["update_ratio"] == pytest.approx(float(torch.linalg.matrix_norm(total, ord=2)), abs=1e-5)
-    assert out["max_single_update_ratio"] == pytest.approx(2.0)
-    # edit 2 fires on key 1 with u2·k1 = 0.6, adding 0.6·v2 (norm 1.2) where edit 1 changed ‖v1‖·1 = 1
-    assert out["interference_median"] == pytest.approx(1.2) and out["interference_max"] == pytest.approx(1.2)
-    assert out["key_overlap_raw_mean"] == pytest.approx(1 / math.sqrt(2), abs=1e-5)
-    # whitened overlap with C = I equals the raw one
-    from rompatch.stats import SecondMoment
-
-    sm = SecondMoment(mom2=torch.eye(2), count=1, identity={})
-    assert update_diagnostics([d1, d2], keys, torch.eye(2), sm)["key_overlap_whitened_mean"] == pytest.approx(
-        1 / math.sqrt(2), abs=1e-5
-    )
-    # orthogonal later edit: no interference
-    d3 = _D([0.0, 1.0], [5.0, 5.0])
-    out = update_diagnostics(
-        [d1, d3], [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])], torch.eye(2), None
-    )
-    assert out["interference_max"] == 0.0
