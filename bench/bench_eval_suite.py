@@ -217,7 +217,7 @@ def _pending(out: Path, records: list, n: int) -> list:
     Every worker of one n-way run computes the same list, so ``pending[i::n]`` splits it without
     overlap, while results of earlier runs (another n, another machine) are kept and not redone.
     """
-    from rompatch.evaluation.evaluate import CASES_FILE, read_cases
+    from rompatch.evaluation.records import CASES_FILE, read_cases
 
     own = {f"shard-{j}of{n}" for j in range(n)}
     other = {
@@ -254,7 +254,8 @@ def work(part: str, setup: _Setup | None = None) -> None:
 
 def _merged(st: _Setup, part: str, minutes: float | None) -> dict:
     """Merge the shards' cases into the part's folder, compute what is missing, and summarise."""
-    from rompatch.evaluation.evaluate import CASES_FILE, read_cases, run_evaluation
+    from rompatch.evaluation.evaluate import run_evaluation
+    from rompatch.evaluation.records import CASES_FILE, read_cases
 
     out = st.out(part)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from ..evaluation.suite import DEFAULT_GEN_LENGTH, EvalSettings, SuiteResult, ru
 from .common import device_option, dtype_option, echo_json, info, json_option, model_argument
 
 
+# The options are declarations: blocks of the same shape (type, default, help) repeat no logic.
 @click.command(name="eval")
 @model_argument
 @click.option(

@@ -288,6 +288,9 @@ class _Run:
         return result
 
 
+# run_sequential and evaluate.run_evaluation take the same keyword arguments where they mean the same
+# (hparams, stats, out_dir, config, generation, zsre_target, batch_size, progress): alike on purpose,
+# the public signatures documented in docs/evaluation.md.
 def run_sequential(
     model: Any,
     tok: Any,

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..arch import check_layer, default_layer
+from ..create import Editor
 from ..errors import EvalError
 from ..models import load_model
 from ..rome import ROMEHyperParams
-from ..stats import SecondMoment, check_stats_data, get_second_moment
+from ..stats import check_stats_data
 from .evaluate import load_records, run_evaluation
 from .fluency import Consistency, GenerationSettings
 from .plot import plot_distributions, plot_sequential, require_matplotlib
@@ -72,40 +72,21 @@ class SuiteResult:
     sequential: bool
 
 
-@dataclass
-class Editor:
-    """A loaded model with its edit hyperparameters and statistics."""
-
-    model: Any
-    tok: Any
-    hparams: ROMEHyperParams
-    stats: SecondMoment | None
-
-
 def load_editor(s: EvalSettings, *, notify: Callable[[str], None] | None = None) -> Editor:
-    """Load the model, check the layer, set the hyperparameters, get the statistics."""
+    """Load the model; its ``Editor`` resolves the layer and gets the statistics (``s.mom2``)."""
     model, tok = load_model(s.model, device=s.device, dtype=s.dtype)
-    if s.layer is not None:
-        check_layer(model, s.layer)
     hp = ROMEHyperParams(
-        layer=s.layer if s.layer is not None else default_layer(model),
-        mom2_adjustment=s.mom2,
-        optim_autocast="bfloat16" if s.fast else "none",
+        layer=s.layer, mom2_adjustment=s.mom2, optim_autocast="bfloat16" if s.fast else "none"
     )
-    stats = (
-        get_second_moment(
-            model,
-            tok,
-            hp.layer,
-            stats_data=s.stats_data,
-            n_tokens=s.stats_tokens,
-            progress=True,
-            notify=notify,
-        )
-        if s.mom2
-        else None
+    return Editor(
+        model,
+        tok,
+        hparams=hp,
+        stats_data=s.stats_data,
+        stats_tokens=s.stats_tokens,
+        progress=True,
+        notify=notify,
     )
-    return Editor(model, tok, hp, stats)
 
 
 def _read_records(s: EvalSettings) -> tuple[str, list[dict[str, Any]]]:
@@ -195,4 +176,4 @@ def run_suite(s: EvalSettings, *, notify: Callable[[str], None] | None = None) -
     )
 
 
-__all__ = ["EvalSettings", "SuiteResult", "Editor", "load_editor", "run_suite", "suite_config"]
+__all__ = ["EvalSettings", "SuiteResult", "load_editor", "run_suite", "suite_config"]
