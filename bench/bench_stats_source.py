@@ -39,7 +39,9 @@ def run(limit: int = 100) -> dict:
 
     from rompatch.apply import patched
     from rompatch.arch import default_layer
-    from rompatch.evaluation.evaluate import case_scores, edit_patch, load_counterfact, measure_case
+    from rompatch.create import Editor
+    from rompatch.evaluation.edits import edit_patch
+    from rompatch.evaluation.evaluate import case_scores, load_counterfact, measure_case
     from rompatch.models import load_model
     from rompatch.request import EditRequest
     from rompatch.rome import ROMEHyperParams
@@ -59,6 +61,7 @@ def run(limit: int = 100) -> dict:
         t = time.perf_counter()
         stats[name] = get_second_moment(model, tok, layer, stats_data=spec, n_tokens=n)
         secs[name] = stats[name].identity.get("seconds", round(time.perf_counter() - t, 1))
+    editors = {name: Editor(model, tok, hparams=hp, stats=stats[name]) for name in stats}
     done = {}
     if OUT.is_file():
         done = {c["case_id"]: c for c in map(json.loads, OUT.read_text().splitlines())}
@@ -77,7 +80,7 @@ def run(limit: int = 100) -> dict:
             }
             us = {}
             for name in SOURCES:
-                d, patch = edit_patch(model, tok, req, hparams=hp, stats=stats[name])
+                d, patch = edit_patch(editors[name], req)
                 us[name] = d.u
                 with patched(model, patch):
                     c[name] = case_scores(measure_case(model, tok, rec))

@@ -125,7 +125,8 @@ class Editor:
         lineage of edits computed on it."""
         return applied_on_disk(self.model) + [p.id for p in applied_patches(self.model)]
 
-    def _patch(self, deltas: list[RankOneDelta], lineage: list[str]) -> Patch:
+    def wrap(self, deltas: list[RankOneDelta], lineage: list[str]) -> Patch:
+        """``deltas`` as a patch of the model as it is now (fingerprinted on its current weights)."""
         return new_patch(
             deltas,
             base=model_identity(self.model),
@@ -159,7 +160,7 @@ class Editor:
             hparams=res.hparams,
             stats=self.stats.record() if self.stats is not None else {"mom2_adjustment": False},
         )
-        tmp = self._patch([d], self._inherited())
+        tmp = self.wrap([d], self._inherited())
         apply_patch(model, tmp)
         try:
             after = _probe(model, tok, req)
@@ -214,7 +215,7 @@ class Editor:
                 on_edit(len(deltas) - 1, d)
 
         self._deltas(reqs, then=keep)
-        return self._patch(deltas, inherited)
+        return self.wrap(deltas, inherited)
 
     def chain(
         self, requests: Requests, *, on_edit: Callable[[int, RankOneDelta], None] | None = None
@@ -226,7 +227,7 @@ class Editor:
         patches: list[Patch] = []
 
         def stack(d: RankOneDelta) -> None:
-            p = self._patch([d], inherited + [q.id for q in patches])
+            p = self.wrap([d], inherited + [q.id for q in patches])
             apply_patch(self.model, p)
             patches.append(p)
             if on_edit is not None:
@@ -303,16 +304,3 @@ def create_patches(
         progress=progress,
     )
     return editor.chain(reqs, on_edit=on_edit)
-
-
-def edit_to_delta(
-    model: Any,
-    tok: Any,
-    req: EditRequest,
-    *,
-    stats: SecondMoment | None,
-    hparams: ROMEHyperParams,
-    spec: ModelSpec | None = None,
-) -> RankOneDelta:
-    """One request → one RankOneDelta (an ``Editor`` for a single edit)."""
-    return Editor(model, tok, spec=spec, hparams=hparams, stats=stats).edit(req)

@@ -28,12 +28,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..create import Editor
 from ..errors import EvalError, RequestError
 from ..request import EditRequest
 from ..rome import ROMEHyperParams
 from ..scoring import target_logprobs
 from ..stats import SecondMoment
-from .edits import edit_patch, edit_summary, measured_edit
+from .edits import edit_summary, measured_edit
 from .fluency import Consistency, GenerationSettings, fluency
 from .metrics import harmonic_mean
 from .records import CASES_FILE, append_record, check_config, read_cases, read_json, write_results
@@ -208,17 +209,15 @@ def evaluate_counterfact(
     ``generation`` (a ``fluency.GenerationSettings``) adds fluency GE (and, with ``consistency``,
     a ``fluency.Consistency``, the reference score RS) to 'pre' and 'post', and the generated texts.
     """
+    editor = Editor(model, tok, hparams=hparams, stats=stats)
     for rec in records:
         req = EditRequest.from_dict(rec)
         d, (pre, pre_texts), (post, post_texts) = measured_edit(
-            model,
-            tok,
+            editor,
             req,
             lambda rec=rec: _scores_and_texts(
                 model, tok, rec, generation=generation, consistency=consistency, batch_size=batch_size
             ),
-            hparams=hparams,
-            stats=stats,
         )
         out = {
             "case_id": rec.get("case_id"),
@@ -447,5 +446,4 @@ __all__ = [
     "detect_kind",
     "run_evaluation",
     "markdown_table",
-    "edit_patch",  # here too for existing callers; it lives in rompatch.evaluation.edits
 ]

@@ -41,6 +41,7 @@ import torch
 
 from ..apply import apply_patch, revert_patch
 from ..arch import get_spec
+from ..create import Editor
 from ..errors import EvalError
 from ..patch import Patch, load_patch, save_patch
 from ..request import EditRequest
@@ -160,6 +161,10 @@ class _Run:
     applied: list[Patch] = field(default_factory=list)
     keys: list[torch.Tensor] = field(default_factory=list)
     weight0: torch.Tensor | None = None
+    editor: Editor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.editor = Editor(self.measure.model, self.measure.tok, hparams=self.hparams, stats=self.stats)
 
     def _log(self, name: str, obj: Mapping[str, Any]) -> None:
         if self.out is not None:
@@ -214,7 +219,7 @@ class _Run:
         rec = self.recs[i - 1]
         req = m.request(rec)
         lineage = [p.id for p in self.applied]
-        d, patch = edit_patch(m.model, m.tok, req, hparams=self.hparams, stats=self.stats, lineage=lineage)
+        d, patch = edit_patch(self.editor, req, lineage=lineage)
         name = f"{i:04d}.safetensors"
         if self.out is not None:
             save_patch(patch, self.out / PATCH_DIR / name)

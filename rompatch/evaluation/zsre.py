@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..create import Editor
 from ..errors import EvalError
 from ..request import EditRequest
 from ..rome import ROMEHyperParams
@@ -141,15 +142,11 @@ def evaluate_zsre(
     batch_size: int = 64,
 ) -> Iterator[dict[str, Any]]:
     """For each record: measure, create the edit on the base, measure with it applied, revert."""
+    editor = Editor(model, tok, hparams=hparams, stats=stats)
     for rec in records:
         req = zsre_request(rec, target=target)
         d, pre, post = measured_edit(
-            model,
-            tok,
-            req,
-            lambda rec=rec: score_zsre(model, tok, rec, target=target, batch_size=batch_size),
-            hparams=hparams,
-            stats=stats,
+            editor, req, lambda rec=rec: score_zsre(model, tok, rec, target=target, batch_size=batch_size)
         )
         yield {
             "kind": "zsre",
