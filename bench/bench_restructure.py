@@ -1,6 +1,7 @@
 """Fingerprint of what the library computes, to compare two versions of the code (issue #13).
 
     ROMPATCH_DATA=... PYTHONPATH=<tree> python bench/bench_restructure.py OUT.json [--records 50]
+    python -m bench.run --only restructure     # this tree against bench/results/restructure_before.json
 
 With the tree's own rompatch on ``PYTHONPATH``, it edits SmolLM2 (layer 4, WikiText-2 statistics,
 100,000 tokens, a fresh cache) on the first N CounterFact records, each on the unedited model, and
@@ -20,6 +21,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+TITLE = "Restructure (issue 13): same patches and checkpoints, and the package's structure before and after"
+FULL_ONLY = True
+HERE = Path(__file__).resolve().parent
+BEFORE = HERE / "results" / "restructure_before.json"  # made by the code before the restructure (e35da83)
+METRICS_BEFORE = HERE / "results" / "code_metrics_before.json"
 
 
 def sha(data: bytes) -> str:
@@ -51,13 +58,11 @@ def folder_shas(folder: Path) -> dict[str, str]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out")
-    ap.add_argument("--records", type=int, default=50)
-    ap.add_argument("--model", default=str(Path.home() / ".cache/rompatch/models/smollm2-135m"))
-    args = ap.parse_args()
+def fingerprint(records: int, model_path: str) -> dict:
+    """Edit the first ``records`` CounterFact records and apply/revert five of them on a checkpoint;
+    the sha256s and metrics (see the module docstring)."""
     data = Path(os.environ["ROMPATCH_DATA"])
+    saved_cache = os.environ.get("ROMPATCH_CACHE")
     work = Path(tempfile.mkdtemp(prefix="rompatch-restructure-"))
     os.environ["ROMPATCH_CACHE"] = str(work / "cache")
 
@@ -65,13 +70,13 @@ def main() -> None:
     from rompatch import EditRequest, ROMEHyperParams, create_patch, load_model, load_records
 
     t0 = time.time()
-    model, tok = load_model(args.model)
-    _, records = load_records(str(data / "counterfact" / "counterfact_subset.json"), limit=args.records)
+    model, tok = load_model(model_path)
+    _, recs = load_records(str(data / "counterfact" / "counterfact_subset.json"), limit=records)
     hp = ROMEHyperParams(layer=4)
     stats_data = None  # the default: WikiText-2 from $ROMPATCH_DATA
-    out: dict = {"rompatch": rompatch.__file__, "records": len(records), "patches": []}
+    out: dict = {"rompatch": rompatch.__file__, "records": len(recs), "patches": []}
     patch_files = []
-    for i, rec in enumerate(records):
+    for i, rec in enumerate(recs):
         rw = rec["requested_rewrite"]
         req = EditRequest(
             prompt=rw["prompt"],
@@ -95,18 +100,114 @@ def main() -> None:
             f = work / f"p{i}.safetensors"
             p.save(f)
             patch_files.append(f)
-        print(f"{i + 1}/{len(records)} {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+        print(f"{i + 1}/{len(recs)} {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
 
     from rompatch import apply_to_checkpoint, revert_checkpoint
 
     applied = work / "applied"
-    apply_to_checkpoint(args.model, patch_files, applied, link=False)
+    apply_to_checkpoint(model_path, patch_files, applied, link=False)
     reverted = work / "reverted"
     revert_checkpoint(applied, [patch_files[2]], out=reverted, link=False)
     out["checkpoint_applied"] = folder_shas(applied)
     out["checkpoint_reverted"] = folder_shas(reverted)
     out["seconds"] = round(time.time() - t0, 1)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    if saved_cache is None:
+        os.environ.pop("ROMPATCH_CACHE", None)
+    else:
+        os.environ["ROMPATCH_CACHE"] = saved_cache
+    return out
+
+
+def compare(before: dict, after: dict) -> dict:
+    """How many patches agree in u, v and metrics, and which checkpoint files differ."""
+    pairs = list(zip(before["patches"], after["patches"]))
+    same = {k: sum(a[k] == b[k] for a, b in pairs) for k in ("u", "v", "metrics")}
+    files = {}
+    for step in ("checkpoint_applied", "checkpoint_reverted"):
+        files[step] = sorted(
+            f for f in set(before[step]) | set(after[step]) if before[step].get(f) != after[step].get(f)
+        )
+    return {"n": len(pairs), "same": same, "different_files": files}
+
+
+def skip_reason() -> str | None:
+    from bench.data import missing_data
+
+    if not BEFORE.is_file():
+        return f"{BEFORE} (the fingerprint of the code before the restructure) is missing"
+    return missing_data("counterfact/counterfact_subset.json", "wikitext-2/wiki.valid.tokens")
+
+
+def _metrics_table() -> str:
+    from bench.code_metrics import import_cost, scan
+
+    before = json.loads(METRICS_BEFORE.read_text())
+    root = HERE.parent / "rompatch"
+    after = {**scan(root), **import_cost(root)}
+    rows = [
+        ("modules at the top level of rompatch/", "top_level_modules", len),
+        ("sub-packages", "sub_packages", None),
+        ("internal imports (importer → module pairs)", "internal_imports", None),
+        ("import loops", "import_loops_without_init", None),
+        ("upward imports (of the package __init__)", "upward_imports", None),
+        ("function-level internal imports", "function_level_internal_imports", None),
+        ("functions over 60 lines", "functions_over_60_lines", None),
+        ("`import rompatch` (ms, best of 5)", "import_rompatch_ms", None),
+        ("torch loaded by `import rompatch`", "torch_loaded", None),
+    ]
+    lines = ["| | before (e35da83) | after |", "| --- | --- | --- |"]
+    for label, key, _ in rows:
+        lines.append(f"| {label} | {_cell(before.get(key))} | {_cell(after.get(key))} |")
+    lines += ["", "Longest functions before: " + "; ".join(before["longest_functions"][:6])]
+    lines += ["", "Longest functions after: " + "; ".join(after["longest_functions"][:6])]
+    return "\n".join(lines)
+
+
+def _cell(v: object) -> str:
+    if isinstance(v, list):
+        return f"{len(v)}" + (
+            f" ({', '.join(' ↔ '.join(x) if isinstance(x, list) else str(x) for x in v)})" if v else ""
+        )
+    return str(v)
+
+
+def run() -> dict:
+    before = json.loads(BEFORE.read_text())
+    after = fingerprint(before["records"], str(Path.home() / ".cache/rompatch/models/smollm2-135m"))
+    c = compare(before, after)
+    n = c["n"]
+    rows = [
+        {
+            "metric": f"patches with identical u / v / metrics (of {n})",
+            "value": f"{c['same']['u']} / {c['same']['v']} / {c['same']['metrics']}",
+            "unit": "",
+            "target": f"{n} / {n} / {n}",
+            "note": "timings left out",
+        },
+        {
+            "metric": "checkpoint files that differ after apply, after revert",
+            "value": f"{len(c['different_files']['checkpoint_applied'])}, {len(c['different_files']['checkpoint_reverted'])}",
+            "unit": "files",
+            "target": "0, 0",
+            "note": "sha256 of every file; rompatch.json without its applied_at times",
+        },
+    ]
+    setup = (
+        f"SmolLM2-135M, layer 4, WikiText-2 statistics (100,000 tokens), the first {n} shared CounterFact "
+        "records, each edited on the unedited model in a fresh cache; then the first five patches applied to "
+        "the model's checkpoint folder and the third reverted. 'Before' was computed by the code at e35da83 "
+        "(bench/results/restructure_before.json)."
+    )
+    return {"rows": rows, "markdown": _metrics_table(), "setup": setup, "comparison": c}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--records", type=int, default=50)
+    ap.add_argument("--model", default=str(Path.home() / ".cache/rompatch/models/smollm2-135m"))
+    args = ap.parse_args()
+    Path(args.out).write_text(json.dumps(fingerprint(args.records, args.model), indent=1) + "\n")
 
 
 if __name__ == "__main__":
