@@ -139,11 +139,11 @@ def skip_reason() -> str | None:
 
 
 def _metrics_table() -> str:
-    from bench.code_metrics import import_cost, scan
+    from bench.code_metrics import duplicated_blocks, import_cost, scan
 
     before = json.loads(METRICS_BEFORE.read_text())
     root = HERE.parent / "rompatch"
-    after = {**scan(root), **import_cost(root)}
+    after = {**scan(root), **import_cost(root), "duplicates": duplicated_blocks(root)}
     rows = [
         ("modules at the top level of rompatch/", "top_level_modules", len),
         ("sub-packages", "sub_packages", None),
@@ -152,6 +152,7 @@ def _metrics_table() -> str:
         ("upward imports (of the package __init__)", "upward_imports", None),
         ("function-level internal imports", "function_level_internal_imports", None),
         ("functions over 60 lines", "functions_over_60_lines", None),
+        ("pairs of duplicated blocks in rompatch/ (`duplicates`)", "duplicates", None),
         ("`import rompatch` (ms, best of 5)", "import_rompatch_ms", None),
         ("torch loaded by `import rompatch`", "torch_loaded", None),
     ]
@@ -164,6 +165,8 @@ def _metrics_table() -> str:
 
 
 def _cell(v: object) -> str:
+    if isinstance(v, str) and " pairs of places" in v:
+        return v.split(" pairs of places")[0]
     if isinstance(v, list):
         return f"{len(v)}" + (
             f" ({', '.join(' ↔ '.join(x) if isinstance(x, list) else str(x) for x in v)})" if v else ""
