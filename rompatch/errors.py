@@ -7,7 +7,9 @@ attributes too; they are None where the code raising it does not know them.
 
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 
 
 class RompatchError(Exception):
@@ -120,6 +122,23 @@ class TraceError(RompatchError, ValueError):
 
 class MissingDependencyError(RompatchError, ImportError):
     """An optional dependency is not installed (for example matplotlib for plots)."""
+
+
+def require(module: str, extra: str, *, what: str, hint: str = "") -> ModuleType:
+    """Import the optional dependency ``module`` (installed with ``rompatch[extra]``), or raise a
+    one-line ``MissingDependencyError`` naming the fix: ``"<what> need <module>, ..."``."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependencyError(
+            f"{what} need {module}, which is not installed; run pip install 'rompatch[{extra}]'"
+            + (f" ({hint})" if hint else "")
+        ) from None
+
+
+def require_matplotlib() -> ModuleType:
+    """matplotlib for plots (the ``rompatch[plot]`` extra), or the error naming the fix."""
+    return require("matplotlib", "plot", what="plots", hint="or pass --no-plot")
 
 
 class HubConnectionError(HubError):

@@ -33,15 +33,20 @@ def encode(tok: Any, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=True)["input_ids"])
 
 
+def token_spans(tok: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of ``text`` as the model sees a prompt (special tokens included) and each token's
+    character span in ``text``; special tokens (BOS, EOS) get the empty span ``(0, 0)``."""
+    enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    special = set(tok.all_special_ids)
+    spans = [(0, 0) if i in special else (int(s), int(e)) for i, (s, e) in zip(ids, enc["offset_mapping"])]
+    return ids, spans
+
+
 def subject_token_span(tok: Any, text: str, char_start: int, char_end: int) -> tuple[int, int]:
     """Token indices [first, last] covering characters [char_start, char_end) of ``text``."""
-    enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    covering = [
-        i
-        for i, (s, e) in enumerate(offsets)
-        if e > s and s < char_end and e > char_start and ids[i] not in tok.all_special_ids
-    ]
+    _, spans = token_spans(tok, text)
+    covering = [i for i, (s, e) in enumerate(spans) if e > s and s < char_end and e > char_start]
     if not covering:
         raise RequestError(
             f"subject {text[char_start:char_end]!r} is not found in the prompt's tokens of {text!r}; "
@@ -58,6 +63,19 @@ def subject_span(tok: Any, template: str, subject: str) -> tuple[str, int, int]:
     text = template.replace("{}", subject)
     first, last = subject_token_span(tok, text, start, start + len(subject))
     return text, first, last
+
+
+def find_subject(tok: Any, text: str, subject: str) -> tuple[int, int]:
+    """Token indices [first, last] of the first occurrence of ``subject`` in ``text`` (a prompt with
+    the subject written in it, as tracing takes it; ``subject_span`` takes a '{}' template)."""
+    if not subject or not subject.strip():
+        raise RequestError("the subject is empty; pass the subject exactly as it appears in the prompt")
+    start = text.find(subject)
+    if start < 0:
+        raise RequestError(
+            f"subject {subject!r} does not occur in prompt {text!r}; pass it exactly as written in the prompt"
+        )
+    return subject_token_span(tok, text, start, start + len(subject))
 
 
 def target_ids(tok: Any, prompt_text: str, target: str) -> tuple[list[int], str]:

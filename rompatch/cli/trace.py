@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..constants import TRACE_BATCH_SIZE, TRACE_KINDS, TRACE_NOISE, TRACE_SAMPLES, TRACE_WINDOW
-from ..errors import TraceError
+from ..errors import TraceError, require_matplotlib
 from .common import device_option, dtype_option, echo_json, info, json_option, model_argument, revision_option
 
 
@@ -21,6 +21,16 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -
     return tuple(dict.fromkeys(kinds))
 
 
+def _count_option(flag: str, default: int, help: str):
+    """A whole number of at least 1, with its default shown."""
+    return click.option(flag, default=default, show_default=True, type=click.IntRange(1), help=help)
+
+
+def _positive_option(flag: str, help: str):
+    """A number above 0, or None when not given."""
+    return click.option(flag, type=click.FloatRange(min=0, min_open=True), default=None, help=help)
+
+
 @click.command()
 @model_argument
 @click.option("--prompt", help="The prompt, with the subject written in it (or '{}' where it goes).")
@@ -32,32 +42,13 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -
     help="Average over the facts of this JSON file (known_1000.json style) that the model gets right.",
 )
 @click.option("--target", help="Measure this answer's probability instead of the model's top prediction.")
-@click.option(
-    "--samples",
-    default=TRACE_SAMPLES,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Noise draws per cell.",
-)
-@click.option(
+@_count_option("--samples", TRACE_SAMPLES, "Noise draws per cell.")
+@_positive_option(
     "--noise",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help=f"Noise std as a multiple of the embedding std measured on WikiText-2 [default: {TRACE_NOISE:g}].",
+    f"Noise std as a multiple of the embedding std measured on WikiText-2 [default: {TRACE_NOISE:g}].",
 )
-@click.option(
-    "--noise-std",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Absolute noise std instead of --noise (no measurement).",
-)
-@click.option(
-    "--window",
-    default=TRACE_WINDOW,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Layers restored together for the mlp and attn kinds.",
-)
+@_positive_option("--noise-std", "Absolute noise std instead of --noise (no measurement).")
+@_count_option("--window", TRACE_WINDOW, "Layers restored together for the mlp and attn kinds.")
 @click.option(
     "--kinds",
     multiple=True,
@@ -65,13 +56,7 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -
     help="What to restore: hidden, mlp, attn (comma-separated or repeated) [default: all three].",
 )
 @click.option("--limit", type=click.IntRange(1), default=None, help="--known: trace at most N facts.")
-@click.option(
-    "--batch-size",
-    default=TRACE_BATCH_SIZE,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Corrupted rows per forward pass.",
-)
+@_count_option("--batch-size", TRACE_BATCH_SIZE, "Corrupted rows per forward pass.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the noise.")
 @click.option(
     "-o",
@@ -123,6 +108,41 @@ def trace(
           --subject "The Eiffel Tower" -o eiffel/
       rompatch trace smollm2-135m --known known_1000.json --limit 50 --kinds mlp -o known/
     """
+    _check_usage(prompt, subject, known_file, target, limit, noise, noise_std)
+    plot = output is not None and not no_plot
+    if plot:
+        require_matplotlib()  # fail before minutes of tracing
+    settings = dict(
+        samples=samples,
+        noise=TRACE_NOISE if noise is None else noise,
+        noise_std=noise_std,
+        window=window,
+        kinds=kinds,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    # The library is imported when the command runs, not with the CLI: `rompatch --help` loads no torch.
+    from ..models import load_model
+    from ..tracing.plotting import save_with_figures
+
+    m, tok = load_model(model, device=device, dtype=dtype, revision=revision)
+    if known_file is None:
+        result = _trace_prompt(m, tok, prompt, subject, target, settings)
+    else:
+        result = _trace_known(m, tok, known_file, limit, output, settings)
+    files = [] if output is None else save_with_figures(result, output, plot=plot, model_name=model)
+    if as_json:
+        echo_json({**result.to_dict(), "files": [str(f) for f in files]})
+    elif known_file is None:
+        _print_trace(result)
+    else:
+        _print_average(result)
+    for f in files if not as_json else []:
+        info(f"wrote {f}")
+
+
+def _check_usage(prompt, subject, known_file, target, limit, noise, noise_std) -> None:
+    """The options that go together, checked before a model is loaded."""
     if known_file is None and (prompt is None or subject is None):
         raise click.UsageError("pass --prompt and --subject, or --known FILE")
     if known_file is not None and (prompt is not None or subject is not None or target is not None):
@@ -133,45 +153,28 @@ def trace(
         raise click.UsageError("pass --noise (a multiple of the embedding std) or --noise-std, not both")
     if known_file is not None and not known_file.is_file():
         raise TraceError(f"fact file {known_file} not found; pass a known_1000.json-style JSON file")
-    plot = output is not None and not no_plot
-    if plot:
-        from ..tracing.plotting import require_matplotlib
-
-        require_matplotlib()  # fail before minutes of tracing
-    opts = dict(
-        samples=samples,
-        noise=TRACE_NOISE if noise is None else noise,
-        noise_std=noise_std,
-        window=window,
-        kinds=kinds,
-        batch_size=batch_size,
-        seed=seed,
-    )
-    from ..models import load_model
-
-    m, tok = load_model(model, device=device, dtype=dtype, revision=revision)
-    if known_file is None:
-        _single(m, tok, model, prompt, subject, target, opts, output, plot, as_json)
-    else:
-        _known(m, tok, model, known_file, limit, opts, output, plot, as_json)
 
 
-def _single(m, tok, model, prompt, subject, target, opts, output, plot, as_json) -> None:
-    from ..tracing.trace import save_trace, trace_fact
+def _trace_prompt(m, tok, prompt, subject, target, settings):
+    from ..tracing.trace import trace_fact  # when the command runs (see trace)
 
-    r = trace_fact(m, tok, prompt, subject, target=target, **opts)
-    files = []
-    if output is not None:
-        files += save_trace(r, output)
-        if plot:
-            from ..tracing.plotting import plot_trace_all
+    return trace_fact(m, tok, prompt, subject, target=target, **settings)
 
-            files += plot_trace_all(r, output, model_name=model)
-    if as_json:
-        d = r.to_dict()
-        d["files"] = [str(f) for f in files]
-        echo_json(d)
-        return
+
+def _trace_known(m, tok, known_file, limit, output, settings):
+    from ..tracing.known_facts import trace_known  # when the command runs (see trace)
+
+    cases = None if output is None else output / "cases"
+    avg = trace_known(m, tok, known_file, limit=limit, cache_dir=cases, progress=True, **settings)
+    if avg.n_facts == 0:
+        raise TraceError(
+            f"none of the {avg.considered} facts checked is predicted correctly by this model "
+            f"(skipped: {avg.skipped}); pass a fact file this model knows"
+        )
+    return avg
+
+
+def _print_trace(r) -> None:
     sub = "".join(r.tokens[slice(*r.subject_range)])
     click.echo(
         f"prompt:     {r.prompt!r}  (subject {sub!r}, tokens {r.subject_range[0]}..{r.subject_range[1] - 1})"
@@ -181,65 +184,26 @@ def _single(m, tok, model, prompt, subject, target, opts, output, plot, as_json)
         f"(noise std {r.noise['std']:.4g}, {r.samples} samples)"
     )
     if r.total_effect <= 0:
-        info(
-            f"note: the noise does not lower p({r.answer.strip()}) ({r.clean_prob:.4f} clean, {r.corrupted_prob:.4f} "
-            "corrupted), so restorations cannot show where the model recalls it; trace an answer the model gives"
-        )
+        info(r.no_effect_note())
     for k in r.kinds:
         s = r.scores[k]
         t, layer = divmod(int(s.argmax()), s.shape[1])
         click.echo(f"{k:<7} max restored p {s.max():.4f} at token {t} {r.tokens[t]!r}, layer {layer}")
-    if r.suggested_layer is not None:
-        last = r.tokens[r.last_subject_token]
-        p = r.scores["mlp"][r.last_subject_token, r.suggested_layer]
-        click.echo(
-            f"suggested edit layer: {r.suggested_layer}  (MLP effect at the last subject token {last!r} "
-            f"peaks there: p {p:.4f}, window {r.window})"
-        )
-        ie = p - r.corrupted_prob
-        t, layer, best = r.strongest("mlp")
-        if r.total_effect > 0 and ie < 0.1 * r.total_effect and t != r.last_subject_token:
-            info(
-                f"note: the MLP effect at the last subject token is weak for this prompt ({ie:.4f} of a total "
-                f"effect of {r.total_effect:.4f}); the strongest MLP effect is at token {t} {r.tokens[t]!r}, "
-                f"layer {layer} ({best:.4f}). ROME edits at the last subject token: check the average over "
-                "many facts (--known) before choosing a layer"
-            )
-    else:
+    if r.suggested_layer is None:
         info("no suggested layer: trace the mlp kind for one")
-    for f in files:
-        info(f"wrote {f}")
-
-
-def _known(m, tok, model, known_file, limit, opts, output, plot, as_json) -> None:
-    from ..tracing.known_facts import save_average, trace_known
-
-    avg = trace_known(
-        m,
-        tok,
-        known_file,
-        limit=limit,
-        cache_dir=None if output is None else output / "cases",
-        progress=True,
-        **opts,
-    )
-    if avg.n_facts == 0:
-        raise TraceError(
-            f"none of the {avg.considered} facts checked is predicted correctly by this model "
-            f"(skipped: {avg.skipped}); pass a fact file this model knows"
-        )
-    files = []
-    if output is not None:
-        files += save_average(avg, output)
-        if plot:
-            from ..tracing.plotting import plot_average
-
-            files += plot_average(avg, output, model_name=model)
-    if as_json:
-        d = avg.to_dict()
-        d["files"] = [str(f) for f in files]
-        echo_json(d)
         return
+    last = r.tokens[r.last_subject_token]
+    p = r.scores["mlp"][r.last_subject_token, r.suggested_layer]
+    click.echo(
+        f"suggested edit layer: {r.suggested_layer}  (MLP effect at the last subject token {last!r} "
+        f"peaks there: p {p:.4f}, window {r.window})"
+    )
+    note = r.weak_subject_note()
+    if note:
+        info(note)
+
+
+def _print_average(avg) -> None:
     skipped = ", ".join(f"{v} {k}" for k, v in sorted(avg.skipped.items())) or "none"
     click.echo(f"facts traced: {avg.n_facts} of {avg.considered} checked (skipped: {skipped})")
     click.echo(
@@ -253,8 +217,6 @@ def _known(m, tok, model, known_file, limit, opts, output, plot, as_json) -> Non
         )
     if "mlp" in avg.kinds:
         click.echo(f"MLP effect concentrates at layer {avg.peak_layer('mlp')} (last subject token)")
-    for f in files:
-        info(f"wrote {f}")
 
 
 COMMANDS = [trace]

@@ -7,16 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write
-from ..errors import MissingDependencyError
+from ..errors import require_matplotlib
 
 
 def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise MissingDependencyError(
-            "plots need matplotlib: pip install 'rompatch[plot]' (or pass --no-plot)"
-        ) from None
+    matplotlib = require_matplotlib()
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -22,30 +22,26 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..arch import ModelSpec, get_spec, num_layers
 from ..atomic import atomic_write
 from ..errors import TraceError
+from ..models import model_identity
+from ..tokens import encode
 from .trace import (
     CATEGORIES,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_NOISE,
-    DEFAULT_SAMPLES,
-    DEFAULT_WINDOW,
-    KINDS,
-    EmbeddingStd,
+    Noise,
     TraceResult,
-    _check_kinds,
-    _device,
-    _encode,
-    _eval_mode,
-    _find_subject_span,
-    _identity,
-    _resolve_noise,
-    _target_tokens,
-    _write_json,
-    _write_npz,
-    trace_fact,
+    TraceSettings,
+    answer_ids,
+    eval_mode,
+    model_device,
+    resolve_noise,
+    subject_range,
+    trace_prompt,
+    write_json,
+    write_npz,
 )
 
 log = logging.getLogger(__name__)
@@ -118,10 +114,10 @@ def predicts_attribute(model: Any, tok: Any, prompt: str, attribute: str) -> boo
     For a one-token attribute this is the reference's check (the top prediction *is* the
     attribute); longer attributes must be reproduced token by token (one teacher-forced pass).
     """
-    ids, _ = _encode(tok, prompt)
-    _, target = _target_tokens(tok, prompt, attribute)
-    x = torch.tensor([ids + target[:-1]], device=_device(model))
-    with _eval_mode(model):
+    ids = encode(tok, prompt)
+    target = answer_ids(tok, prompt, attribute)
+    x = torch.tensor([ids + target[:-1]], device=model_device(model))
+    with eval_mode(model):
         logits = model(input_ids=x, use_cache=False).logits[0]
     pred = logits[len(ids) - 1 :].argmax(-1).tolist()
     return pred == target
@@ -232,18 +228,30 @@ def _num(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-class _Rollup:
+class _Tally:
+    """What the facts traced so far add up to: the rollup per category and layer, the per-fact list
+    and the skipped facts by reason."""
+
     def __init__(self, kinds: Sequence[str], n_layers: int) -> None:
         C = len(CATEGORIES)
-        self.kinds = tuple(kinds)
+        self.kinds, self.n_layers = tuple(kinds), n_layers
         self.sum = {k: np.zeros((C, n_layers)) for k in kinds}
         self.ie_sum = {k: np.zeros((C, n_layers)) for k in kinds}
         self.ie_sq = {k: np.zeros((C, n_layers)) for k in kinds}
         self.counts = np.zeros(C, dtype=np.int64)
         self.clean: list[float] = []
         self.low: list[float] = []
+        self.traced: list[dict[str, Any]] = []
+        self.skipped: dict[str, int] = defaultdict(int)
+        self.considered = 0
 
-    def add(self, r: TraceResult) -> None:
+    def add(self, fact: KnownFact, case: Mapping[str, Any]) -> bool:
+        """Count one fact's case; whether it was traced (not skipped)."""
+        self.considered += 1
+        if case["status"] != "traced":
+            self.skipped[case["status"]] += 1
+            return False
+        r = TraceResult.from_dict(case["result"])
         self.clean.append(r.clean_prob)
         self.low.append(r.corrupted_prob)
         for c, rows in enumerate(_category_rows(r.subject_range, len(r.tokens))):
@@ -254,15 +262,129 @@ class _Rollup:
                 self.sum[k][c] += s.sum(0)
                 self.ie_sum[k][c] += ie.sum(0)
                 self.ie_sq[k][c] += (ie**2).sum(0)
+        self.traced.append(_fact_summary(fact, r))
+        return True
 
-    def means(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def average(self, *, settings: dict[str, Any], stopped: str | None, seconds: float) -> AverageTrace:
         n = self.counts[:, None].astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             mean = {k: self.sum[k] / n for k in self.kinds}
             std = {
                 k: np.sqrt(np.maximum(self.ie_sq[k] / n - (self.ie_sum[k] / n) ** 2, 0.0)) for k in self.kinds
             }
-        return mean, std
+        return AverageTrace(
+            kinds=self.kinds,
+            n_layers=self.n_layers,
+            mean_scores=mean,
+            effect_std=std,
+            counts=self.counts.copy(),
+            n_facts=len(self.traced),
+            mean_clean_prob=float(np.mean(self.clean)) if self.clean else float("nan"),
+            mean_corrupted_prob=float(np.mean(self.low)) if self.low else float("nan"),
+            facts=self.traced,
+            skipped=dict(self.skipped),
+            considered=self.considered,
+            settings=settings,
+            stopped=stopped,
+            seconds=seconds,
+        )
+
+
+def _settings_record(model: Any, settings: TraceSettings, noise: Noise) -> dict[str, Any]:
+    """The settings as written into the result and into each cached case."""
+    return {
+        "model": model_identity(model),
+        "samples": int(settings.samples),
+        "window": int(settings.window),
+        "kinds": list(settings.kinds),
+        "noise": noise.record,
+        "seed": int(settings.seed),
+        "criterion": "greedy decoding reproduces the attribute's tokens",
+    }
+
+
+def _fact_summary(fact: KnownFact, r: TraceResult) -> dict[str, Any]:
+    return {
+        "key": fact.key,
+        "prompt": r.prompt,
+        "subject": r.subject,
+        "answer": r.answer,
+        "subject_range": list(r.subject_range),
+        "n_tokens": len(r.tokens),
+        "clean_prob": r.clean_prob,
+        "corrupted_prob": r.corrupted_prob,
+        "suggested_layer": r.suggested_layer,
+        "seconds": r.seconds,
+    }
+
+
+@dataclass
+class _KnownRun:
+    """One ``trace_known`` call: the model, the settings shared by every fact, the cache."""
+
+    model: Any
+    tok: Any
+    settings: TraceSettings
+    noise: Noise
+    spec: ModelSpec
+    cache: _CaseCache
+
+    def case(self, fact: KnownFact) -> dict[str, Any]:
+        """The fact's case, from the cache or traced now (and cached)."""
+        case = self.cache.load(fact)
+        if case is None:
+            case = self.trace(fact)
+            self.cache.save(fact, case)
+        return case
+
+    def trace(self, fact: KnownFact) -> dict[str, Any]:
+        model, tok = self.model, self.tok
+        try:
+            if not predicts_attribute(model, tok, fact.prompt, fact.attribute):
+                return {"status": "wrong prediction"}
+            span = subject_range(tok, fact.prompt, fact.subject)
+        except TraceError as e:
+            log.info("skipping fact %s: %s", fact.key, e)
+            return {"status": "subject not in prompt" if "subject" in str(e) else "unusable record"}
+        if span[1] >= len(encode(tok, fact.prompt)):
+            return {"status": "subject ends the prompt"}
+        r = trace_prompt(model, tok, fact.prompt, fact.subject, self.settings, self.noise, spec=self.spec)
+        return {"status": "traced", "result": r.to_dict()}
+
+
+class _CaseCache:
+    """Per-fact results in a folder (``None``: no cache), keyed by the fact and the settings."""
+
+    def __init__(self, folder: str | os.PathLike | None, settings: dict[str, Any]) -> None:
+        self.folder = None if folder is None else Path(folder)
+        self.settings = settings
+
+    def _path(self, fact: KnownFact) -> Path:
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in fact.key)
+        return self.folder / f"fact-{safe}.json"
+
+    def load(self, fact: KnownFact) -> dict | None:
+        if self.folder is None:
+            return None
+        path = self._path(fact)
+        if not path.is_file():
+            return None
+        try:
+            case = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            log.warning("ignoring unreadable cached case %s", path)
+            return None
+        if case.get("settings") != json.loads(json.dumps(self.settings)) or case.get("prompt") != fact.prompt:
+            log.info("cached case %s was traced with other settings; tracing again", path)
+            return None
+        return case
+
+    def save(self, fact: KnownFact, case: dict) -> None:
+        if self.folder is None:
+            return
+        case = {"settings": self.settings, "prompt": fact.prompt, "attribute": fact.attribute, **case}
+        text = json.dumps(case, ensure_ascii=False)
+        atomic_write(self._path(fact), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def trace_known(
@@ -271,18 +393,11 @@ def trace_known(
     records: str | os.PathLike | Iterable[Mapping[str, Any]],
     *,
     limit: int | None = None,
-    samples: int = DEFAULT_SAMPLES,
-    noise: float = DEFAULT_NOISE,
-    noise_std: float | None = None,
-    embed_std: EmbeddingStd | None = None,
-    window: int = DEFAULT_WINDOW,
-    kinds: Sequence[str] = KINDS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    seed: int = 0,
     spec: ModelSpec | None = None,
     cache_dir: str | os.PathLike | None = None,
     time_budget: float | None = None,
     progress: bool = False,
+    **settings: Any,
 ) -> AverageTrace:
     """The average indirect effect over the facts of ``records`` that the model gets right.
 
@@ -290,156 +405,47 @@ def trace_known(
     others are skipped and counted. ``limit``: stop after this many traced facts. ``cache_dir``:
     each fact's result is written there as it finishes (``<key>.json``) and reused by a later run
     with the same settings, so an interrupted run resumes. ``time_budget`` (seconds): start no new
-    fact after it. The noise std is measured once and shared by all facts.
+    fact after it. ``settings``: how each fact is traced, the fields of ``TraceSettings`` (as for
+    ``trace_fact``: ``samples``, ``noise``, ``noise_std``, ``embed_std``, ``window``, ``kinds``,
+    ``batch_size``, ``seed``). The noise std is measured once and shared by all facts.
     """
     t_start = time.perf_counter()
     facts = load_known(records)
-    kinds = _check_kinds(kinds)
+    options = TraceSettings(**settings).checked()
     if limit is not None and limit < 1:
         raise TraceError(f"limit={limit}; pass at least 1")
     spec = get_spec(model, spec)
-    std, noise_rec = _resolve_noise(
-        model,
-        tok,
-        noise=noise,
-        noise_std=noise_std,
-        embed_std=embed_std,
-        fallback_texts=[f.prompt for f in facts],
-        spec=spec,
-    )
-    settings = {
-        "model": _identity(model),
-        "samples": int(samples),
-        "window": int(window),
-        "kinds": list(kinds),
-        "noise": noise_rec,
-        "seed": int(seed),
-        "criterion": "greedy decoding reproduces the attribute's tokens",
-    }
-    cache = Path(cache_dir) if cache_dir is not None else None
-    rollup = _Rollup(kinds, num_layers(model))
-    skipped: dict[str, int] = defaultdict(int)
-    traced: list[dict[str, Any]] = []
-    stopped = None
-    considered = 0
+    noise = resolve_noise(model, tok, options, fallback_texts=[f.prompt for f in facts], spec=spec)
+    record = _settings_record(model, options, noise)
+    run = _KnownRun(model, tok, options, noise, spec, _CaseCache(cache_dir, record))
+    tally = _Tally(options.kinds, num_layers(model))
     total = min(limit, len(facts)) if limit else len(facts)
-    from tqdm.auto import tqdm
+    with tqdm(total=total, disable=not progress, file=sys.stderr, unit="fact", desc="tracing") as bar:
+        stopped = _trace_facts(run, facts, tally, bar, limit=limit, time_budget=time_budget, t_start=t_start)
+    return tally.average(settings=record, stopped=stopped, seconds=round(time.perf_counter() - t_start, 1))
 
-    bar = tqdm(total=total, disable=not progress, file=sys.stderr, unit="fact", desc="tracing")
-    try:
-        for fact in facts:
-            if limit is not None and len(traced) >= limit:
-                break
-            if time_budget is not None and time.perf_counter() - t_start > time_budget:
-                stopped = f"time budget of {time_budget:.0f} s reached"
-                break
-            considered += 1
-            case = _load_case(cache, fact, settings)
-            if case is None:
-                case = _trace_case(
-                    model, tok, fact, std, noise_rec, samples, window, kinds, batch_size, seed, spec
-                )
-                _save_case(cache, fact, settings, case)
-            if case["status"] != "traced":
-                skipped[case["status"]] += 1
-                if not limit:
-                    bar.update(1)
-                bar.set_postfix(traced=len(traced), skipped=sum(skipped.values()))
-                continue
-            r = TraceResult.from_dict(case["result"])
-            rollup.add(r)
-            traced.append(
-                {
-                    "key": fact.key,
-                    "prompt": r.prompt,
-                    "subject": r.subject,
-                    "answer": r.answer,
-                    "subject_range": list(r.subject_range),
-                    "n_tokens": len(r.tokens),
-                    "clean_prob": r.clean_prob,
-                    "corrupted_prob": r.corrupted_prob,
-                    "suggested_layer": r.suggested_layer,
-                    "seconds": r.seconds,
-                }
-            )
+
+def _trace_facts(
+    run: _KnownRun,
+    facts: Sequence[KnownFact],
+    tally: _Tally,
+    bar: Any,
+    *,
+    limit: int | None,
+    time_budget: float | None,
+    t_start: float,
+) -> str | None:
+    """Trace ``facts`` in order into ``tally`` until ``limit`` facts are traced or the time budget
+    is spent; why it stopped early, or ``None``."""
+    for fact in facts:
+        if limit is not None and len(tally.traced) >= limit:
+            break
+        if time_budget is not None and time.perf_counter() - t_start > time_budget:
+            return f"time budget of {time_budget:.0f} s reached"
+        if tally.add(fact, run.case(fact)) or not limit:
             bar.update(1)
-            bar.set_postfix(traced=len(traced), skipped=sum(skipped.values()))
-    finally:
-        bar.close()
-    mean, std_ie = rollup.means()
-    return AverageTrace(
-        kinds=kinds,
-        n_layers=num_layers(model),
-        mean_scores=mean,
-        effect_std=std_ie,
-        counts=rollup.counts.copy(),
-        n_facts=len(traced),
-        mean_clean_prob=float(np.mean(rollup.clean)) if rollup.clean else float("nan"),
-        mean_corrupted_prob=float(np.mean(rollup.low)) if rollup.low else float("nan"),
-        facts=traced,
-        skipped=dict(skipped),
-        considered=considered,
-        settings=settings,
-        stopped=stopped,
-        seconds=round(time.perf_counter() - t_start, 1),
-    )
-
-
-def _trace_case(model, tok, fact, std, noise_rec, samples, window, kinds, batch_size, seed, spec) -> dict:
-    try:
-        if not predicts_attribute(model, tok, fact.prompt, fact.attribute):
-            return {"status": "wrong prediction"}
-        span = _find_subject_span(tok, fact.prompt, fact.subject)
-    except TraceError as e:
-        log.info("skipping fact %s: %s", fact.key, e)
-        return {"status": "subject not in prompt" if "subject" in str(e) else "unusable record"}
-    if span[1] >= len(_encode(tok, fact.prompt)[0]):
-        return {"status": "subject ends the prompt"}
-    r = trace_fact(
-        model,
-        tok,
-        fact.prompt,
-        fact.subject,
-        samples=samples,
-        noise_std=std,
-        window=window,
-        kinds=kinds,
-        batch_size=batch_size,
-        seed=seed,
-        spec=spec,
-    )
-    r.noise = noise_rec
-    return {"status": "traced", "result": r.to_dict()}
-
-
-def _case_path(cache: Path, fact: KnownFact) -> Path:
-    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in fact.key)
-    return cache / f"fact-{safe}.json"
-
-
-def _load_case(cache: Path | None, fact: KnownFact, settings: dict) -> dict | None:
-    if cache is None:
-        return None
-    path = _case_path(cache, fact)
-    if not path.is_file():
-        return None
-    try:
-        case = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        log.warning("ignoring unreadable cached case %s", path)
-        return None
-    if case.get("settings") != json.loads(json.dumps(settings)) or case.get("prompt") != fact.prompt:
-        log.info("cached case %s was traced with other settings; tracing again", path)
-        return None
-    return case
-
-
-def _save_case(cache: Path | None, fact: KnownFact, settings: dict, case: dict) -> None:
-    if cache is None:
-        return
-    case = {"settings": settings, "prompt": fact.prompt, "attribute": fact.attribute, **case}
-    text = json.dumps(case, ensure_ascii=False)
-    atomic_write(_case_path(cache, fact), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        bar.set_postfix(traced=len(tally.traced), skipped=sum(tally.skipped.values()))
+    return None
 
 
 def save_average(avg: AverageTrace, out_dir: str | os.PathLike, *, name: str = "average") -> list[Path]:
@@ -457,4 +463,4 @@ def save_average(avg: AverageTrace, out_dir: str | os.PathLike, *, name: str = "
         arrays[f"mean_scores_{k}"] = avg.mean_scores[k]
         arrays[f"effect_{k}"] = avg.effect(k)
         arrays[f"effect_std_{k}"] = avg.effect_std[k]
-    return [_write_json(out / f"{name}.json", d), _write_npz(out / f"{name}.npz", arrays)]
+    return [write_json(out / f"{name}.json", d), write_npz(out / f"{name}.npz", arrays)]

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_write
-from ..errors import MissingDependencyError
-from .known_facts import AverageTrace
-from .trace import CATEGORIES, TraceResult
+from ..errors import require_matplotlib
+from .known_facts import AverageTrace, save_average
+from .trace import CATEGORIES, TraceResult, save_trace
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 TITLES = {
@@ -29,16 +29,6 @@ LINE_TITLES = {
     "mlp": "run of {w} MLP lookups",
     "attn": "run of {w} Attn modules",
 }
-
-
-def require_matplotlib() -> None:
-    """Raise a one-line error naming the fix when matplotlib is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise MissingDependencyError(
-            "plots need matplotlib, which is not installed; run pip install 'rompatch[plot]' (or pass --no-plot)"
-        ) from None
 
 
 def _figure(figsize: tuple[float, float], dpi: int = 150) -> Any:
@@ -145,28 +135,41 @@ def plot_average(
         eff = np.clip(np.nan_to_num(avg.effect(kind), nan=0.0), 0, None)
         if high is None or kind == "hidden":
             high = float(eff.max()) or 1e-9
-        fig = _figure((5.0, 2.4))
-        ax = fig.subplots()
-        h = ax.pcolormesh(eff, cmap=CMAPS[kind], vmin=0.0, vmax=max(high, float(eff.max())))
-        ax.invert_yaxis()
-        ax.set_yticks([0.5 + i for i in range(len(CATEGORIES))])
-        ax.set_yticklabels([c.capitalize() for c in avg.categories], fontsize=8)
-        _layer_ticks(ax, avg.n_layers)
-        what = {
-            "hidden": "Indirect Effect of $h_i^{(l)}$",
-            "mlp": "Indirect Effect of MLP",
-            "attn": "Indirect Effect of Attn",
-        }[kind]
-        ax.set_title(f"Avg {what} over {avg.n_facts} prompts", fontsize=9)
-        if kind == "hidden":
-            ax.set_xlabel(f"single restored layer within {name}", fontsize=8)
-        else:
-            what = "MLP" if kind == "mlp" else "Attn"
-            ax.set_xlabel(f"center of interval of {window} restored {what} layers", fontsize=8)
-        cb = fig.colorbar(h, ax=ax)
-        cb.ax.set_title("AIE", y=-0.12, fontsize=8, va="top")
+        fig = _average_heatmap(avg, kind, eff, vmax=max(high, float(eff.max())), name=name, window=window)
         paths.append(_save(fig, out / f"{prefix}-{kind}.png"))
+    paths.append(_save(_average_lines(avg, name=name, window=window), out / f"{prefix}-lines.png"))
+    return paths
 
+
+def _average_heatmap(
+    avg: AverageTrace, kind: str, eff: np.ndarray, *, vmax: float, name: str, window: int
+) -> Any:
+    """The AIE heatmap of one kind: token category × layer."""
+    fig = _figure((5.0, 2.4))
+    ax = fig.subplots()
+    h = ax.pcolormesh(eff, cmap=CMAPS[kind], vmin=0.0, vmax=vmax)
+    ax.invert_yaxis()
+    ax.set_yticks([0.5 + i for i in range(len(CATEGORIES))])
+    ax.set_yticklabels([c.capitalize() for c in avg.categories], fontsize=8)
+    _layer_ticks(ax, avg.n_layers)
+    what = {
+        "hidden": "Indirect Effect of $h_i^{(l)}$",
+        "mlp": "Indirect Effect of MLP",
+        "attn": "Indirect Effect of Attn",
+    }[kind]
+    ax.set_title(f"Avg {what} over {avg.n_facts} prompts", fontsize=9)
+    if kind == "hidden":
+        ax.set_xlabel(f"single restored layer within {name}", fontsize=8)
+    else:
+        what = "MLP" if kind == "mlp" else "Attn"
+        ax.set_xlabel(f"center of interval of {window} restored {what} layers", fontsize=8)
+    cb = fig.colorbar(h, ax=ax)
+    cb.ax.set_title("AIE", y=-0.12, fontsize=8, va="top")
+    return fig
+
+
+def _average_lines(avg: AverageTrace, *, name: str, window: int) -> Any:
+    """AIE per layer for each category, one panel per kind, with 95% bands."""
     fig = _figure((4.3 * len(avg.kinds), 3.4))
     axes = np.atleast_1d(fig.subplots(1, len(avg.kinds), sharey=True))
     from matplotlib import colormaps
@@ -189,8 +192,7 @@ def plot_average(
     axes[min(1, len(axes) - 1)].legend(frameon=False, fontsize=7)
     fig.suptitle(f"{avg.n_facts} facts", fontsize=9)
     fig.tight_layout()
-    paths.append(_save(fig, out / f"{prefix}-lines.png"))
-    return paths
+    return fig
 
 
 def plot_layer_curves(
@@ -216,3 +218,19 @@ def plot_layer_curves(
     ax.legend(frameon=False, fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def save_with_figures(
+    result: TraceResult | AverageTrace,
+    out_dir: str | os.PathLike,
+    *,
+    plot: bool = True,
+    model_name: str | None = None,
+) -> list[Path]:
+    """What ``rompatch trace -o DIR`` writes: the scores (``save_trace`` or ``save_average``) and,
+    with ``plot``, the PNGs (``plot_trace_all`` or ``plot_average``)."""
+    if isinstance(result, AverageTrace):
+        files = save_average(result, out_dir)
+        return files + (plot_average(result, out_dir, model_name=model_name) if plot else [])
+    files = save_trace(result, out_dir)
+    return files + (plot_trace_all(result, out_dir, model_name=model_name) if plot else [])

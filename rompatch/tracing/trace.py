@@ -46,7 +46,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +61,11 @@ from ..constants import TRACE_NOISE as DEFAULT_NOISE
 from ..constants import TRACE_SAMPLES as DEFAULT_SAMPLES
 from ..constants import TRACE_WINDOW as DEFAULT_WINDOW
 from ..constants import data_dir
-from ..errors import ArchitectureError, TraceError
+from ..errors import ArchitectureError, RequestError, TraceError
 from ..hooks import Trace, TraceDict
+from ..models import model_identity
+from ..stats import max_positions, text_lines
+from ..tokens import find_subject, target_ids, token_spans
 
 log = logging.getLogger(__name__)
 
@@ -76,75 +79,53 @@ CATEGORIES = (
 )
 WIKITEXT_FILE = Path("wikitext-2") / "wiki.test.tokens"
 STD_MAX_TOKENS = 20_000
+STD_MAX_LENGTH = 1024  # one text measured for the embedding std is cut at this many tokens
 TRACE_FORMAT = "rompatch-trace/1"
 
 
 # ----------------------------------------------------------------------------------------- tokens
 
 
-def _encode(tok: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+# Tracing tokenizes as editing does (``rompatch.tokens``): the same subject tokens and the same target
+# ids (``target_ids``: the target after one space), so a trace measures what an edit would change.
+
+
+@contextmanager
+def _as_trace_error() -> Iterator[None]:
+    """Editing's ``RequestError`` (subject or target unusable) as tracing's ``TraceError``."""
+    try:
+        yield
+    except RequestError as e:
+        raise TraceError(str(e)) from None
+
+
+def prompt_tokens(tok: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of ``text`` (special tokens included, as the model sees them) and each token's
     character span in ``text``; special tokens get an empty span."""
     if not getattr(tok, "is_fast", False):
         raise TraceError(
             "causal tracing needs a fast tokenizer (one with offset mappings); load it with use_fast=True"
         )
-    enc = tok(text, return_offsets_mapping=True, return_special_tokens_mask=True)
-    ids = list(enc["input_ids"])
-    spans = [
-        (0, 0) if special else (int(s), int(e))
-        for (s, e), special in zip(enc["offset_mapping"], enc["special_tokens_mask"])
-    ]
+    ids, spans = token_spans(tok, text)
     if not ids:
         raise TraceError(f"prompt {text!r} tokenizes to nothing; pass a non-empty prompt")
     return ids, spans
 
 
-def _find_subject_span(
-    tok: Any, text: str, subject: str, *, offsets: Sequence[tuple[int, int]] | None = None
-) -> tuple[int, int]:
-    """Token range ``[start, end)`` of the first occurrence of ``subject`` in ``text``.
-
-    Found by character offsets (the tokenizer's offset mapping), not by re-tokenizing pieces, so a
-    BOS token, left padding or a subject that does not start at a token boundary cannot shift it.
-    ``offsets``: per-token ``(start, end)`` character spans of an existing encoding of ``text``
-    (a row of a padded batch, say); pads and special tokens must have empty spans (``s == e``),
-    as fast tokenizers give them. Without it, ``text`` is encoded here (special tokens included).
-    Every token that overlaps the subject's characters belongs to the span.
-    """
-    if not subject or not subject.strip():
-        raise TraceError("the subject is empty; pass the subject exactly as it appears in the prompt")
-    c0 = text.find(subject)
-    if c0 < 0:
-        raise TraceError(
-            f"subject {subject!r} does not occur in prompt {text!r}; pass it exactly as written in the prompt"
-        )
-    c1 = c0 + len(subject)
-    if offsets is None:
-        _, offsets = _encode(tok, text)
-    hits = [i for i, (s, e) in enumerate(offsets) if e > s and s < c1 and e > c0]
-    if not hits:
-        raise TraceError(f"no token of prompt {text!r} covers subject {subject!r}; check the tokenizer")
-    return hits[0], hits[-1] + 1
+def subject_range(tok: Any, text: str, subject: str) -> tuple[int, int]:
+    """Token range ``[start, end)`` of the first occurrence of ``subject`` in ``text``: every token
+    that overlaps the subject's characters (``rompatch.tokens.find_subject``, as editing finds it)."""
+    prompt_tokens(tok, text)  # a fast tokenizer, a non-empty prompt
+    with _as_trace_error():
+        first, last = find_subject(tok, text, subject)
+    return first, last + 1
 
 
-def _target_tokens(tok: Any, prompt: str, target: str) -> tuple[str, list[int]]:
-    """The text appended to ``prompt`` for ``target`` (a space is added unless one side has it) and
-    its token ids as they follow the prompt."""
-    if not target or not target.strip():
-        raise TraceError("the target is empty; pass the answer text, e.g. 'Paris'")
-    text = target if target[:1].isspace() or prompt[-1:].isspace() else " " + target
-    p_ids, _ = _encode(tok, prompt)
-    f_ids, f_spans = _encode(tok, prompt + text)
-    n = len(p_ids)
-    ids: list[int] = []
-    if f_ids[:n] == p_ids:
-        ids = [i for i, (s, e) in zip(f_ids[n:], f_spans[n:]) if e > s]  # drop an appended EOS
-    if not ids:  # the prompt's last token merged with the target: tokenize the target alone
-        ids = list(tok(text, add_special_tokens=False)["input_ids"])
-    if not ids:
-        raise TraceError(f"target {target!r} tokenizes to nothing; pass a non-empty target")
-    return text, ids
+def answer_ids(tok: Any, prompt: str, target: str) -> list[int]:
+    """The ids of ``target`` as the continuation of ``prompt``, exactly as editing computes a target's
+    ids (``rompatch.tokens.target_ids``: one space before the target)."""
+    with _as_trace_error():
+        return target_ids(tok, prompt, target)[0]
 
 
 def _token_labels(tok: Any, text: str, ids: Sequence[int], spans: Sequence[tuple[int, int]]) -> list[str]:
@@ -175,17 +156,13 @@ def wikitext_sample(*, max_chars: int = 200_000) -> tuple[list[str], str] | None
     if path is None or not path.is_file():
         return None
     texts, total = [], 0
-    with open(path, encoding="utf-8-sig") as f:
-        for line in f:
-            line = line.strip()
-            if not line or line.startswith("="):
-                continue
-            for a, b in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")):
-                line = line.replace(a, b)
-            texts.append(line)
-            total += len(line)
-            if total >= max_chars:
-                break
+    for line in text_lines(path, detok=True, encoding="utf-8-sig"):
+        if line.startswith("="):  # a heading
+            continue
+        texts.append(line)
+        total += len(line)
+        if total >= max_chars:
+            break
     return texts, str(path)
 
 
@@ -219,8 +196,8 @@ def embedding_std(
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise TraceError("no text to measure the embedding std on; pass non-empty texts")
-    device = _device(model)
-    limit = _max_positions(model)
+    device = model_device(model)
+    limit = min(max_positions(model), STD_MAX_LENGTH)
     chunks, n = [], 0
     for text in texts:
         enc = tok(
@@ -242,28 +219,24 @@ def embedding_std(
     return EmbeddingStd(float(allv.std()), source or f"{len(texts)} given text(s)", int(allv.shape[0]))
 
 
-def _max_positions(model: Any) -> int:
-    cfg = getattr(model.config, "text_config", None) or model.config
-    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1024
-    return int(min(n, 1024))
+@dataclass(frozen=True)
+class Noise:
+    """The absolute noise std and how it was chosen (``TraceResult.noise``)."""
+
+    std: float
+    record: dict[str, Any]  # {"std", "multiplier", "embedding_std": {"value", "source", "n_tokens"}}
 
 
-def _resolve_noise(
-    model: Any,
-    tok: Any,
-    *,
-    noise: float,
-    noise_std: float | None,
-    embed_std: EmbeddingStd | None,
-    fallback_texts: Sequence[str],
-    spec: ModelSpec | None,
-) -> tuple[float, dict[str, Any]]:
-    """The absolute noise std and its record: ``noise_std`` as given, else ``noise`` × the
-    embedding std (given, measured on WikiText-2, or on ``fallback_texts`` when WikiText is missing)."""
+def resolve_noise(
+    model: Any, tok: Any, settings: TraceSettings, *, fallback_texts: Sequence[str], spec: ModelSpec | None
+) -> Noise:
+    """``settings.noise_std`` as given, else ``settings.noise`` × the embedding std (given, measured
+    on WikiText-2, or on ``fallback_texts`` when WikiText is missing)."""
+    noise_std, noise, embed_std = settings.noise_std, settings.noise, settings.embed_std
     if noise_std is not None:
         if not (noise_std > 0 and math.isfinite(noise_std)):
             raise TraceError(f"noise std {noise_std} must be a positive number")
-        return float(noise_std), {"std": float(noise_std), "multiplier": None, "embedding_std": None}
+        return Noise(float(noise_std), {"std": float(noise_std), "multiplier": None, "embedding_std": None})
     if not (noise > 0 and math.isfinite(noise)):
         raise TraceError(f"noise multiplier {noise} must be a positive number (the paper uses 3)")
     if embed_std is None:
@@ -277,17 +250,14 @@ def _resolve_noise(
             embed_std = embedding_std(
                 model, tok, fallback_texts, spec=spec, source="the traced prompts (WikiText-2 not found)"
             )
-    return noise * embed_std.value, {
-        "std": noise * embed_std.value,
-        "multiplier": float(noise),
-        "embedding_std": embed_std.to_dict(),
-    }
+    std = noise * embed_std.value
+    return Noise(std, {"std": std, "multiplier": float(noise), "embedding_std": embed_std.to_dict()})
 
 
 # ------------------------------------------------------------------------------------- engine
 
 
-def _device(model: Any) -> torch.device:
+def model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -300,7 +270,7 @@ def _with_first(x: Any, h: torch.Tensor) -> Any:
 
 
 @contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
+def eval_mode(model: Any) -> Iterator[None]:
     was = model.training
     model.eval()
     try:
@@ -342,11 +312,11 @@ class CausalTracer:
         self.spec = spec = get_spec(model, spec)
         self.n_layers = num_layers(model)
         self.samples, self.seed, self.noise_std = int(samples), int(seed), float(noise_std)
-        ids, spans = _encode(tok, prompt)
+        ids, spans = prompt_tokens(tok, prompt)
         self.token_ids = ids
         self.tokens = _token_labels(tok, prompt, ids, spans)
-        self.subject_range = _find_subject_span(tok, prompt, subject, offsets=spans)
-        self.device = _device(model)
+        self.subject_range = subject_range(tok, prompt, subject)
+        self.device = model_device(model)
         self.input_ids = torch.tensor([ids], device=self.device)
         self.names = {
             "hidden": [spec.block(i) for i in range(self.n_layers)],
@@ -354,64 +324,74 @@ class CausalTracer:
             "attn": [spec.attn_module(i) for i in range(self.n_layers)],
         }
         self.layer_of = {n: i for names in self.names.values() for i, n in enumerate(names)}
-        for name in [spec.embed, *(n for k in kinds for n in self.names[k])]:
+        self._check_modules(kinds)
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        with torch.no_grad(), eval_mode(model):
+            embed_out = self._clean_run(kinds, target)
+            self._draw_noise(embed_out)
+            self._corrupted_run(reuse_prefix)
+
+    # -- preparation
+
+    def _check_modules(self, kinds: Sequence[str]) -> None:
+        for name in [self.spec.embed, *(n for k in kinds for n in self.names[k])]:
             try:
-                model.get_submodule(name)
+                self.model.get_submodule(name)
             except AttributeError:
                 raise ArchitectureError(
-                    f"module '{name}' not found in this {spec.model_type} model; the ModelSpec does not match it"
+                    f"module '{name}' not found in this {self.spec.model_type} model; the ModelSpec does not "
+                    "match it"
                 ) from None
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
-        with torch.no_grad(), _eval_mode(model):
-            # 1. clean run: the states to restore, and the answer.
-            traced = [spec.embed, *dict.fromkeys(n for k in ("hidden", *kinds) for n in self.names[k])]
-            with TraceDict(model, traced) as td:
-                probs = torch.softmax(self._logits(self.input_ids), dim=-1)[0]
-            self.clean = {n: td[n].output[0] for n in traced if n != spec.embed}  # name -> (T, D)
-            embed_out = td[spec.embed].output  # (1, T, D)
-            if target is None:
-                self.answer_ids = [int(probs.argmax())]
-                self.target_text = None
-            else:
-                self.target_text, self.answer_ids = _target_tokens(tok, prompt, target)
-            self.target = target
-            self.answer_id = self.answer_ids[0]
-            self.answer = tok.decode([self.answer_id])
-            self.clean_prob = float(probs[self.answer_id])
+    def _clean_run(self, kinds: Sequence[str], target: str | None) -> torch.Tensor:
+        """The clean run: the states to restore, and the answer. Returns the embedding output (1, T, D)."""
+        embed = self.spec.embed
+        traced = [embed, *dict.fromkeys(n for k in ("hidden", *kinds) for n in self.names[k])]
+        with TraceDict(self.model, traced) as td:
+            probs = torch.softmax(self._logits(self.input_ids), dim=-1)[0]
+        self.clean = {n: td[n].output[0] for n in traced if n != embed}  # name -> (T, D)
+        self.answer_ids = (
+            [int(probs.argmax())] if target is None else answer_ids(self.tok, self.prompt, target)
+        )
+        self.target = target
+        self.answer_id = self.answer_ids[0]
+        self.answer = self.tok.decode([self.answer_id])
+        self.clean_prob = float(probs[self.answer_id])
+        return td[embed].output
 
-            # 2. the noise: one draw per sample, reused for every cell.
-            s0, s1 = self.subject_range
-            g = torch.Generator().manual_seed(self.seed)
-            noise = torch.randn(self.samples, s1 - s0, embed_out.shape[-1], generator=g, dtype=torch.float32)
-            self.noise = (noise * self.noise_std).to(self.device, embed_out.dtype)  # (S, n_subj, D)
+    def _draw_noise(self, embed_out: torch.Tensor) -> None:
+        """One draw per sample, reused for every cell: ``self.noise`` (S, n_subject_tokens, D)."""
+        s0, s1 = self.subject_range
+        g = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn(self.samples, s1 - s0, embed_out.shape[-1], generator=g, dtype=torch.float32)
+        self.noise = (noise * self.noise_std).to(self.device, embed_out.dtype)
 
-            # 3. corrupted run: the low score, every block's output and the keys/values, for replay.
-            self._reuse = reuse_prefix
-            self._block_extra: tuple = ()
-            self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-            shape: dict[str, Any] = {}
+    def _corrupted_run(self, reuse_prefix: bool) -> None:
+        """The corrupted run: the low score, every block's output and the keys/values, for replay."""
+        self._reuse = reuse_prefix
+        self._block_extra: tuple = ()
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        shape: dict[str, Any] = {}
 
-            def record_shape(module, args, output):
-                shape["tuple"] = isinstance(output, tuple)
-                shape["extra"] = tuple(output[1:]) if isinstance(output, tuple) else ()
+        def record_shape(module, args, output):
+            shape["extra"] = tuple(output[1:]) if isinstance(output, tuple) else ()
 
-            handle = model.get_submodule(spec.block(0)).register_forward_hook(record_shape)
-            try:
-                retain = self.names["hidden"] if reuse_prefix else []
-                with TraceDict(model, [spec.embed, *retain], edit_output=self._corrupt_edit(1)) as td:
-                    out = self._forward(self.input_ids.expand(self.samples, -1), want_cache=reuse_prefix)
-                    p = torch.softmax(out.logits[:, -1].float(), dim=-1)
-            finally:
-                handle.remove()
-            self.corrupted_prob = float(p[:, self.answer_id].mean())
-            self._corrupted = {n: td[n].output for n in retain}  # name -> (S, T, D)
-            if shape.get("extra") and any(x is not None for x in shape["extra"]):
-                log.debug("block outputs carry extra tensors; not replaying block prefixes")
-                self._reuse = False
-            self._block_extra = shape.get("extra", ())
-            if self._reuse:
-                self._kv = self._cache_tensors(out)
+        handle = self.model.get_submodule(self.spec.block(0)).register_forward_hook(record_shape)
+        try:
+            retain = self.names["hidden"] if reuse_prefix else []
+            with TraceDict(self.model, [self.spec.embed, *retain], edit_output=self._corrupt_edit(1)) as td:
+                out = self._forward(self.input_ids.expand(self.samples, -1), want_cache=reuse_prefix)
+                p = torch.softmax(out.logits[:, -1].float(), dim=-1)
+        finally:
+            handle.remove()
+        self.corrupted_prob = float(p[:, self.answer_id].mean())
+        self._corrupted = {n: td[n].output for n in retain}  # name -> (S, T, D)
+        if shape.get("extra") and any(x is not None for x in shape["extra"]):
+            log.debug("block outputs carry extra tensors; not replaying block prefixes")
+            self._reuse = False
+        self._block_extra = shape.get("extra", ())
+        if self._reuse:
+            self._kv = self._cache_tensors(out)
 
     # -- forward helpers
 
@@ -554,7 +534,7 @@ class CausalTracer:
         for i in range(len(sets)):
             groups[start[i]].append(i)
         out = np.empty(len(sets), dtype=np.float64)
-        with torch.no_grad(), _eval_mode(self.model):
+        with torch.no_grad(), eval_mode(self.model):
             for t0, members in sorted(groups.items()):
                 members.sort(key=lambda i: first[i])  # a chunk replays the blocks below its lowest layer
                 n_chunks = -(-len(members) // per)
@@ -675,6 +655,30 @@ class TraceResult:
             return None
         return int(np.argmax(self.scores["mlp"][self.last_subject_token]))
 
+    def no_effect_note(self) -> str:
+        """Why restorations show nothing when the noise does not lower the answer's probability."""
+        return (
+            f"note: the noise does not lower p({self.answer.strip()}) ({self.clean_prob:.4f} clean, "
+            f"{self.corrupted_prob:.4f} corrupted), so restorations cannot show where the model recalls it; "
+            "trace an answer the model gives"
+        )
+
+    def weak_subject_note(self) -> str | None:
+        """A warning when the MLP effect at the last subject token (where ROME edits) is weak and the
+        strongest MLP effect lies at another token; ``None`` otherwise or without the MLP kind."""
+        if self.suggested_layer is None:
+            return None
+        ie = self.scores["mlp"][self.last_subject_token, self.suggested_layer] - self.corrupted_prob
+        t, layer, best = self.strongest("mlp")
+        if not (self.total_effect > 0 and ie < 0.1 * self.total_effect and t != self.last_subject_token):
+            return None
+        return (
+            f"note: the MLP effect at the last subject token is weak for this prompt ({ie:.4f} of a total "
+            f"effect of {self.total_effect:.4f}); the strongest MLP effect is at token {t} {self.tokens[t]!r}, "
+            f"layer {layer} ({best:.4f}). ROME edits at the last subject token: check the average over "
+            "many facts (--known) before choosing a layer"
+        )
+
     def strongest(self, kind: str) -> tuple[int, int, float]:
         """``(token, layer, indirect effect)`` of the cell with the largest effect for ``kind``."""
         ie = self.indirect_effect(kind)
@@ -742,10 +746,28 @@ class TraceResult:
         )
 
 
-def _identity(model: Any) -> dict[str, Any]:
-    from ..models import model_identity
+@dataclass(frozen=True)
+class TraceSettings:
+    """How each fact is traced: the keyword arguments of ``trace_fact`` that ``trace_known`` shares
+    (see ``trace_fact`` for their meaning)."""
 
-    return model_identity(model)
+    samples: int = DEFAULT_SAMPLES
+    noise: float = DEFAULT_NOISE
+    noise_std: float | None = None
+    embed_std: EmbeddingStd | None = None
+    window: int = DEFAULT_WINDOW
+    kinds: Sequence[str] = KINDS
+    batch_size: int = DEFAULT_BATCH_SIZE
+    seed: int = 0
+
+    def checked(self) -> TraceSettings:
+        """These settings with the kinds deduplicated; an error naming the fix for a bad value."""
+        kinds = _check_kinds(self.kinds)
+        if self.window < 1:
+            raise TraceError(f"window={self.window}; pass a window of at least 1 layer (the paper uses 10)")
+        if self.batch_size < 1:
+            raise TraceError(f"batch_size={self.batch_size}; pass at least 1")
+        return replace(self, kinds=kinds)
 
 
 def trace_fact(
@@ -755,54 +777,72 @@ def trace_fact(
     subject: str,
     *,
     target: str | None = None,
-    samples: int = DEFAULT_SAMPLES,
-    noise: float = DEFAULT_NOISE,
-    noise_std: float | None = None,
-    embed_std: EmbeddingStd | None = None,
-    window: int = DEFAULT_WINDOW,
-    kinds: Sequence[str] = KINDS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    seed: int = 0,
     spec: ModelSpec | None = None,
     reuse_prefix: bool = True,
+    **settings: Any,
 ) -> TraceResult:
     """Causal tracing of one fact: where in the network does ``prompt`` recall its answer?
 
     ``prompt`` holds the subject (or a ``{}`` where it goes). The answer is the model's top next
-    token, or the first token of ``target``. ``noise`` is a multiple of the embedding std (measured
-    on WikiText-2, or pass ``embed_std``); ``noise_std`` sets an absolute std instead. ``window``:
-    layers restored together for the ``mlp``/``attn`` kinds. ``batch_size``: corrupted rows per
-    forward pass. Returns arrays; ``rompatch.tracing.plotting`` draws them.
+    token, or the first token of ``target`` (tokenized as editing does). ``settings`` are the fields
+    of ``TraceSettings``: ``samples`` noise draws; ``noise``, a multiple of the embedding std
+    (measured on WikiText-2, or pass ``embed_std``), or ``noise_std``, an absolute std; ``window``:
+    layers restored together for the ``mlp``/``attn`` kinds; ``kinds``; ``batch_size``: corrupted
+    rows per forward pass; ``seed``. Returns arrays; ``rompatch.tracing.plotting`` draws them.
     """
     t0 = time.perf_counter()
     if "{}" in prompt:
         prompt = prompt.replace("{}", subject, 1)
-    kinds = _check_kinds(kinds)
-    if window < 1:
-        raise TraceError(f"window={window}; pass a window of at least 1 layer (the paper uses 10)")
-    if batch_size < 1:
-        raise TraceError(f"batch_size={batch_size}; pass at least 1")
-    _find_subject_span(tok, prompt, subject)  # fail before measuring anything
-    std, noise_rec = _resolve_noise(
-        model, tok, noise=noise, noise_std=noise_std, embed_std=embed_std, fallback_texts=[prompt], spec=spec
+    options = TraceSettings(**settings).checked()
+    subject_range(tok, prompt, subject)  # fail before measuring anything
+    noise = resolve_noise(model, tok, options, fallback_texts=[prompt], spec=spec)
+    return trace_prompt(
+        model,
+        tok,
+        prompt,
+        subject,
+        options,
+        noise,
+        target=target,
+        spec=spec,
+        reuse_prefix=reuse_prefix,
+        t0=t0,
     )
+
+
+def trace_prompt(
+    model: Any,
+    tok: Any,
+    prompt: str,
+    subject: str,
+    settings: TraceSettings,
+    noise: Noise,
+    *,
+    target: str | None = None,
+    spec: ModelSpec | None = None,
+    reuse_prefix: bool = True,
+    t0: float | None = None,
+) -> TraceResult:
+    """``trace_fact`` with checked settings and a resolved noise (the subject written in ``prompt``);
+    ``t0``: when the trace started (``perf_counter``), for ``seconds``."""
+    t0 = time.perf_counter() if t0 is None else t0
     tracer = CausalTracer(
         model,
         tok,
         prompt,
         subject,
-        noise_std=std,
+        noise_std=noise.std,
         target=target,
-        samples=samples,
-        seed=seed,
-        kinds=kinds,
+        samples=settings.samples,
+        seed=settings.seed,
+        kinds=settings.kinds,
         spec=spec,
         reuse_prefix=reuse_prefix,
     )
     scores, timings = {}, {}
-    for kind in kinds:
+    for kind in settings.kinds:
         tk = time.perf_counter()
-        scores[kind] = tracer.scores(kind, window=window, batch_size=batch_size)
+        scores[kind] = tracer.scores(kind, window=settings.window, batch_size=settings.batch_size)
         timings[kind] = round(time.perf_counter() - tk, 3)
         log.info("traced %s for %r in %.1f s", kind, prompt, timings[kind])
     return TraceResult(
@@ -820,10 +860,10 @@ def trace_fact(
         scores=scores,
         n_layers=tracer.n_layers,
         samples=tracer.samples,
-        window=int(window),
-        noise=noise_rec,
-        seed=int(seed),
-        model=_identity(model),
+        window=int(settings.window),
+        noise=noise.record,
+        seed=int(settings.seed),
+        model=model_identity(model),
         seconds=round(time.perf_counter() - t0, 3),
         timings=timings,
     )
@@ -832,12 +872,12 @@ def trace_fact(
 # ------------------------------------------------------------------------------------- writers
 
 
-def _write_json(path: Path, obj: Any) -> Path:
+def write_json(path: Path, obj: Any) -> Path:
     text = json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
+def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
             np.savez(f, **arrays)
@@ -860,7 +900,7 @@ def save_trace(result: TraceResult, out_dir: str | os.PathLike, *, name: str = "
     for k in result.kinds:
         arrays[f"scores_{k}"] = result.scores[k]
         arrays[f"effect_{k}"] = result.indirect_effect(k)
-    return [_write_json(out / f"{name}.json", d), _write_npz(out / f"{name}.npz", arrays)]
+    return [write_json(out / f"{name}.json", d), write_npz(out / f"{name}.npz", arrays)]
 
 
 def load_trace(path: str | os.PathLike) -> TraceResult:
