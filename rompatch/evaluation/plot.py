@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write
-from ..errors import require_matplotlib
+from ..errors import require_matplotlib  # the one matplotlib guard (evaluation.suite imports it from here)
 
 
 def _pyplot():
@@ -16,11 +16,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def require_matplotlib() -> None:
-    """Raise ``MissingDependencyError`` now if matplotlib is missing (before any long run)."""
-    _pyplot()
 
 
 def _save(fig, path: str | Path) -> Path:
