@@ -10,6 +10,7 @@ read that folder only: no network, no pip.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -340,6 +341,12 @@ def load_model(
             source["revision"] = commit
     object.__setattr__(model, "_rompatch_source", source)
     return model, tok
+
+
+def cache_kwarg(model: Any) -> str:
+    """The keyword a model's ``forward`` takes its key/value cache by: ``cache`` (transformers >=
+    5.2x) or the older ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def applied_on_disk(model: Any) -> list[str]:

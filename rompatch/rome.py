@@ -21,7 +21,6 @@ gradients only. The replay is checked against a plain full forward once per edit
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import time
@@ -38,6 +37,7 @@ from .context import context_templates
 from .errors import RequestError
 from .fingerprint import TensorMemo
 from .hooks import Trace
+from .models import cache_kwarg
 from .request import EditRequest
 from .stats import SecondMoment
 from .tokens import pad_id, pad_right, subject_span, target_ids
@@ -322,7 +322,7 @@ class _Replay:
             from transformers import DynamicCache
 
             cache = DynamicCache(config=self.model.config)
-            cache_kw = _cache_kwarg(self.model)
+            cache_kw = cache_kwarg(self.model)
             pre_mask = self.mask[:, :P].clone()
             pre_mask[pre_mask.sum(1) == 0] = 1  # a row with no prefix: keep its (unread) pads finite
             with torch.no_grad():
@@ -406,11 +406,6 @@ def replay_tolerance(dtype: torch.dtype, depth: int) -> float:
     half precision every block rounds its output, so allow 4 roundings per √depth.
     """
     return max(1e-3, 4 * torch.finfo(dtype).eps * math.sqrt(depth))
-
-
-def _cache_kwarg(model: Any) -> str:
-    """``cache`` (transformers >= 5.2x) or the older ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""The engine and statistics on a CUDA device (skipped without one; tracing: tests/test_tracing.py).
+"""The engine and statistics on a CUDA device (skipped without one; tracing: tests/tracing/test_trace.py).
 
 The same tiny models as the CPU tests, moved to the GPU: the edit must work there in fp32, bf16 and
 fp16, agree with the CPU computation, keep the fast replay, and leave the model untouched.

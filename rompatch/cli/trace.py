@@ -8,6 +8,10 @@ import click
 
 from ..constants import TRACE_BATCH_SIZE, TRACE_KINDS, TRACE_NOISE, TRACE_SAMPLES, TRACE_WINDOW
 from ..errors import TraceError, require_matplotlib
+from ..models import load_model
+from ..tracing.known_facts import trace_known
+from ..tracing.plotting import save_with_figures
+from ..tracing.trace import trace_fact
 from .common import device_option, dtype_option, echo_json, info, json_option, model_argument, revision_option
 
 
@@ -121,10 +125,6 @@ def trace(
         batch_size=batch_size,
         seed=seed,
     )
-    # The library is imported when the command runs, not with the CLI: `rompatch --help` loads no torch.
-    from ..models import load_model
-    from ..tracing.plotting import save_with_figures
-
     m, tok = load_model(model, device=device, dtype=dtype, revision=revision)
     if known_file is None:
         result = _trace_prompt(m, tok, prompt, subject, target, settings)
@@ -156,14 +156,10 @@ def _check_usage(prompt, subject, known_file, target, limit, noise, noise_std) -
 
 
 def _trace_prompt(m, tok, prompt, subject, target, settings):
-    from ..tracing.trace import trace_fact  # when the command runs (see trace)
-
     return trace_fact(m, tok, prompt, subject, target=target, **settings)
 
 
 def _trace_known(m, tok, known_file, limit, output, settings):
-    from ..tracing.known_facts import trace_known  # when the command runs (see trace)
-
     cases = None if output is None else output / "cases"
     avg = trace_known(m, tok, known_file, limit=limit, cache_dir=cases, progress=True, **settings)
     if avg.n_facts == 0:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import EvalError
-from ..rome import _cache_kwarg
+from ..models import cache_kwarg
 from ..tokens import encode, pad_id
 from .metrics import TfidfModel, mean_ngram_entropy, tfidf_similarity
 from .records import read_json
@@ -102,7 +102,7 @@ def _sample_batch(model, tok, seqs, settings, gen, device) -> list[str]:
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L) positions of real tokens start at 0
     need = [max(0, settings.max_out_len - len(s)) for s in seqs]
     new = torch.zeros((B, max(need)), dtype=torch.long, device=device)
-    cache_kw = _cache_kwarg(model)
+    cache_kw = cache_kwarg(model)
     past = None
     step_ids, step_pos = ids, pos
     for t in range(max(need)):

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write
-from ..errors import require_matplotlib  # the one matplotlib guard (evaluation.suite imports it from here)
+from ..errors import require_matplotlib
 
 
 def _pyplot():

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from ..create import Editor
-from ..errors import EvalError
+from ..errors import EvalError, require_matplotlib
 from ..models import load_model
 from ..rome import ROMEHyperParams
 from ..stats import check_stats_data
 from .evaluate import load_records, run_evaluation
 from .fluency import Consistency, GenerationSettings
-from .plot import plot_distributions, plot_sequential, require_matplotlib
+from .plot import plot_distributions, plot_sequential
 from .records import file_sha256
 from .sequential import run_sequential
 

@@ -35,6 +35,7 @@ from .._version import __version__
 from ..arch import SPECS
 from ..atomic import staged_folder
 from ..errors import ExportError, LineageError, PatchFormatError
+from ..models import EMBEDDED
 from ..patch import Patch
 from ..refs import PatchesLike, resolve_patches
 
@@ -67,8 +68,6 @@ def _split_layer(module: str, layer: int, model_type: str) -> tuple[str, str]:
 
 
 def _resolve_base_name(patch: Patch) -> str | None:
-    from ..models import EMBEDDED
-
     name = patch.base.get("model")
     if name in EMBEDDED:
         return EMBEDDED[name].hf_id

@@ -63,7 +63,7 @@ from ..constants import TRACE_WINDOW as DEFAULT_WINDOW
 from ..constants import data_dir
 from ..errors import ArchitectureError, RequestError, TraceError
 from ..hooks import Trace, TraceDict
-from ..models import model_identity
+from ..models import cache_kwarg, model_identity
 from ..stats import max_positions, text_lines
 from ..tokens import find_subject, target_ids, token_spans
 
@@ -400,16 +400,11 @@ class CausalTracer:
         if self._logits_to_keep:
             kw["logits_to_keep"] = 1
         if cache is not None:
-            kw[self._cache_kw] = cache
+            kw[cache_kwarg(self.model)] = cache
         return self.model(**kw)
 
     def _logits(self, ids: torch.Tensor, *, cache: Any = None) -> torch.Tensor:
         return self._forward(ids, cache=cache).logits[:, -1].float()
-
-    @property
-    def _cache_kw(self) -> str:
-        params = inspect.signature(self.model.forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
 
     def _cache_tensors(self, out: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Each layer's (keys, values) from the corrupted run, if the model returned a cache whose
