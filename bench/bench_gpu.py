@@ -80,7 +80,7 @@ def run() -> dict:
     from rompatch.request import EditRequest
     from rompatch.rome import ROMEHyperParams, compute_delta
     from rompatch.stats import get_second_moment
-    from tests.tiny_tokenizer import make_tokenizer
+    from tests.helpers.tiny_tokenizer import make_tokenizer
 
     smoke = bool(os.environ.get("ROMPATCH_BENCH_GPU_SMOKE"))
     device = torch.device("cpu" if smoke else "cuda")

@@ -7,7 +7,7 @@ import pytest
 
 from rompatch.constants import data_dir
 
-pytest_plugins = ["tests.conftest_hub"]
+pytest_plugins = ["tests.helpers.hub_fixtures"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,7 +58,7 @@ def text_file(tmp_path_factory):
     """A small statistics corpus in the tiny tokenizer's words (for --stats-data on tiny models)."""
     import random
 
-    from tests.tiny_tokenizer import CORPUS
+    from tests.helpers.tiny_tokenizer import CORPUS
 
     rng = random.Random(0)
     words = " ".join(CORPUS).split()

@@ -12,7 +12,7 @@ from rompatch.arch import get_spec
 from rompatch.errors import BaseMismatchError, FingerprintMismatchError, LineageError, NotAppliedError
 from rompatch.fingerprint import TensorMemo, tensor_sha256
 from tests.helpers import vector_patch
-from tests.tiny import ARCHS, make_model
+from tests.helpers.tiny import ARCHS, make_model
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -7,7 +7,7 @@ from transformers.pytorch_utils import Conv1D
 
 from rompatch.arch import SPECS, ModelSpec, default_layer, get_spec, module_io, register_spec
 from rompatch.errors import ArchitectureError
-from tests.tiny import ARCHS, make_config, make_model
+from tests.helpers.tiny import ARCHS, make_config, make_model
 
 
 def test_every_spec_has_a_tiny_model():

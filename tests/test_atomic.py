@@ -9,14 +9,14 @@ from rompatch.checkpoint.operations import apply_to_checkpoint, checkpoint_log, 
 from rompatch.errors import (
     CheckpointError,
 )
-from tests.ckpt_helpers import (
+from tests.helpers import vector_patch
+from tests.helpers.ckpt import (
     file_shas,
     leftovers,
     make_ckpt,
     save_sharded,
 )
-from tests.helpers import vector_patch
-from tests.tiny import make_model
+from tests.helpers.tiny import make_model
 
 
 def test_existing_out_refused_unless_overwrite(tmp_path):

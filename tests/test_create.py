@@ -17,7 +17,7 @@ from rompatch.request import EditRequest
 from rompatch.rome import ROMEHyperParams
 from rompatch.stats import get_second_moment
 from tests.helpers import HP, INIT, REQ, edit_model, edit_tokenizer, greedy_next, save_edit_folder
-from tests.tiny import ARCHS, make_model
+from tests.helpers.tiny import ARCHS, make_model
 
 
 @pytest.fixture(autouse=True)

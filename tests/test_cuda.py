@@ -15,7 +15,7 @@ from rompatch.fingerprint import tensor_sha256
 from rompatch.rome import compute_delta
 from rompatch.stats import get_second_moment
 from tests.helpers import HP, REQ, edit_model, edit_tokenizer, greedy_next, needs_cuda
-from tests.tiny import ARCHS
+from tests.helpers.tiny import ARCHS
 
 pytestmark = needs_cuda
 

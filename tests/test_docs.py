@@ -5,7 +5,7 @@ temporary folder holding a copy of the repository's ``patches/`` (so ``patches/e
 means there what it means in a checkout), with:
 
 * ``rompatch`` and ``python`` on PATH running this checkout, as after ``pip install -e .``;
-* the Hugging Face Hub replaced by the test server (``hub_env``, ``tests/hubserver.py``): ``HF_ENDPOINT``
+* the Hugging Face Hub replaced by the test server (``hub_env``, ``tests/helpers/hubserver/``): ``HF_ENDPOINT``
   points at it and ``HF_TOKEN`` belongs to user ``alice``, so examples push to and pull from ``alice/...``
   repos, and nothing reaches the network;
 * ``MPLBACKEND=Agg``; the rest of the environment (``ROMPATCH_CACHE``, ``ROMPATCH_DATA``,
@@ -14,7 +14,7 @@ means there what it means in a checkout), with:
 Marking blocks, in the fence's info string (the first word stays the language, for highlighting):
 
 ``python run``
-    Executed by one Python process per page (``tests/docs_python.py``). The Python blocks of a page
+    Executed by one Python process per page (``tests/helpers/docs_python.py``). The Python blocks of a page
     share one namespace, as in a notebook.
 ``console run``
     A shell session. Each line starting with ``$ `` is a command (a line ending in ``\\`` continues on
@@ -63,7 +63,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-DRIVER = Path(__file__).with_name("docs_python.py")
+DRIVER = Path(__file__).parent / "helpers" / "docs_python.py"
 TIMEOUT_S = 3600  # per command or Python block: a causal trace of a real model takes minutes on 2 cores
 PAGE_MARKS = {"slow", "data"}
 # What gives away a real model in a runnable block (a page using one must be marked slow).

@@ -1,4 +1,4 @@
-"""The fake Hub in tests/hubserver/, exercised with the real huggingface_hub client (2.4.0)."""
+"""The fake Hub in tests/helpers/hubserver/, exercised with the real huggingface_hub client (2.4.0)."""
 
 from __future__ import annotations
 
@@ -31,11 +31,11 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import RepoFile, RepoFolder
 
-from tests.hubserver import git_blob_sha1
-from tests.hubserver import list_files as cached_files
+from tests.helpers.hubserver import git_blob_sha1
+from tests.helpers.hubserver import list_files as cached_files
 
 # Registered here too so that this module runs on its own; a no-op once tests/conftest.py loads it.
-pytest_plugins = ["tests.conftest_hub"]
+pytest_plugins = ["tests.helpers.hub_fixtures"]
 
 A = b"\x00\x01safetensors-ish payload" * 8
 B = b'{"layer": 3, "rank": 1}'

@@ -1,6 +1,6 @@
 """load_patched: base + patches (paths, Hub refs, Patch objects), applied and verified, fail-fast.
 
-The tiny model folder and ``steer_patch`` come from tests/tiny_folder.py.
+The tiny model folder and ``steer_patch`` come from tests/helpers/tiny_folder.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from rompatch.models import load_model, model_identity
 from rompatch.patch import save_patch
 from rompatch.predict import greedy
 from tests.helpers import vector_patch
-from tests.tiny_folder import PROMPT_A, PROMPT_B, save_tiny, steer_patch, top1
+from tests.helpers.tiny_folder import PROMPT_A, PROMPT_B, save_tiny, steer_patch, top1
 
 
 @pytest.fixture(scope="module")

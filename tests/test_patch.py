@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from rompatch.errors import PatchFormatError, PatchVersionError
 from rompatch.patch import load_patch, save_patch
 from tests.helpers import vector_patch
-from tests.tiny import make_model
+from tests.helpers.tiny import make_model
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "patch-format.md"
 
@@ -309,7 +309,7 @@ def test_same_computation_gives_the_same_id(tmp_path, monkeypatch):
     from rompatch.request import EditRequest
     from rompatch.rome import ROMEHyperParams
     from rompatch.stats import get_second_moment
-    from tests.tiny_tokenizer import make_tokenizer
+    from tests.helpers.tiny_tokenizer import make_tokenizer
 
     monkeypatch.setenv("ROMPATCH_CACHE", str(tmp_path / "cache"))
     model, tok = make_model("llama", init_range=0.3), make_tokenizer(bos=True)

@@ -29,8 +29,8 @@ from rompatch.request import EditRequest
 from rompatch.rome import ROMEHyperParams
 from rompatch.stats import get_second_moment
 from tests.helpers import vector_patch
-from tests.tiny import make_model
-from tests.tiny_tokenizer import make_tokenizer
+from tests.helpers.tiny import make_model
+from tests.helpers.tiny_tokenizer import make_tokenizer
 
 HP = ROMEHyperParams(layer=1, v_steps=8, v_lr=3.0, context_length_params=((3, 2),), max_update_ratio=0)
 REQS = [

@@ -14,7 +14,7 @@ from rompatch.rome import compute_delta
 from rompatch.stats import get_second_moment
 from rompatch.tokens import subject_span
 from tests.helpers import HP, INIT, REQ, edit_model, edit_tokenizer
-from tests.tiny import ARCHS, make_model
+from tests.helpers.tiny import ARCHS, make_model
 
 
 @pytest.fixture(autouse=True)

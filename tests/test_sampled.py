@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rompatch.sampled import SamplerSettings, sampled_chunks, sampler_identity
-from tests.tiny import make_model
-from tests.tiny_tokenizer import make_tokenizer
+from tests.helpers.tiny import make_model
+from tests.helpers.tiny_tokenizer import make_tokenizer
 
 pytestmark = pytest.mark.usefixtures("offline_env")
 

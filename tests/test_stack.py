@@ -16,14 +16,14 @@ from rompatch.errors import (
 from rompatch.fingerprint import tensor_sha256
 from rompatch.patch import load_patch, save_patch
 from rompatch.stack import find_conflicts, stack_patches, stacked_components
-from tests.ckpt_helpers import (
+from tests.helpers import vector_patch
+from tests.helpers.ckpt import (
     DTYPES,
     make_ckpt,
     tensor_shas,
     with_request,
 )
-from tests.helpers import vector_patch
-from tests.tiny import make_model
+from tests.helpers.tiny import make_model
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

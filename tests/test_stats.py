@@ -13,8 +13,8 @@ from rompatch.request import EditRequest
 from rompatch.rome import ROMEHyperParams
 from rompatch.stats import check_stats_data, get_second_moment, text_source
 from tests.helpers import INIT, edit_tokenizer
-from tests.tiny import make_model
-from tests.tiny_tokenizer import make_tokenizer
+from tests.helpers.tiny import make_model
+from tests.helpers.tiny_tokenizer import make_tokenizer
 
 pytestmark = pytest.mark.usefixtures("offline_env")
 

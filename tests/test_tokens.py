@@ -14,8 +14,8 @@ from rompatch.rome import ROMEHyperParams, _build_prompts
 from rompatch.tokens import find_subject, subject_span, target_ids, token_spans
 from rompatch.tracing.known_facts import predicts_attribute
 from rompatch.tracing.trace import CausalTracer
-from tests.tiny import make_model
-from tests.tiny_tokenizer import make_tokenizer
+from tests.helpers.tiny import make_model
+from tests.helpers.tiny_tokenizer import make_tokenizer
 
 # (template, subject, target as a user or a fact file writes it). The last ones are where tracing's
 # former copy differed: it kept a target's own spaces and added none after a prompt ending in one.

@@ -16,15 +16,15 @@ from rompatch.checkpoint.reader import open_checkpoint
 from rompatch.cli.main import cli
 from rompatch.patch import save_patch
 from rompatch.stack import stack_patches
-from tests.ckpt_helpers import (
+from tests.helpers import vector_patch
+from tests.helpers.ckpt import (
     DTYPES,
     make_ckpt,
     read_tensor,
     save_sharded,
     with_request,
 )
-from tests.helpers import vector_patch
-from tests.tiny import make_model
+from tests.helpers.tiny import make_model
 
 
 def test_diff_patches():

@@ -19,15 +19,15 @@ from rompatch.errors import (
     CheckpointError,
 )
 from rompatch.patch import ParamInfo, RankOneDelta, load_patch, new_patch, save_patch
-from tests.ckpt_helpers import (
+from tests.helpers import vector_patch
+from tests.helpers.ckpt import (
     DTYPES,
     make_ckpt,
     read_tensor,
     save_sharded,
     tensor_shas,
 )
-from tests.helpers import vector_patch
-from tests.tiny import make_model
+from tests.helpers.tiny import make_model
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -26,7 +26,8 @@ from rompatch.errors import (
 from rompatch.fingerprint import tensor_sha256
 from rompatch.patch import save_patch
 from rompatch.safetensors_io import read_header
-from tests.ckpt_helpers import (
+from tests.helpers import vector_patch
+from tests.helpers.ckpt import (
     DTYPES,
     file_shas,
     leftovers,
@@ -38,8 +39,7 @@ from tests.ckpt_helpers import (
     tensor_shas,
     weight_files,
 )
-from tests.helpers import vector_patch
-from tests.tiny import make_model
+from tests.helpers.tiny import make_model
 
 ARCHS = ["gpt2", "llama", "gpt_neox"]
 
@@ -309,14 +309,14 @@ def test_cli_apply_log_revert(tmp_path):
 
 
 try:
-    from tests.conftest_hub import hub_env, hub_server  # noqa: F401  (fixtures)
+    from tests.helpers.hub_fixtures import hub_env, hub_server  # noqa: F401  (fixtures)
 
     HAVE_FAKE_HUB = True
 except ImportError:  # pragma: no cover
     HAVE_FAKE_HUB = False
 
 
-@pytest.mark.skipif(not HAVE_FAKE_HUB, reason="tests/hubserver.py (fake Hub) not available")
+@pytest.mark.skipif(not HAVE_FAKE_HUB, reason="tests/helpers/hubserver/ (fake Hub) not available")
 def test_apply_to_hub_checkpoint(tmp_path, hub_env):
     model, base = make_ckpt(tmp_path)
     api = hub_env.api()

@@ -15,11 +15,11 @@ from rompatch.errors import (
     CheckpointError,
 )
 from rompatch.fingerprint import tensor_sha256
-from tests.ckpt_helpers import (
+from tests.helpers import vector_patch
+from tests.helpers.ckpt import (
     read_tensor,
 )
-from tests.helpers import vector_patch
-from tests.tiny import make_model
+from tests.helpers.tiny import make_model
 
 
 def test_single_file_checkpoint_and_bare_model_keys(tmp_path):

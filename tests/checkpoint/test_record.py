@@ -13,11 +13,11 @@ from rompatch.constants import CHECKPOINT_RECORD, CHECKPOINT_UNDO
 from rompatch.errors import (
     CheckpointError,
 )
-from tests.ckpt_helpers import (
+from tests.helpers import vector_patch
+from tests.helpers.ckpt import (
     make_ckpt,
     tensor_shas,
 )
-from tests.helpers import vector_patch
 
 
 def test_stale_record_is_detected(tmp_path):

@@ -9,7 +9,7 @@ from rompatch.checkpoint.record import AppliedEntry
 from rompatch.checkpoint.rewrite import chain
 from rompatch.fingerprint import tensor_sha256
 from rompatch.patch import ParamInfo, RankOneDelta, new_patch
-from tests.ckpt_helpers import (
+from tests.helpers.ckpt import (
     DTYPES,
 )
 

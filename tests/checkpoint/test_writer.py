@@ -12,14 +12,14 @@ from pathlib import Path
 
 from rompatch.checkpoint.operations import apply_to_checkpoint, revert_checkpoint
 from rompatch.patch import save_patch
-from tests.ckpt_helpers import (
+from tests.helpers import vector_patch
+from tests.helpers.ckpt import (
     file_shas,
     leftovers,
     make_ckpt,
     tensor_shas,
     weight_files,
 )
-from tests.helpers import vector_patch
 
 REPO = Path(__file__).resolve().parents[2]
 

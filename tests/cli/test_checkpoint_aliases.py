@@ -12,9 +12,9 @@ from rompatch.checkpoint.operations import checkpoint_log
 from rompatch.cli.main import cli
 from rompatch.models import SOURCE_FILE
 from rompatch.patch import save_patch
-from tests.ckpt_helpers import file_shas, save_sharded
 from tests.helpers import vector_patch
-from tests.tiny import make_model
+from tests.helpers.ckpt import file_shas, save_sharded
+from tests.helpers.tiny import make_model
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""`rompatch push`, `pull` and `export-peft` (against the test Hub, tests/hubserver/)."""
+"""`rompatch push`, `pull` and `export-peft` (against the test Hub, tests/helpers/hubserver/)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from rompatch.cli.main import cli
 from rompatch.hub.peft import ADAPTER_CONFIG
 from rompatch.patch import save_patch
 from tests.helpers import mixed_patch
-from tests.tiny import make_model
-from tests.tiny_folder import steer_patches
+from tests.helpers.tiny import make_model
+from tests.helpers.tiny_folder import steer_patches
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from rompatch.cli.main import cli
 from rompatch.patch import save_patch
 from tests.helpers import vector_patch
-from tests.tiny import make_model
+from tests.helpers.tiny import make_model
 
 
 @pytest.fixture

@@ -1,12 +1,12 @@
-"""Fixtures of the evaluation tests: a tiny model with statistics, and the same model in a folder."""
+"""Fixtures of the evaluation tests: a tiny model with statistics, in a cache of their own."""
 
 from __future__ import annotations
 
 import pytest
 
 from rompatch.stats import get_second_moment
-from tests.tiny import make_model
-from tests.tiny_tokenizer import make_tokenizer
+from tests.helpers.tiny import make_model
+from tests.helpers.tiny_tokenizer import make_tokenizer
 
 
 @pytest.fixture(scope="package", autouse=True)
@@ -21,11 +21,3 @@ def tiny(text_file, _cache):
     model, tok = make_model("llama", init_range=0.3), make_tokenizer(bos=True)
     stats = get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=2000)
     return model, tok, stats
-
-
-@pytest.fixture(scope="package")
-def tiny_folder(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    make_model("llama", init_range=0.3).save_pretrained(d)
-    make_tokenizer(bos=True).save_pretrained(d)
-    return d

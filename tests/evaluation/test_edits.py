@@ -6,7 +6,7 @@ from rompatch.create import Editor
 from rompatch.evaluation.edits import EDIT_METRICS, edit_patch, edit_summary, measured_edit
 from rompatch.evaluation.evaluate import score_case
 from rompatch.request import EditRequest
-from tests.evaluation.cases import CF, HP, model_state
+from tests.helpers.evaluation import CF, HP, model_state
 
 
 def test_measured_edit_measures_before_and_with_the_edit_and_reverts(tiny):

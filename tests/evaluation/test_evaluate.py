@@ -12,7 +12,7 @@ from rompatch.errors import EvalError
 from rompatch.evaluation.evaluate import detect_kind, load_records, run_evaluation, summarize
 from rompatch.evaluation.fluency import Consistency
 from rompatch.evaluation.metrics import tfidf_similarity
-from tests.evaluation.cases import CF, GEN, HP, model_state
+from tests.helpers.evaluation import CF, GEN, HP, model_state
 
 
 def test_counterfact_before_after_with_fluency_and_consistency(tiny, tmp_path):

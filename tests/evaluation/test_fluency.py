@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rompatch.evaluation.fluency import GenerationSettings, generate_topk, generate_topk_ids
-from tests.evaluation.cases import GEN
+from tests.helpers.evaluation import GEN
 
 
 def test_generation_batching_is_exact_and_seeded(tiny):

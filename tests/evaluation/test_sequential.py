@@ -13,7 +13,7 @@ from rompatch.arch import get_spec
 from rompatch.evaluation.sequential import checkpoint_schedule, run_sequential, update_diagnostics
 from rompatch.patch import load_patch
 from rompatch.stats import SecondMoment, key_weights_sha
-from tests.evaluation.cases import CF, GEN, HP, ZSRE_PREPARED, model_state
+from tests.helpers.evaluation import CF, GEN, HP, ZSRE_PREPARED, model_state
 
 
 def test_sequential_editing_with_resume(tiny, tmp_path, monkeypatch):

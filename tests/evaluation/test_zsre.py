@@ -11,8 +11,8 @@ from rompatch.errors import EvalError
 from rompatch.evaluation.evaluate import load_records, run_evaluation
 from rompatch.evaluation.zsre import teacher_forced_correct, zsre_request
 from rompatch.tokens import target_ids
-from tests.evaluation.cases import HP, ZSRE
-from tests.tiny_tokenizer import make_tokenizer
+from tests.helpers.evaluation import HP, ZSRE
+from tests.helpers.tiny_tokenizer import make_tokenizer
 
 
 class _Successor(torch.nn.Module):

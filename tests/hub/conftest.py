@@ -1,16 +1,16 @@
 """Fixtures of the Hub tests: ``tiny`` (a tiny model folder and three saved steering patches) and
 ``no_backoff`` (huggingface_hub's retries without their sleeps).
 
-The test Hub (tests/hubserver/) is a local HTTP server that the real huggingface_hub client talks to
-through HF_ENDPOINT; ``hub_env`` (tests/conftest_hub.py, registered by tests/conftest.py) points the
+The test Hub (tests/helpers/hubserver/) is a local HTTP server that the real huggingface_hub client talks to
+through HF_ENDPOINT; ``hub_env`` (tests/helpers/hub_fixtures.py, registered by tests/conftest.py) points the
 client at it with a fresh cache and HF_TOKEN set to alice's token."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.hub.helpers import NoSleep
-from tests.tiny_folder import steer_patches
+from tests.helpers.hub import NoSleep
+from tests.helpers.tiny_folder import steer_patches
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from rompatch.cli.main import cli
 from rompatch.errors import HubError
 from rompatch.hub.push import push_patch
-from tests.hub.helpers import one_line_error
-from tests.hubserver import list_files
+from tests.helpers.hub import one_line_error
+from tests.helpers.hubserver import list_files
 
 
 def test_push_to_existing_repo_keeps_files_and_owner_text(hub_env, tiny):

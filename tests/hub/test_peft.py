@@ -21,7 +21,7 @@ from rompatch.errors import ExportError, LineageError
 from rompatch.hub.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft, peft_adapter
 from rompatch.patch import Patch
 from tests.helpers import mixed_patch, vector_patch
-from tests.tiny import make_model
+from tests.helpers.tiny import make_model
 
 peft = pytest.importorskip("peft")
 TOL = 1e-5

@@ -13,9 +13,9 @@ from rompatch.hub.pull import pull_patch, resolve_hub_patch
 from rompatch.hub.push import push_patch
 from rompatch.loading import load_patched
 from rompatch.patch import Patch, load_patch
-from tests.hub.helpers import cache_leftovers, one_line_error, plain_safetensors
-from tests.hubserver import list_files
-from tests.tiny_folder import PROMPT_A, PROMPT_B, top1
+from tests.helpers.hub import cache_leftovers, one_line_error, plain_safetensors
+from tests.helpers.hubserver import list_files
+from tests.helpers.tiny_folder import PROMPT_A, PROMPT_B, top1
 
 
 def test_offline_from_cache(hub_env, tiny):

@@ -9,9 +9,9 @@ from rompatch.errors import HubError
 from rompatch.hub.pull import pull_patch
 from rompatch.hub.push import push_patch
 from rompatch.loading import load_patched
-from tests.hub.helpers import cache_leftovers, fresh_cache, one_line_error
-from tests.hubserver import list_files
-from tests.tiny_folder import PROMPT_A, PROMPT_B, top1
+from tests.helpers.hub import cache_leftovers, fresh_cache, one_line_error
+from tests.helpers.hubserver import list_files
+from tests.helpers.tiny_folder import PROMPT_A, PROMPT_B, top1
 
 
 def test_push_two_pull_fresh_cache_load_patched(hub_env, tiny):

@@ -14,8 +14,8 @@ from rompatch.hub.pull import pull_patch
 from rompatch.hub.push import push_patch
 from rompatch.hub.transfer import HubRef, hub_unavailable, parse_ref
 from rompatch.patch import load_patch
-from tests.hub.helpers import cache_leftovers, one_line_error
-from tests.hubserver import list_files
+from tests.helpers.hub import cache_leftovers, one_line_error
+from tests.helpers.hubserver import list_files
 
 
 def _closed_port() -> int:

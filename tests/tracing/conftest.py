@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.tiny_tokenizer import make_tokenizer
+from tests.helpers.tiny_tokenizer import make_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from rompatch.errors import TraceError
 from rompatch.tracing.known_facts import _category_rows, load_known, trace_known
 from rompatch.tracing.trace import CATEGORIES, trace_fact
-from tests.tracing.helpers import known_records, tiny
+from tests.helpers.tracing import known_records, tiny
 
 
 def test_category_rows():

@@ -12,7 +12,7 @@ from rompatch.errors import MissingDependencyError, require_matplotlib
 from rompatch.tracing.known_facts import save_average, trace_known
 from rompatch.tracing.plotting import plot_average, plot_layer_curves, plot_trace_all, save_with_figures
 from rompatch.tracing.trace import CATEGORIES, trace_fact
-from tests.tracing.helpers import PROMPT, SUBJECT, known_records, tiny
+from tests.helpers.tracing import PROMPT, SUBJECT, known_records, tiny
 
 
 def test_plots_written(tok, tmp_path):

@@ -25,8 +25,8 @@ from rompatch.tracing.trace import (
     wikitext_sample,
 )
 from tests.helpers import needs_cuda
-from tests.tiny import ARCHS
-from tests.tracing.helpers import PROMPT, SUBJECT, tiny
+from tests.helpers.tiny import ARCHS
+from tests.helpers.tracing import PROMPT, SUBJECT, tiny
 
 
 def _text(tok, text, ids, span):

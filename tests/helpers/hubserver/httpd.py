@@ -6,10 +6,10 @@ import socket
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from tests.hubserver.responses import HubError, Response, header_safe, json_response
+from tests.helpers.hubserver.responses import HubError, Response, header_safe, json_response
 
 if TYPE_CHECKING:
-    from tests.hubserver.server import HubServer
+    from tests.helpers.hubserver.server import HubServer
 
 
 class HTTPServer(ThreadingHTTPServer):

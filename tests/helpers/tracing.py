@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from rompatch.tracing.known_facts import predicts_attribute
-from tests.tiny import make_model
+from tests.helpers.tiny import make_model
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "The Eiffel Tower"

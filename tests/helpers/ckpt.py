@@ -14,7 +14,7 @@ from rompatch.constants import SAFE_INDEX, SAFE_WEIGHTS
 from rompatch.fingerprint import tensor_sha256
 from rompatch.patch import RankOneDelta, new_patch
 from rompatch.request import EditRequest
-from tests.tiny import make_model
+from tests.helpers.tiny import make_model
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

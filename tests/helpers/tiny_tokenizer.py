@@ -1,6 +1,6 @@
 """A real byte-level BPE tokenizer for the tiny test models, built in code (no download).
 
-Trained with ``tokenizers`` on a small built-in corpus to exactly ``tests.tiny.VOCAB`` ids, so its
+Trained with ``tokenizers`` on a small built-in corpus to exactly ``tests.helpers.tiny.VOCAB`` ids, so its
 ids fit the tiny models' embedding. Special tokens take ids 0, 1, 2 (``<pad>``, ``<s>``, ``</s>``),
 matching the tiny llama-style configs. ``bos=True`` prepends ``<s>`` like Llama/Gemma tokenizers;
 ``padding_side="left"`` pads like Gemma's.
@@ -13,7 +13,7 @@ from functools import cache
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from tests.tiny import VOCAB
+from tests.helpers.tiny import VOCAB
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
 

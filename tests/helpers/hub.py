@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.hubserver import list_files
+from tests.helpers.hubserver import list_files
 
 
 class NoSleep:

@@ -8,13 +8,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from tests.hubserver.api import ApiMixin
-from tests.hubserver.commits import CommitsMixin
-from tests.hubserver.faults import FaultsMixin, Injection
-from tests.hubserver.httpd import Handler, HTTPServer
-from tests.hubserver.resolve import ResolveMixin
-from tests.hubserver.responses import HubError, Response
-from tests.hubserver.store import Repo, StoreMixin
+from tests.helpers.hubserver.api import ApiMixin
+from tests.helpers.hubserver.commits import CommitsMixin
+from tests.helpers.hubserver.faults import FaultsMixin, Injection
+from tests.helpers.hubserver.httpd import Handler, HTTPServer
+from tests.helpers.hubserver.resolve import ResolveMixin
+from tests.helpers.hubserver.responses import HubError, Response
+from tests.helpers.hubserver.store import Repo, StoreMixin
 
 
 @dataclass(frozen=True)

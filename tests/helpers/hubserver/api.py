@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
-from tests.hubserver.responses import HubError, Response, json_response, load_json
-from tests.hubserver.store import NAME_RE, TYPE_FROM_PLURAL, URL_PREFIX, git_blob_sha1
+from tests.helpers.hubserver.responses import HubError, Response, json_response, load_json
+from tests.helpers.hubserver.store import NAME_RE, TYPE_FROM_PLURAL, URL_PREFIX, git_blob_sha1
 
 
 class ApiMixin:

@@ -6,8 +6,8 @@ import base64
 import json
 from typing import Any
 
-from tests.hubserver.responses import HubError, Response, json_response
-from tests.hubserver.store import HEX40_RE, Repo, git_blob_sha1, normalize_path
+from tests.helpers.hubserver.responses import HubError, Response, json_response
+from tests.helpers.hubserver.store import HEX40_RE, Repo, git_blob_sha1, normalize_path
 
 
 class CommitsMixin:

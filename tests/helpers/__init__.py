@@ -11,8 +11,8 @@ from rompatch.models import model_identity
 from rompatch.patch import ParamInfo, Patch, RankOneDelta, new_patch
 from rompatch.request import EditRequest
 from rompatch.rome import ROMEHyperParams
-from tests.tiny import make_model
-from tests.tiny_tokenizer import make_tokenizer
+from tests.helpers.tiny import make_model
+from tests.helpers.tiny_tokenizer import make_tokenizer
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

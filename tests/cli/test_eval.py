@@ -8,7 +8,22 @@ import pytest
 from click.testing import CliRunner
 
 from rompatch.cli.main import cli
-from tests.evaluation.cases import CF, ZSRE
+from tests.helpers.evaluation import CF, ZSRE
+from tests.helpers.tiny import make_model
+from tests.helpers.tiny_tokenizer import make_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROMPATCH_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama", init_range=0.3).save_pretrained(d)
+    make_tokenizer(bos=True).save_pretrained(d)
+    return d
 
 
 def _cli(*args):

@@ -16,7 +16,7 @@ from rompatch.models import load_model, model_identity
 from rompatch.patch import ParamInfo, Patch, RankOneDelta, new_patch, save_patch
 from rompatch.predict import top_next_tokens
 from rompatch.request import EditRequest
-from tests.tiny import VOCAB, make_model
+from tests.helpers.tiny import VOCAB, make_model
 
 WORDS = (
     "the of and a in is to was for on as with by at from his her it that city capital language works "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from tests.hubserver.responses import HubError
+from tests.helpers.hubserver.responses import HubError
 
 
 @dataclass

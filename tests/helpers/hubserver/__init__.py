@@ -1,7 +1,7 @@
 """An in-memory, Hugging Face Hub-compatible HTTP server for tests.
 
 The real ``huggingface_hub`` client (2.4.0) talks to it through ``HF_ENDPOINT`` (see
-``tests/conftest_hub.py`` for what has to be patched besides the environment variable).
+``tests/helpers/hub_fixtures.py`` for what has to be patched besides the environment variable).
 Standard library only.
 
 What it serves, modelled on what the 2.4.0 client sends and parses:
@@ -54,7 +54,7 @@ branches), ``resolve.py`` (downloads), ``faults.py`` (failure injection), ``resp
 JSON), ``httpd.py`` (the threading HTTP server and handler).
 """
 
-from tests.hubserver.server import HubServer, RequestRecord
-from tests.hubserver.store import git_blob_sha1, list_files
+from tests.helpers.hubserver.server import HubServer, RequestRecord
+from tests.helpers.hubserver.store import git_blob_sha1, list_files
 
 __all__ = ["HubServer", "RequestRecord", "git_blob_sha1", "list_files"]

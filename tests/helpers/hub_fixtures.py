@@ -1,10 +1,10 @@
-"""Pytest plugin: a fake Hugging Face Hub (``tests/hubserver/``) and an environment pointing at it.
+"""Pytest plugin: a fake Hugging Face Hub (``tests/helpers/hubserver/``) and an environment pointing at it.
 
-Register it from ``tests/conftest.py`` with ``pytest_plugins = ["tests.conftest_hub"]``.
+Register it from ``tests/conftest.py`` with ``pytest_plugins = ["tests.helpers.hub_fixtures"]``.
 
 Fixtures:
 
-* ``hub_server``: a started :class:`~tests.hubserver.HubServer` on ``127.0.0.1`` (free port), with the
+* ``hub_server``: a started :class:`~tests.helpers.hubserver.HubServer` on ``127.0.0.1`` (free port), with the
   users of :data:`HUB_TOKENS`; stopped at teardown.
 * ``hub_env``: ``hub_server`` plus an isolated ``huggingface_hub`` configuration (endpoint, token, caches
   in ``tmp_path``, telemetry and progress bars off); yields a :class:`HubEnv`.
@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.hubserver import HubServer
+from tests.helpers.hubserver import HubServer
 
 # token -> username. Tokens look like real ones so that leak checks are meaningful.
 HUB_TOKENS = {

@@ -1,6 +1,6 @@
 """Runs the Python examples of one documentation page, for ``tests/test_docs.py``.
 
-Started once per page (``python tests/docs_python.py``) in the page's working folder. It reads one
+Started once per page (``python tests/helpers/docs_python.py``) in the page's working folder. It reads one
 JSON request per line on stdin, ``{"code", "filename", "line"}``, executes the code in a namespace
 shared by every block of the page (like a notebook, or one script pasted block by block), and answers
 with one JSON line, ``{"ok", "output", "error"}``: what the block printed, and the traceback if it

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from rompatch.cli.main import cli
-from tests.tiny_tokenizer import make_tokenizer
-from tests.tracing.helpers import PROMPT, SUBJECT, known_records, tiny
+from tests.helpers.tiny_tokenizer import make_tokenizer
+from tests.helpers.tracing import PROMPT, SUBJECT, known_records, tiny
 
 
 @pytest.fixture(scope="module")

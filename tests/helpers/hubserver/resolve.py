@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from tests.hubserver.responses import HubError, Response
-from tests.hubserver.store import TYPE_FROM_PLURAL, git_blob_sha1
+from tests.helpers.hubserver.responses import HubError, Response
+from tests.helpers.hubserver.store import TYPE_FROM_PLURAL, git_blob_sha1
 
 RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
 
