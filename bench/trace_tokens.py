@@ -3,8 +3,8 @@ of its own copy. Does the known-facts average trace move?
 
 Run once per code version, on the same facts, seed and settings:
 
-    PYTHONPATH=<main's checkout> python bench/bench_trace_tokens.py --label before
-    PYTHONPATH=.                 python bench/bench_trace_tokens.py --label after [--seed 1 --label after-seed1]
+    PYTHONPATH=<main's checkout> python bench/trace_tokens.py --label before
+    PYTHONPATH=.                 python bench/trace_tokens.py --label after [--seed 1 --label after-seed1]
 
 Each run adds its entry to ``bench/results/trace_tokens.json``; the comparison (facts whose target
 ids or subject range changed, peak AIE per kind at the last subject token, largest difference of
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results" / "trace_tokens.json"
-KNOWN = Path(os.environ.get("ROMPATCH_DATA", "/work/shared/data")) / "known_1000.json"
+KNOWN = Path(os.environ.get("ROMPATCH_DATA", "ROMPATCH_DATA-is-not-set")) / "known_1000.json"
 LAST_SUBJECT = 2  # index of "last subject token" in CATEGORIES
 
 
