@@ -61,8 +61,15 @@ def folder_shas(folder: Path) -> dict[str, str]:
 def fingerprint(records: int, model_path: str) -> dict:
     """Edit the first ``records`` CounterFact records and apply/revert five of them on a checkpoint;
     the sha256s and metrics (see the module docstring)."""
+    import torch
+
     data = Path(os.environ["ROMPATCH_DATA"])
     saved_cache = os.environ.get("ROMPATCH_CACHE")
+    # Float sums in matrix products depend on how many threads split them: both versions run on one
+    # thread (the 'before' fingerprint was made with OMP_NUM_THREADS=1), or equal code differs in the
+    # last bits of v (seen: 19 of 50 v differ between 1 and 2 threads, with u and metrics equal).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="rompatch-restructure-"))
     os.environ["ROMPATCH_CACHE"] = str(work / "cache")
 
@@ -111,6 +118,7 @@ def fingerprint(records: int, model_path: str) -> dict:
     out["checkpoint_applied"] = folder_shas(applied)
     out["checkpoint_reverted"] = folder_shas(reverted)
     out["seconds"] = round(time.time() - t0, 1)
+    torch.set_num_threads(threads)
     if saved_cache is None:
         os.environ.pop("ROMPATCH_CACHE", None)
     else:
@@ -233,7 +241,7 @@ def run() -> dict:
     ]
     setup = (
         f"SmolLM2-135M, layer 4, WikiText-2 statistics (100,000 tokens), the first {n} shared CounterFact "
-        "records, each edited on the unedited model in a fresh cache; then the first five patches applied to "
+        "records, each edited on the unedited model in a fresh cache, on one torch thread (as the 'before' run); then the first five patches applied to "
         "the model's checkpoint folder and the third reverted. 'Before' was computed by the code at e35da83 "
         "(bench/results/restructure_before.json)."
     )
