@@ -37,24 +37,65 @@ def tensor_sha(t) -> str:  # noqa: ANN001
     return sha(t.detach().contiguous().cpu().numpy().tobytes())
 
 
-def _untimed(x):  # noqa: ANN001, ANN202
-    if isinstance(x, dict):
-        return {k: _untimed(v) for k, v in x.items() if k != "applied_at"}
-    if isinstance(x, list):
-        return [_untimed(v) for v in x]
-    return x
+# Hyperparameter names issue 13 retired (recorded in every delta before, never read): a checkpoint
+# record embeds each patch, so its patch ids and hparams differ by exactly these names.
+RETIRED_HPARAMS = ("key", "value", "target_spacing", "fact_token")
+VOLATILE = ("applied_at", "created_at", "source", "timings")  # wall-clock times, temp paths
+
+
+def _record(rec: dict) -> dict:
+    """A checkpoint's rompatch.json without wall-clock times and temp paths, patches by position
+    instead of id, and each embedded delta without the retired hyperparameter names."""
+    order = {e["patch_id"]: f"#{i}" for i, e in enumerate(rec.get("applied", []))}
+
+    def clean(x, hparams=False):  # noqa: ANN001, ANN202
+        if isinstance(x, dict):
+            drop = VOLATILE + (RETIRED_HPARAMS if hparams else ())
+            return {k: clean(v, k == "hparams") for k, v in x.items() if k not in drop}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        if isinstance(x, str) and x in order:
+            return order[x]
+        return x
+
+    out = clean(rec)
+    for e in out.get("applied", []):
+        patch = e.pop("patch", {})
+        e["deltas"] = clean(json.loads(patch.get("deltas", "[]")))
+        e["lineage"] = clean(json.loads(patch.get("lineage", "[]")))
+    return out
+
+
+def _undo(path: Path, rec: dict) -> dict[str, str]:
+    """sha256 of each tensor of rompatch-undo.st, named by the patch's position instead of its id."""
+    from safetensors import safe_open
+
+    order = {e["patch_id"]: f"#{i}" for i, e in enumerate(rec.get("applied", []))}
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            name = k
+            for pid, pos in order.items():
+                name = name.replace(pid, pos)
+            out[name] = tensor_sha(f.get_tensor(k))
+    return out
 
 
 def folder_shas(folder: Path) -> dict[str, str]:
-    """sha256 of each file; rompatch.json with its wall-clock ``applied_at`` stamps left out."""
+    """sha256 of each file; the record (rompatch.json) and the undo file compared as ``_record`` and
+    ``_undo`` describe (times, paths, patch ids and the retired hyperparameter names left out)."""
+    rec = json.loads((folder / "rompatch.json").read_text())
     out = {}
     for p in sorted(folder.rglob("*")):
         if not p.is_file():
             continue
-        data = p.read_bytes()
+        rel = str(p.relative_to(folder))
         if p.name == "rompatch.json":
-            data = json.dumps(_untimed(json.loads(data)), sort_keys=True).encode()
-        out[str(p.relative_to(folder))] = sha(data)
+            out[rel] = sha(json.dumps(_record(rec), sort_keys=True).encode())
+        elif p.name == "rompatch-undo.st":
+            out[rel] = sha(json.dumps(_undo(p, rec), sort_keys=True).encode())
+        else:
+            out[rel] = sha(p.read_bytes())
     return out
 
 
@@ -236,7 +277,7 @@ def run() -> dict:
             "value": f"{len(c['different_files']['checkpoint_applied'])}, {len(c['different_files']['checkpoint_reverted'])}",
             "unit": "files",
             "target": "0, 0",
-            "note": "sha256 of every file; rompatch.json without its applied_at times",
+            "note": "sha256 of every file; the record and undo file without times, temp paths, patch ids and the retired hyperparameter names",
         },
     ]
     setup = (
