@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -250,8 +251,10 @@ def _tracing_section() -> str:
 
 
 def _cell(v: object) -> str:
-    if isinstance(v, str) and " pairs of places" in v:
-        return v.split(" pairs of places")[0]
+    if isinstance(v, str) and " pairs of places" in v:  # "N pairs of places (...) (S by shape alone, ...)"
+        total = int(v.split(" pairs of places")[0])
+        shape = int(re.search(r"\((\d+) by shape alone", v).group(1)) if "by shape alone" in v else 0
+        return f"{total}: {total - shape} identical, {shape} alike in shape only"
     if isinstance(v, list):
         return f"{len(v)}" + (
             f" ({', '.join(' ↔ '.join(x) if isinstance(x, list) else str(x) for x in v)})" if v else ""
