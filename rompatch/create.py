@@ -13,6 +13,7 @@ unchanged.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -99,6 +100,8 @@ class Editor:
                 notify=notify,
             )
         self.stats = stats
+        # what each delta records of its statistics (hashing C once, not once per edit)
+        self._stats_record = stats.record() if stats is not None else {"mom2_adjustment": False}
         self._templates: list[str] | None = None
         self._spectral = TensorMemo(4)  # ‖W‖₂ per version of the edited matrix
 
@@ -158,7 +161,7 @@ class Editor:
             request=req,
             kind="rome",
             hparams=res.hparams,
-            stats=self.stats.record() if self.stats is not None else {"mom2_adjustment": False},
+            stats=copy.deepcopy(self._stats_record),
         )
         tmp = self.wrap([d], self._inherited())
         apply_patch(model, tmp)

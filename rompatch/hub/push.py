@@ -23,9 +23,7 @@ def _upload(item: Any, name: str | None) -> Upload:
 
 
 def _prepare(patches: PatchesLike, filenames: Sequence[str] | None) -> list[Upload]:
-    items = flatten_patches(patches)
-    if not items:
-        raise HubError("nothing to push; pass at least one patch")
+    items = flatten_patches(patches)  # none at all: commit_patches says "nothing to push"
     if filenames is not None and len(filenames) != len(items):
         raise HubError(f"{len(filenames)} file names for {len(items)} patches; pass one name per patch")
     return [_upload(item, filenames[i] if filenames is not None else None) for i, item in enumerate(items)]
