@@ -81,6 +81,8 @@ _EXPORTS = {
     "checkpoint_log": "checkpoint.operations",
     "open_checkpoint": "checkpoint.reader",
     "stack_patches": "stack",
+    "merge_patches": "merge",
+    "MergeError": "errors",
     "diff": "checkpoint.diff",
     "extract_patch": "checkpoint.extract",
     "CheckpointError": "errors",

@@ -6,7 +6,10 @@ import os
 from pathlib import Path
 
 FORMAT_NAME = "rompatch"
-FORMAT_VERSION = "1.1"  # major.minor; a newer major is refused by load_patch; 1.1 added per-delta timings
+# Metadata key of a merged patch (rompatch.merge): its inputs and each matrix's condition number.
+MERGED_FROM = "merged_from"
+FORMAT_VERSION = "1.2"  # major.minor; a newer major is refused by load_patch; 1.1 added per-delta timings,
+# 1.2 optional per-delta keys (deltas.{i}.k)
 
 ENV_CACHE = "ROMPATCH_CACHE"
 ENV_DATA = "ROMPATCH_DATA"

@@ -5,10 +5,17 @@ layer once (``EditTarget``), gets the statistics once, generates the context tem
 owns what edits of the same matrix reuse (‖W‖₂; the statistics keep their own LU factors). Nothing
 is kept at module level.
 
-``create_patch`` computes edits on the model as given and returns one ``Patch``;
-``create_patches`` computes each edit on the model with the previous ones applied and returns the
-chain, one patch per edit, each listing its predecessors in ``lineage``. Both leave the model
-unchanged.
+Three ways to make many edits, all leaving the model unchanged:
+
+- ``Editor.patch`` / ``create_patch``: each edit on the model as given (independent), one patch;
+- ``Editor.chain`` / ``create_patches``: each edit on the model with the previous ones applied
+  (sequential), one patch per edit, each listing its predecessors in ``lineage``;
+- ``Editor.batch`` / ``create_patch(mode="batch")``: every edit's target computed as if alone (their
+  δ optimised in shared passes), then one joint solve (``rompatch.merge.joint_solve``) so that each
+  key maps exactly to its own target: the merge of the independent edits, made directly.
+
+``on=`` patches are applied first and recorded in ``lineage``. With ``hparams.protect`` each edit
+leaves the keys of the patches already applied (and C's principal directions) unchanged.
 """
 
 from __future__ import annotations
@@ -20,17 +27,20 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
-from .apply import applied_patches, apply_patch, revert_patch
+from .apply import applied_patches, apply_patch, patched, revert_patch
 from .arch import EditTarget, ModelSpec
 from .context import context_templates
-from .errors import RequestError
+from .errors import MergeError, RequestError
 from .fingerprint import TensorMemo
+from .merge import DEFAULT_MAX_CONDITION, joint_solve
 from .models import applied_on_disk, model_identity
 from .patch import ParamInfo, Patch, RankOneDelta, new_patch
+from .refs import PatchesLike
 from .request import EditRequest
-from .rome import ROMEHyperParams, compute_delta, validate_request
+from .rome import EditResult, ROMEHyperParams, compute_deltas, validate_request
 from .scoring import target_logprobs
 from .stats import SecondMoment, get_second_moment
 
@@ -137,22 +147,55 @@ class Editor:
             lineage=lineage,
         )
 
-    def edit(self, req: EditRequest, *, progress: Callable[[int, float], None] | None = None) -> RankOneDelta:
-        """One request → one RankOneDelta with hyperparameters, statistics identity and creation
-        metrics (P(new), P(true) before and after, measured with the delta applied and reverted)."""
-        model, tok = self.model, self.tok
-        res = compute_delta(
-            model,
-            tok,
-            req,
+    def protected_keys(self) -> torch.Tensor | None:
+        """With ``hparams.protect``: the key directions edits must leave unchanged, (m, in) float64 —
+        the keys of the patches applied to the model in memory (at the edited matrix), then the
+        ``protect_principal`` top eigenvectors of C. None without protection."""
+        hp = self.hparams
+        if not hp.protect:
+            return None
+        rows = []
+        for p in applied_patches(self.model):
+            for i, d in enumerate(p.deltas):
+                if d.parameter != self.target.parameter:
+                    continue
+                if d.key is None:
+                    raise MergeError(
+                        f"applied patch {p.short_id} delta {i} has no key (an older format or an extracted delta); "
+                        "protection needs the keys of the patches it protects: re-create that patch, or edit without protect"
+                    )
+                rows.append(d.key.double())
+        if applied_on_disk(self.model):
+            log.warning(
+                "patches baked into this checkpoint (%s) are not protected: their keys are not loaded; "
+                "apply them in memory (create --on) to protect them",
+                ", ".join(x[:12] for x in applied_on_disk(self.model)),
+            )
+        if hp.protect_principal:
+            if self.stats is None:
+                raise RequestError(
+                    "protect_principal needs second-moment statistics; set it to 0 without mom2"
+                )
+            rows += list(self.stats.principal_directions(hp.protect_principal))
+        return torch.stack(rows) if rows else None
+
+    def _results(
+        self, reqs: Sequence[EditRequest], progress: Callable[[int, float], None] | None = None
+    ) -> list[EditResult]:
+        return compute_deltas(
+            self.model,
+            self.tok,
+            reqs,
             stats=self.stats,
             hparams=self.hparams,
             templates=self.templates,
             target=self.target,
             spectral_memo=self._spectral,
             progress=progress,
+            protect=self.protected_keys(),
         )
-        before = _probe(model, tok, req)
+
+    def _delta(self, req: EditRequest, res: EditResult) -> RankOneDelta:
         d = RankOneDelta(
             u=res.u,
             v=res.v,
@@ -162,23 +205,62 @@ class Editor:
             kind="rome",
             hparams=res.hparams,
             stats=copy.deepcopy(self._stats_record),
+            key=res.key,
         )
-        tmp = self.wrap([d], self._inherited())
-        apply_patch(model, tmp)
-        try:
-            after = _probe(model, tok, req)
-        finally:
-            revert_patch(model, tmp)
         metrics = dict(res.metrics)
         d.timings = {"edit_seconds": metrics.pop("seconds")}
         if self.stats is not None and self.stats.identity.get("seconds") is not None:
             d.timings["stats_seconds"] = self.stats.identity["seconds"]
-        d.metrics = {
-            **metrics,
-            **{f"{k}_before": round(v, 6) for k, v in before.items()},
-            **{f"{k}_after": round(v, 6) for k, v in after.items()},
-        }
+        d.metrics = metrics
         return d
+
+    def _measured(self, reqs: Sequence[EditRequest], deltas: list[RankOneDelta]) -> None:
+        """Add P(new), P(true) before and after (with all ``deltas`` applied, then reverted) to each delta."""
+        before = [_probe(self.model, self.tok, r) for r in reqs]
+        tmp = self.wrap(deltas, self._inherited())
+        with patched(self.model, tmp):
+            after = [_probe(self.model, self.tok, r) for r in reqs]
+        for d, b, a in zip(deltas, before, after):
+            d.metrics.update({f"{k}_before": round(v, 6) for k, v in b.items()})
+            d.metrics.update({f"{k}_after": round(v, 6) for k, v in a.items()})
+
+    def edit(self, req: EditRequest, *, progress: Callable[[int, float], None] | None = None) -> RankOneDelta:
+        """One request → one RankOneDelta with its key, hyperparameters, statistics identity and
+        creation metrics (P(new), P(true) before and after, measured with the delta applied and reverted)."""
+        d = self._delta(req, self._results([req], progress)[0])
+        self._measured([req], [d])
+        return d
+
+    def batch(
+        self, requests: Requests, *, chunk: int = 32, max_condition: float | None = DEFAULT_MAX_CONDITION
+    ) -> Patch:
+        """All edits in one joint solve at the edited matrix: each target computed as if alone (the δ
+        of ``chunk`` edits optimised together in shared passes), then ΔW = R (UᵀK)⁻¹ Uᵀ so that every
+        key maps exactly to its own target (``rompatch.merge``). One patch; its deltas carry
+        ``hparams["solve"] = "joint"`` and the system's condition number in ``metrics``."""
+        reqs = _request_list(self.tok, requests)
+        inherited = self._inherited()
+        deltas: list[RankOneDelta] = []
+        bar = tqdm(total=len(reqs), desc="batch", unit="edit", disable=not self.progress, leave=False)
+        try:
+            for i in range(0, len(reqs), chunk):
+                part = reqs[i : i + chunk]
+                deltas += [self._delta(r, res) for r, res in zip(part, self._results(part))]
+                bar.update(len(part))
+        finally:
+            bar.close()
+        solved = joint_solve(
+            torch.stack([d.u for d in deltas]),
+            torch.stack([d.key for d in deltas]),  # type: ignore[misc]
+            torch.stack([d.v * float(d.u @ d.key) for d in deltas]),  # type: ignore[operator]
+            max_condition=max_condition,
+        )
+        for d, v in zip(deltas, solved.values):
+            d.v = v
+            d.hparams = {**d.hparams, "solve": "joint", "batch_size": len(reqs), "batch_chunk": chunk}
+            d.metrics.update(joint_condition=round(solved.condition, 4), v_norm=round(float(v.norm()), 4))
+        self._measured(reqs, deltas)
+        return self.wrap(deltas, inherited)
 
     def _deltas(self, reqs: list[EditRequest], *, then: Callable[[RankOneDelta], None]) -> None:
         """Edit each request in turn (with progress bars), handing each delta to ``then``."""
@@ -256,26 +338,31 @@ def create_patch(
     stats_tokens: int | None = None,
     progress: bool = False,
     on_edit: Callable[[int, RankOneDelta], None] | None = None,
+    on: PatchesLike = (),
+    batch: bool = False,
 ) -> Patch:
     """Compute ROME edits, each on the model as given, and return them as one patch.
 
-    Bad requests (prompt without '{}', subject absent from the prompt's tokens, empty target,
-    layer out of range) are rejected before any heavy work. The model is unchanged afterwards.
-    For edits on top of each other, see ``create_patches``; for many calls on one model, an
-    ``Editor`` resolves and loads everything once.
+    ``on``: patches applied first (in memory, reverted afterwards); the edits are computed on top
+    of them and list them in ``lineage``. ``batch``: one joint solve (``Editor.batch``) instead of
+    independent edits. Bad requests (prompt without '{}', subject absent from the prompt's tokens,
+    empty target, layer out of range) are rejected before any heavy work. The model is unchanged
+    afterwards. For edits on top of each other, see ``create_patches``; for many calls on one
+    model, an ``Editor`` resolves and loads everything once.
     """
     reqs = _request_list(tok, requests)
-    editor = Editor(
-        model,
-        tok,
-        spec=spec,
-        hparams=hparams,
-        stats=stats,
-        stats_data=stats_data,
-        stats_tokens=stats_tokens,
-        progress=progress,
-    )
-    return editor.patch(reqs, on_edit=on_edit)
+    with patched(model, on):
+        editor = Editor(
+            model,
+            tok,
+            spec=spec,
+            hparams=hparams,
+            stats=stats,
+            stats_data=stats_data,
+            stats_tokens=stats_tokens,
+            progress=progress,
+        )
+        return editor.batch(reqs) if batch else editor.patch(reqs, on_edit=on_edit)
 
 
 # create_patches takes create_patch's keywords, spelled out again so each documents itself.
@@ -291,19 +378,21 @@ def create_patches(
     stats_tokens: int | None = None,
     progress: bool = False,
     on_edit: Callable[[int, RankOneDelta], None] | None = None,
+    on: PatchesLike = (),
 ) -> list[Patch]:
     """Compute ROME edits one after another, each on the model with the previous ones applied;
-    returns the chain (one patch per edit, each listing its predecessors in ``lineage``). The
-    model is unchanged afterwards."""
+    returns the chain (one patch per edit, each listing its predecessors in ``lineage``). ``on``:
+    patches applied first, as for ``create_patch``. The model is unchanged afterwards."""
     reqs = _request_list(tok, requests)
-    editor = Editor(
-        model,
-        tok,
-        spec=spec,
-        hparams=hparams,
-        stats=stats,
-        stats_data=stats_data,
-        stats_tokens=stats_tokens,
-        progress=progress,
-    )
-    return editor.chain(reqs, on_edit=on_edit)
+    with patched(model, on):
+        editor = Editor(
+            model,
+            tok,
+            spec=spec,
+            hparams=hparams,
+            stats=stats,
+            stats_data=stats_data,
+            stats_tokens=stats_tokens,
+            progress=progress,
+        )
+        return editor.chain(reqs, on_edit=on_edit)

@@ -147,3 +147,8 @@ class HubConnectionError(HubError):
 
 class EvalError(RompatchError, ValueError):
     """An evaluation input (data file, kind) or its output folder is unusable."""
+
+
+class MergeError(RompatchError, ValueError):
+    """Deltas cannot be re-solved jointly: a key is missing, the system is ill-conditioned, or an
+    edit's target cannot be known (it was computed on top of a patch the merge lacks)."""

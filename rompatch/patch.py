@@ -22,7 +22,7 @@ from safetensors.torch import save
 
 from ._version import __version__
 from .atomic import atomic_write
-from .constants import FORMAT_NAME, FORMAT_VERSION
+from .constants import FORMAT_NAME, FORMAT_VERSION, MERGED_FROM
 from .errors import PatchFormatError, PatchVersionError
 from .fingerprint import dtype_name, tensor_sha256
 from .hub.mixin import HubMixin
@@ -88,10 +88,15 @@ class RankOneDelta:
     metrics: dict[str, Any] = field(default_factory=dict)
     # Wall-clock seconds ("edit_seconds", "stats_seconds"): kept in the file, outside the content hash.
     timings: dict[str, float] = field(default_factory=dict)
+    # k (in,): the key this delta's target value holds at (format 1.2); None for older files and
+    # extracted deltas. Merging and protection need it (see rompatch.merge).
+    key: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.u = self.u.detach().to("cpu", torch.float32).contiguous().reshape(-1)
         self.v = self.v.detach().to("cpu", torch.float32).contiguous().reshape(-1)
+        if self.key is not None:
+            self.key = self.key.detach().to("cpu", torch.float32).contiguous().reshape(-1)
 
     def matrix(self, layout: str = "linear") -> torch.Tensor:
         """The dense update in the stored weight's orientation, float32."""
@@ -118,6 +123,8 @@ class RankOneDelta:
             "stats": self.stats,
             "metrics": self.metrics,
         }
+        if self.key is not None:
+            out["key"] = True
         if self.timings and not hashed:
             out["timings"] = self.timings
         return out
@@ -150,10 +157,23 @@ class Patch(HubMixin):
         return [d.request for d in self.deltas]
 
     def nbytes(self) -> int:
-        return sum(4 * (d.u.numel() + d.v.numel()) for d in self.deltas)
+        return sum(
+            4 * (d.u.numel() + d.v.numel() + (0 if d.key is None else d.key.numel())) for d in self.deltas
+        )
 
     def validate(self) -> None:
         _validate(self)
+
+    def merged_from(self) -> dict[str, Any] | None:
+        """For a merge (``rompatch.merge``): ``{"inputs": [{"id", "deltas": [start, stop]}, ...],
+        "condition": {parameter: condition number}}``; None for any other patch."""
+        raw = self.extra.get(MERGED_FROM)
+        try:
+            return None if not raw else json.loads(raw)
+        except ValueError as e:
+            raise PatchFormatError(
+                f"patch {self.short_id}: metadata '{MERGED_FROM}' is not JSON ({e})"
+            ) from None
 
     def save(self, path: str | os.PathLike) -> Path:
         return save_patch(self, path)
@@ -188,6 +208,7 @@ class Patch(HubMixin):
                     "prompt": r.prompt if r else None,
                     "target_true": r.target_true if r else None,
                     "target_new": r.target_new if r else None,
+                    "key": d.key is not None,
                     "u_norm": float(d.u.norm()),
                     "v_norm": float(d.v.norm()),
                     "metrics": d.metrics,
@@ -203,6 +224,7 @@ class Patch(HubMixin):
             "base": self.base,
             "parameters": {k: v.to_json() for k, v in self.parameters.items()},
             "lineage": self.lineage,
+            "merged_from": self.merged_from(),
             "n_deltas": len(self.deltas),
             "tensor_bytes": self.nbytes(),
             "edits": edits,
@@ -234,6 +256,8 @@ def content_hash(patch: Patch) -> str:
     for d in patch.deltas:
         h.update(d.u.numpy().astype("<f4").tobytes())
         h.update(d.v.numpy().astype("<f4").tobytes())
+        if d.key is not None:
+            h.update(d.key.numpy().astype("<f4").tobytes())
     return h.hexdigest()
 
 
@@ -263,6 +287,8 @@ def to_tensors(patch: Patch) -> dict[str, torch.Tensor]:
     for i, d in enumerate(patch.deltas):
         out[f"deltas.{i}.u"] = d.u
         out[f"deltas.{i}.v"] = d.v
+        if d.key is not None:
+            out[f"deltas.{i}.k"] = d.key
     return out
 
 
@@ -390,12 +416,13 @@ def _delta(i: int, d: Any, tensors: Mapping[str, torch.Tensor], where: str) -> R
             stats=dict(d.get("stats", {})),
             metrics=dict(d.get("metrics", {})),
             timings=dict(d.get("timings", {})),
+            key=tensors.get(f"deltas.{i}.k"),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise PatchFormatError(
             f"{where}: delta {i} metadata is malformed ({e}); needs layer and parameter"
         ) from None
-    for x in ("u", "v"):
+    for x in ("u", "v", "k") if f"deltas.{i}.k" in tensors else ("u", "v"):
         t = tensors[f"deltas.{i}.{x}"]
         if t.dtype != torch.float32:
             raise PatchFormatError(
@@ -410,6 +437,9 @@ def _delta(i: int, d: Any, tensors: Mapping[str, torch.Tensor], where: str) -> R
 
 def _deltas(deltas_raw: list, tensors: Mapping[str, torch.Tensor], where: str) -> list[RankOneDelta]:
     expected = {f"deltas.{i}.{x}" for i in range(len(deltas_raw)) for x in ("u", "v")}
+    for i, d in enumerate(deltas_raw):
+        if isinstance(d, dict) and d.get("key") is True:  # format 1.2: the delta stores its key
+            expected.add(f"deltas.{i}.k")
     if set(tensors) != expected:
         extra = sorted(set(tensors) - expected)
         lacking = sorted(expected - set(tensors))
@@ -479,9 +509,13 @@ def _validate(patch: Patch, *, where: str = "patch") -> None:
                 f"{where}: delta {i} has u of size {d.u.numel()} and v of size {d.v.numel()}, but '{d.parameter}' "
                 f"{list(p.shape)} ({p.layout}) needs u={p.in_features} and v={p.out_features}"
             )
-        for x in ("u", "v"):
+        if d.key is not None and d.key.numel() != p.in_features:
+            raise PatchFormatError(
+                f"{where}: delta {i} has a key of size {d.key.numel()}, but '{d.parameter}' needs {p.in_features}"
+            )
+        for x in ("u", "v", "key"):
             t = getattr(d, x)
-            if not bool(torch.isfinite(t).all()):
+            if t is not None and not bool(torch.isfinite(t).all()):
                 raise PatchFormatError(
                     f"{where}: delta {i} tensor {x} holds NaN or Inf values; the edit diverged"
                 )

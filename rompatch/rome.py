@@ -72,6 +72,11 @@ class ROMEHyperParams:
     optim_autocast: str = (
         "none"  # "none" or "bfloat16": autocast for the δ optimisation only (u, v stay fp32)
     )
+    # Protection (AlphaEdit-style, exact): u is kept orthogonal to the keys of the patches already
+    # applied to the model (at this matrix) and to the protect_principal top eigenvectors of C, so
+    # the update changes nothing there. Off by default.
+    protect: bool = False
+    protect_principal: int = 32
 
     def __post_init__(self) -> None:
         choices = {
@@ -84,6 +89,8 @@ class ROMEHyperParams:
                 raise RequestError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         if self.max_update_ratio < 0:
             raise RequestError(f"max_update_ratio must be >= 0 (0 disables it), not {self.max_update_ratio}")
+        if self.protect_principal < 0:
+            raise RequestError(f"protect_principal must be >= 0, not {self.protect_principal}")
         if not 0.0 <= self.key_prompt_weight <= 1.0:
             raise RequestError(f"key_prompt_weight must be in [0, 1], not {self.key_prompt_weight}")
 
@@ -103,6 +110,7 @@ class EditResult:
     parameter: str
     hparams: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
+    key: torch.Tensor | None = None  # k*, float32 on the CPU: where ΔW k* = δ holds
 
 
 # ------------------------------------------------------------------------------------ prompts
@@ -438,74 +446,162 @@ def compute_value(
     scales: torch.Tensor | None = None,
     max_delta_norm: float = math.inf,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Optimise δ; return (δ, W k*, diagnostics). δ is float32 on the model's device.
+    """Optimise δ for one request; return (δ, W k*, diagnostics). See ``compute_values``."""
+    (out,) = compute_values(
+        model,
+        tok,
+        [ValueTask(req, templates, k_star, scales, max_delta_norm)],
+        layer,
+        hp,
+        spec=spec,
+        progress=progress,
+    )
+    return out
 
-    ``scales`` (one per template, then one for the KL prompt) multiply δ at each row's subject
-    token; None adds δ unscaled everywhere, as the paper does. ‖δ‖ is kept within
-    ``clamp_norm_factor`` · ‖W k*‖ (ROME's clamp) and ``max_delta_norm``.
+
+@dataclass
+class ValueTask:
+    """One request's δ optimisation: its usable templates, k*, the per-template scales of δ (then
+    one for the KL prompt; None: unscaled, as the paper does) and a bound on ‖δ‖."""
+
+    req: EditRequest
+    templates: Sequence[str]
+    k_star: torch.Tensor
+    scales: torch.Tensor | None = None
+    max_delta_norm: float = math.inf
+
+
+def compute_values(
+    model: Any,
+    tok: Any,
+    tasks: Sequence[ValueTask],
+    layer: int,
+    hp: ROMEHyperParams,
+    *,
+    spec: ModelSpec | None = None,
+    progress: Any = None,
+) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    """Optimise every task's δ in shared forward and backward passes; one (δ, W k*, diagnostics)
+    per task, δ float32 on the model's device.
+
+    Each task's rows get its own δ at their subject token, and the loss is the sum of the tasks'
+    own losses, so each δ gets exactly the gradient it would get alone (Adam is elementwise): a
+    batch computes what the tasks would compute one by one, in fewer passes. A task that reaches
+    its early-stopping loss is frozen where it is while the others go on. ‖δ‖ is kept within
+    ``clamp_norm_factor`` · ‖W k*‖ (ROME's clamp) and the task's ``max_delta_norm``.
     """
     spec = get_spec(model, spec)
     device = next(model.parameters()).device
     mod = model.get_submodule(spec.mlp_out_module(layer))
-    pr = _build_prompts(tok, req, templates, hp)
-    n = pr.n_rewrite
-    T = len(pr.target)
-    reads, labels = _read_positions(pr)
+    E = len(tasks)
+    prs = [_build_prompts(tok, t.req, t.templates, hp) for t in tasks]
+    seqs, subj_idx, reads, labels, row_task = [], [], [], [], []
+    for e, pr in enumerate(prs):
+        r_reads, r_labels = _read_positions(pr)
+        reads += [(len(seqs) + r, c) for r, c in r_reads]
+        labels += r_labels
+        seqs += pr.seqs
+        subj_idx += pr.subj_idx
+        row_task += [e] * len(pr.seqs)
     labels_t = torch.tensor(labels, device=device)
+    row_task_t = torch.tensor(row_task, device=device)
 
     with torch.no_grad():
-        w_k = mod(k_star.to(device=device, dtype=mod.weight.dtype)).float()  # W k* (+ bias)
-    ref_norm = w_k.norm().item()
+        ks = torch.stack([t.k_star for t in tasks]).to(device=device, dtype=mod.weight.dtype)
+        w_k = mod(ks).float()  # W k* (+ bias), (E, out)
+    ref_norms = [float(x) for x in w_k.norm(dim=1)]
     delta = torch.zeros_like(w_k, requires_grad=True)
 
     def add_delta(out, name):
-        return out + (subj_mask * delta).to(out.dtype)
+        return out + (subj_mask * delta[row_task_t][:, None, :]).to(out.dtype)
 
     with _frozen(model):
-        replay = _Replay(model, spec, layer, pr.seqs, pr.subj_idx, reads, pad_id(tok), device)
-        subj_mask = torch.zeros((len(pr.seqs), replay.width, 1), device=device)
-        subj_mask[torch.arange(len(pr.seqs), device=device), replay.edit_col] = (
-            1.0 if scales is None else scales.to(device)[:, None]
+        replay = _Replay(model, spec, layer, seqs, subj_idx, reads, pad_id(tok), device)
+        subj_mask = torch.zeros((len(seqs), replay.width, 1), device=device)
+        row_scales = torch.cat(
+            [
+                torch.ones(len(pr.seqs)) if t.scales is None else t.scales.float().cpu()
+                for t, pr in zip(tasks, prs)
+            ]
         )
-        kl_init = torch.log_softmax(replay.full_logits[-1:], -1).detach()
+        subj_mask[torch.arange(len(seqs), device=device), replay.edit_col] = row_scales.to(device)[:, None]
+        # the logit rows each task reads: its rewrite rows' target positions, then its KL row
+        spans, at = [], 0
+        for pr in prs:
+            n_reads = pr.n_rewrite * len(pr.target) + 1
+            spans.append((at, at + n_reads, sum(len(p.target) * p.n_rewrite for p in prs[: len(spans)])))
+            at += n_reads
+        kl_rows = torch.tensor([b - 1 for _, b, _ in spans], device=device)
+        kl_init = torch.log_softmax(replay.full_logits[kl_rows], -1).detach()
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
-        max_norm = min(hp.clamp_norm_factor * ref_norm, max_delta_norm)
-        losses = []
-        steps = 0
+        max_norms = torch.tensor(
+            [min(hp.clamp_norm_factor * r, t.max_delta_norm) for r, t in zip(ref_norms, tasks)], device=device
+        )
+        losses: list[list[float]] = [[] for _ in tasks]
+        steps = [0] * E
+        done = torch.zeros(E, dtype=torch.bool, device=device)
+        last_nll: list[torch.Tensor | None] = [None] * E
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=hp.optim_autocast == "bfloat16")
         with Trace(model, spec.mlp_out_module(layer), retain_output=False, edit_output=add_delta):
             for step in range(hp.v_steps):
-                steps = step + 1
                 opt.zero_grad()
                 with autocast:
                     logits = replay.run()
-                nll, loss = _loss(logits.float(), labels_t, kl_init, delta, n=n, ref_norm=ref_norm, hp=hp)
-                nll_loss = nll.mean()
-                losses.append(round(loss.item(), 4))
+                logits = logits.float()
+                total = logits.new_zeros(())
+                for e, (pr, (a, b, lab0)) in enumerate(zip(prs, spans)):
+                    if done[e]:
+                        continue
+                    steps[e] = step + 1
+                    n_lab = pr.n_rewrite * len(pr.target)
+                    nll, loss = _loss(
+                        logits[a:b],
+                        labels_t[lab0 : lab0 + n_lab],
+                        kl_init[e : e + 1],
+                        delta[e],
+                        n=pr.n_rewrite,
+                        ref_norm=ref_norms[e],
+                        hp=hp,
+                    )
+                    last_nll[e] = nll.detach()
+                    losses[e].append(round(loss.item(), 4))
+                    watched = nll.mean().item() if hp.early_stop_on == "nll" else loss.item()
+                    if watched < hp.early_stop_loss or step == hp.v_steps - 1:
+                        done[e] = True
+                    else:
+                        total = total + loss
                 if progress is not None:
-                    progress(step, loss.item())
-                watched = nll_loss.item() if hp.early_stop_on == "nll" else loss.item()
-                if watched < hp.early_stop_loss or step == hp.v_steps - 1:
+                    progress(step, losses[0][-1] if E == 1 else float(total.item()))
+                if bool(done.all()):
                     break
-                loss.backward()
+                total.backward()
+                kept = delta.detach()[done].clone()
                 opt.step()
                 with torch.no_grad():
-                    if delta.norm() > max_norm:
-                        delta.mul_(max_norm / delta.norm())
-    diag = {
-        "v_steps_run": steps,
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "nll_last": round(nll_loss.item(), 4),
-        "p_target_mean_after_opt": round(math.exp(-nll.mean().item()), 4),
-        "delta_norm": round(delta.norm().item(), 4),
-        "wk_norm": round(ref_norm, 4),
-        "delta_capped": bool(delta.norm().item() >= 0.999 * max_norm),
-        "replay": replay.mode,
-        "target_tokens": T,
-        "target_tokenization": pr.target_how,
-    }
-    return delta.detach().float(), w_k, diag
+                    delta[done] = kept  # a finished task stays where it stopped
+                    norms = delta.norm(dim=1)
+                    over = norms > max_norms
+                    delta[over] *= (max_norms[over] / norms[over])[:, None]
+    out = []
+    for e in range(E):
+        d = delta[e].detach().float()
+        nll = last_nll[e]
+        assert nll is not None
+        diag = {
+            "v_steps_run": steps[e],
+            "loss_first": losses[e][0],
+            "loss_last": losses[e][-1],
+            "nll_last": round(nll.mean().item(), 4),
+            "p_target_mean_after_opt": round(math.exp(-nll.mean().item()), 4),
+            "delta_norm": round(d.norm().item(), 4),
+            "wk_norm": round(ref_norms[e], 4),
+            "delta_capped": bool(d.norm().item() >= 0.999 * float(max_norms[e])),
+            "replay": replay.mode,
+            "target_tokens": len(prs[e].target),
+            "target_tokenization": prs[e].target_how,
+        }
+        out.append((d, w_k[e], diag))
+    return out
 
 
 def _read_positions(pr: _Prompts) -> tuple[list[tuple[int, int]], list[int]]:
@@ -544,8 +640,18 @@ def _loss(
 # --------------------------------------------------------------------------------------- delta
 
 
-def solve_key(k_star: torch.Tensor, stats: SecondMoment | None, hp: ROMEHyperParams) -> torch.Tensor:
-    """u ∝ C⁻¹ k* (float64 solve), or k* itself without the covariance adjustment; unit norm."""
+def solve_key(
+    k_star: torch.Tensor,
+    stats: SecondMoment | None,
+    hp: ROMEHyperParams,
+    protect: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """u ∝ C⁻¹ k* (float64 solve), or k* itself without the covariance adjustment; unit norm.
+
+    ``protect`` (m, in): directions the update must not change. Then u is the C-weighted minimum-norm
+    direction with u·k* = 1 and u·q = 0 for every q in span(protect): u = C⁻¹M (MᵀC⁻¹M)⁻¹ e₁ with
+    M = [k*, Q] (Q an orthonormal basis of the protected span), so ΔW q = v (u·q) = 0.
+    """
     k = k_star.detach().to("cpu", torch.float64)
     if hp.mom2_adjustment:
         if stats is None:
@@ -555,10 +661,39 @@ def solve_key(k_star: torch.Tensor, stats: SecondMoment | None, hp: ROMEHyperPar
                 f"statistics are {tuple(stats.mom2.shape)} but the key has size {k.numel()}; wrong layer"
             )
         LU, piv = stats.lu_factors(hp.mom2_ridge)
-        u = torch.linalg.lu_solve(LU, piv, k[:, None])[:, 0]
+
+        def c_inv(x: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.lu_solve(LU, piv, x)
     else:
-        u = k
+
+        def c_inv(x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    if protect is None or len(protect) == 0:
+        u = c_inv(k[:, None])[:, 0]
+    else:
+        M = torch.cat([k[:, None], protected_basis(protect)], dim=1)  # (in, 1 + r)
+        A = c_inv(M)
+        G = M.T @ A
+        cond = float(torch.linalg.cond(G))
+        if not math.isfinite(cond) or cond > 1e12:
+            raise RequestError(
+                f"the edit's key lies (almost) in the span of the {M.shape[1] - 1} protected key directions "
+                f"(condition {cond:.3g}); it cannot change its fact without changing them: protect fewer "
+                "directions (protect_principal) or edit without protection"
+            )
+        e1 = torch.zeros(M.shape[1], dtype=torch.float64)
+        e1[0] = 1.0
+        u = A @ torch.linalg.solve(G, e1)
     return (u / u.norm()).to(torch.float32)
+
+
+def protected_basis(protect: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
+    """An orthonormal basis (in, r) of the span of the rows of ``protect`` (near-dependent rows dropped)."""
+    P = protect.detach().to("cpu", torch.float64)
+    P = P / P.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    U, S, _ = torch.linalg.svd(P.T, full_matrices=False)
+    return U[:, S > rtol * S[0]]
 
 
 def spectral_norm(weight: torch.Tensor, memo: TensorMemo | None = None) -> float:
@@ -579,6 +714,142 @@ def spectral_norm(weight: torch.Tensor, memo: TensorMemo | None = None) -> float
     return norm() if memo is None else memo.get(weight, norm)
 
 
+@dataclass
+class _Prepared:
+    """What an edit derives before its δ optimisation."""
+
+    templates: list[str]
+    dropped: list[str]
+    k_star: torch.Tensor
+    u: torch.Tensor
+    denom: float  # u · k*
+    reach: torch.Tensor  # (u·k_i)/(u·k*) per template, then the KL prompt
+    cap: float  # bound on ‖δ‖ from max_update_ratio
+    w_spec: float
+    seconds: float
+
+
+def _prepare(
+    model: Any,
+    tok: Any,
+    req: EditRequest,
+    *,
+    stats: SecondMoment | None,
+    hp: ROMEHyperParams,
+    templates: Sequence[str],
+    target: EditTarget,
+    spectral_memo: TensorMemo | None,
+    protect: torch.Tensor | None,
+) -> _Prepared:
+    t0 = time.perf_counter()
+    kept, dropped = usable_templates(tok, req, templates)
+    filled = [t.replace("{}", req.prompt) for t in kept] + [hp.kl_prompt]
+    keys = subject_keys(model, tok, req.subject, target.layer, filled, spec=target.spec)  # templates, then KL
+    k_star = averaged_key(keys[:-1], kept, hp.key_prompt_weight)
+    u = solve_key(k_star, stats, hp, protect)
+    denom = float(u.double() @ k_star.detach().cpu().double())
+    # What the shipped update does at each optimised subject token: v (u·k_i) = δ (u·k_i)/(u·k*).
+    reach = (keys.detach().cpu().double() @ u.double()) / denom
+    w_spec = spectral_norm(model.get_submodule(target.module).weight, spectral_memo)
+    # ‖v uᵀ‖₂ = ‖δ‖/(u·k*): cap it at max_update_ratio × ‖W‖₂ (0: no cap, only ROME's clamp).
+    cap = hp.max_update_ratio * w_spec * abs(denom) if hp.max_update_ratio > 0 else math.inf
+    return _Prepared(kept, dropped, k_star, u, denom, reach, cap, w_spec, time.perf_counter() - t0)
+
+
+def compute_deltas(
+    model: Any,
+    tok: Any,
+    reqs: Sequence[EditRequest],
+    *,
+    stats: SecondMoment | None,
+    hparams: ROMEHyperParams | None = None,
+    templates: Sequence[str] | None = None,
+    target: EditTarget | None = None,
+    spec: ModelSpec | None = None,
+    spectral_memo: TensorMemo | None = None,
+    progress: Any = None,
+    protect: torch.Tensor | None = None,
+) -> list[EditResult]:
+    """ROME edits of ``reqs``, each computed as if alone on ``model`` (left unchanged), with their δ
+    optimised together (``compute_values``). Returns u, v, k* and diagnostics per request.
+
+    ``target``: where the edits go (``rompatch.create.Editor`` resolves it once for many edits);
+    None resolves it here from ``spec`` and ``hparams.layer``. ``spectral_memo`` keeps ‖W‖₂
+    between edits of the same matrix. ``protect`` (m, in): key directions the updates must leave
+    unchanged (``solve_key``).
+    """
+    hp = hparams or ROMEHyperParams()
+    target = target or EditTarget.resolve(model, spec=spec, layer=hp.layer)
+    spec, layer = target.spec, target.layer
+    for req in reqs:
+        validate_request(tok, req)
+    if templates is None:
+        templates = context_templates(
+            model, tok, length_params=hp.context_length_params, seed=hp.seed, spec=spec
+        )
+    torch.manual_seed(hp.seed)
+    preps = [
+        _prepare(
+            model,
+            tok,
+            r,
+            stats=stats,
+            hp=hp,
+            templates=templates,
+            target=target,
+            spectral_memo=spectral_memo,
+            protect=protect,
+        )  # fmt: skip
+        for r in reqs
+    ]
+    t0 = time.perf_counter()
+    values = compute_values(
+        model,
+        tok,
+        [
+            ValueTask(
+                r, p.templates, p.k_star, p.reach.float() if hp.value_scaling == "per_key" else None, p.cap
+            )
+            for r, p in zip(reqs, preps)
+        ],
+        layer,
+        hp,
+        spec=spec,
+        progress=progress,
+    )
+    share = (time.perf_counter() - t0) / len(reqs)
+    out = []
+    for p, (delta, _, diag) in zip(preps, values):
+        v = (delta.cpu() / p.denom).to(torch.float32)
+        diag.update(
+            seconds=round(p.seconds + share, 3),
+            u_dot_k=round(p.denom, 6),
+            k_norm=round(float(p.k_star.norm()), 4),
+            v_norm=round(float(v.norm()), 4),
+            update_spectral_norm=round(float(v.norm()) * float(p.u.norm()), 4),
+            weight_spectral_norm=round(p.w_spec, 4),
+            reach_min=round(float(p.reach[:-1].min()), 4),
+            reach_kl=round(float(p.reach[-1]), 4),
+            layer=layer,
+        )
+        if protect is not None:
+            diag["protected_directions"] = len(protect)
+        hpd = hp.to_dict()
+        hpd.update(layer=layer, context_templates=list(p.templates), templates_dropped_position0=p.dropped)
+        out.append(
+            EditResult(
+                u=p.u,
+                v=v,
+                layer=layer,
+                parameter=target.parameter,
+                hparams=hpd,
+                metrics=diag,
+                key=p.k_star.detach().to("cpu", torch.float32),
+            )  # fmt: skip
+        )
+    return out
+
+
 def compute_delta(
     model: Any,
     tok: Any,
@@ -591,60 +862,12 @@ def compute_delta(
     spec: ModelSpec | None = None,
     spectral_memo: TensorMemo | None = None,
     progress: Any = None,
+    protect: torch.Tensor | None = None,
 ) -> EditResult:
-    """Compute one ROME edit on ``model`` (left unchanged). Returns u, v and diagnostics.
-
-    ``target``: where the edit goes (``rompatch.create.Editor`` resolves it once for many edits);
-    None resolves it here from ``spec`` and ``hparams.layer``. ``spectral_memo`` keeps ‖W‖₂
-    between edits of the same matrix.
-    """
-    hp = hparams or ROMEHyperParams()
-    target = target or EditTarget.resolve(model, spec=spec, layer=hp.layer)
-    spec, layer = target.spec, target.layer
-    validate_request(tok, req)
-    if templates is None:
-        templates = context_templates(
-            model, tok, length_params=hp.context_length_params, seed=hp.seed, spec=spec
-        )
-    templates, dropped = usable_templates(tok, req, templates)
-    t0 = time.perf_counter()
-    torch.manual_seed(hp.seed)
-    filled = [t.replace("{}", req.prompt) for t in templates] + [hp.kl_prompt]
-    keys = subject_keys(model, tok, req.subject, layer, filled, spec=spec)  # templates, then KL
-    k_star = averaged_key(keys[:-1], templates, hp.key_prompt_weight)
-    u = solve_key(k_star, stats, hp)
-    denom = float(u.double() @ k_star.detach().cpu().double())
-    # What the shipped update does at each optimised subject token: v (u·k_i) = δ (u·k_i)/(u·k*).
-    reach = (keys.detach().cpu().double() @ u.double()) / denom
-    weight = model.get_submodule(target.module).weight
-    w_spec = spectral_norm(weight, spectral_memo)
-    # ‖v uᵀ‖₂ = ‖δ‖/(u·k*): cap it at max_update_ratio × ‖W‖₂ (0: no cap, only ROME's clamp).
-    cap = hp.max_update_ratio * w_spec * abs(denom) if hp.max_update_ratio > 0 else math.inf
-    delta, w_k, diag = compute_value(
-        model,
-        tok,
-        req,
-        layer,
-        templates,
-        k_star,
-        hp,
-        spec=spec,
-        progress=progress,
-        scales=reach.float() if hp.value_scaling == "per_key" else None,
-        max_delta_norm=cap,
-    )
-    v = (delta.cpu() / denom).to(torch.float32)
-    diag.update(
-        seconds=round(time.perf_counter() - t0, 3),
-        u_dot_k=round(denom, 6),
-        k_norm=round(float(k_star.norm()), 4),
-        v_norm=round(float(v.norm()), 4),
-        update_spectral_norm=round(float(v.norm()) * float(u.norm()), 4),
-        weight_spectral_norm=round(w_spec, 4),
-        reach_min=round(float(reach[:-1].min()), 4),
-        reach_kl=round(float(reach[-1]), 4),
-        layer=layer,
-    )
-    hpd = hp.to_dict()
-    hpd.update(layer=layer, context_templates=list(templates), templates_dropped_position0=dropped)
-    return EditResult(u=u, v=v, layer=layer, parameter=target.parameter, hparams=hpd, metrics=diag)
+    """Compute one ROME edit on ``model`` (left unchanged). Returns u, v, k* and diagnostics
+    (``compute_deltas`` of one request)."""
+    (res,) = compute_deltas(
+        model, tok, [req], stats=stats, hparams=hparams, templates=templates, target=target, spec=spec,
+        spectral_memo=spectral_memo, progress=progress, protect=protect,
+    )  # fmt: skip
+    return res

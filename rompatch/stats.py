@@ -303,6 +303,16 @@ class SecondMoment:
 
         return self._factors.get(self.mom2, factor, float(ridge))
 
+    def principal_directions(self, m: int) -> torch.Tensor:
+        """The ``m`` eigenvectors of C with the largest eigenvalues, (m, n) float64 on the CPU, computed
+        once: the key directions the base model uses most (what ``protect`` keeps an update away from)."""
+
+        def eig() -> torch.Tensor:
+            _, vecs = torch.linalg.eigh(self.mom2.detach().to("cpu", torch.float64))
+            return vecs.flip(1).T.contiguous()  # rows, largest eigenvalue first
+
+        return self._factors.get(self.mom2, eig, "eigenvectors")[:m]
+
     def record(self) -> dict[str, Any]:
         """What a patch stores about its statistics."""
         return {

@@ -150,7 +150,7 @@ def test_newer_major_version_refused(tmp_path, patch):
     meta["format_version"] = "2.0"
     _rewrite(path, meta=meta)
     with pytest.raises(
-        PatchVersionError, match=r"format 2.0, newer than this rompatch reads \(1.1\); upgrade rompatch"
+        PatchVersionError, match=r"format 2.0, newer than this rompatch reads \(1.2\); upgrade rompatch"
     ):
         load_patch(path)
 
@@ -343,4 +343,4 @@ def test_format_1_0_files_load_keep_their_id_and_version(tmp_path):
 
 def test_new_patches_are_written_in_the_current_minor_version(tmp_path, patch):
     meta, _ = _raw(save_patch(patch, tmp_path / "p.safetensors"))
-    assert meta["format_version"] == "1.1"
+    assert meta["format_version"] == "1.2"

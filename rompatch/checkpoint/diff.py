@@ -139,6 +139,7 @@ def diff_patches(a: Patch, b: Patch) -> dict[str, Any]:
         "same_base": not base_diff,
         "base_differences": {k: [a.base.get(k), b.base.get(k)] for k in base_diff},
         "same_lineage": a.lineage == b.lineage,
+        "merged_from": {"a": a.merged_from(), "b": b.merged_from()},
         "identical": a.id == b.id,
         "only_a": [_edit(a, i) for i in sorted(left)],
         "only_b": [_edit(b, j) for j in sorted(right)],

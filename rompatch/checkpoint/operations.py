@@ -466,6 +466,7 @@ def _log_entry(k: int, a: AppliedEntry) -> dict[str, Any]:
         "applied_at": a.applied_at,
         "source": a.source,
         "lineage": a.patch.lineage,
+        "merged_from": a.patch.merged_from(),
         "patch_base": a.patch.base,
         "fingerprints": a.fingerprints,
         "edits": a.patch.summary()["edits"],

@@ -11,9 +11,11 @@ import click
 from ..checkpoint.diff import diff
 from ..checkpoint.extract import EXTRACTED_FROM, extract_patch
 from ..checkpoint.operations import CheckpointResult, apply_to_checkpoint, checkpoint_log, revert_checkpoint
+from ..merge import DEFAULT_MAX_CONDITION, merge_patches
 from ..patch import Patch, save_patch
 from ..stack import stack_patches
 from .common import echo_json, info, json_option, revision_option
+from .show import merge_lines
 
 out_option = click.option(
     "-o",
@@ -145,6 +147,8 @@ def log_cmd(checkpoint, no_verify, as_json) -> None:
         click.echo(f"    applied {e['applied_at']}" + (f" from {e['source']}" if e["source"] else ""))
         if e["lineage"]:
             click.echo(f"    on top of {', '.join(x[:12] for x in e['lineage'])}")
+        for line in merge_lines(e.get("merged_from"), indent="    "):
+            click.echo(line)
         for ed in e["edits"]:
             if ed["subject"] is not None:
                 old = ed["target_true"] if ed["target_true"] is not None else "?"
@@ -170,20 +174,41 @@ def _save(patch: Patch, out: str, overwrite: bool) -> Path:
 @click.option(
     "--allow-conflicts", is_flag=True, help="Stack edits of one fact with different targets anyway."
 )
+@click.option(
+    "--merge",
+    is_flag=True,
+    help="Re-solve the deltas that share a matrix so every edit's key maps exactly to its own target "
+    "(no cross-talk between edits; needs patches with keys, format 1.2).",
+)
+@click.option(
+    "--max-condition",
+    type=click.FloatRange(min=1.0),
+    default=DEFAULT_MAX_CONDITION,
+    show_default=True,
+    help="With --merge: refuse a joint system with a larger condition number.",
+)
 @overwrite_option
 @json_option
-def stack_cmd(patches, out, allow_conflicts, overwrite, as_json) -> None:
+def stack_cmd(patches, out, allow_conflicts, merge, max_condition, overwrite, as_json) -> None:
     """Combine patches into one patch file holding all their deltas, in order.
 
     Refuses patches on different base models, and (unless --allow-conflicts) edits of the same
     subject and relation with different targets. Lineage between the inputs is kept inside the stack.
+    With --merge, the deltas are re-solved jointly (rompatch.merge): each edit's key gets exactly its
+    own target value, the cross-talk of a plain stack is gone, and the condition number is reported.
     """
-    p = stack_patches(list(patches), allow_conflicts=allow_conflicts)
+    if merge:
+        p = merge_patches(list(patches), allow_conflicts=allow_conflicts, max_condition=max_condition)
+    else:
+        p = stack_patches(list(patches), allow_conflicts=allow_conflicts)
     path = _save(p, out, overwrite)
     if as_json:
         echo_json({"path": str(path), **p.summary()})
-    else:
-        click.echo(f"wrote {path}: patch {p.id}, {len(p.deltas)} delta(s) from {len(patches)} patch(es)")
+        return
+    how = " merged" if merge else ""
+    click.echo(f"wrote {path}: patch {p.id}, {len(p.deltas)} delta(s){how} from {len(patches)} patch(es)")
+    for line in merge_lines(p.merged_from()):
+        click.echo(line.replace("merged   ", "  "))
 
 
 @click.command("extract")
@@ -258,6 +283,9 @@ def _print_sides(r: dict[str, Any], note: str | None, fmt: Any = str) -> None:
 
 def _print_patch_diff(r: dict[str, Any]) -> None:
     _print_sides(r, "same base" if r["same_base"] else f"DIFFERENT bases: {r['base_differences']}", _fmt_edit)
+    for side in ("a", "b"):
+        for line in merge_lines(r["merged_from"][side]):
+            click.echo(f"{side.upper()} {line}")
     for e in r["both"]:
         cos = (
             f"cos u {e['cos_u']:.6f}, cos v {e['cos_v']:.6f}"

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import click
 
+from ..apply import patched
 from ..arch import EditTarget
 from ..constants import DEFAULT_SAMPLED_TOKENS, DEFAULT_STATS_TOKENS
 from ..create import Editor
 from ..models import load_model
 from ..patch import Patch, new_patch, save_patch
+from ..refs import resolve_patch
 from ..request import EditRequest, load_requests
 from ..rome import ROMEHyperParams
 from ..stats import check_stats_data, get_second_moment
@@ -63,10 +65,30 @@ def _apply(opts):
 )
 @click.option(
     "--mode",
-    type=click.Choice(["independent", "sequential"]),
+    type=click.Choice(["independent", "sequential", "batch"]),
     default="independent",
     show_default=True,
-    help="independent: each edit on the base; sequential: each on top of the previous ones.",
+    help="independent: each edit on the base; sequential: each on top of the previous ones; batch: all "
+    "edits in one joint solve (each key gets exactly its own target; δ optimised in shared passes).",
+)
+@click.option(
+    "--on",
+    "on",
+    multiple=True,
+    metavar="PATCH",
+    help="Compute the edits on the model with PATCH applied (repeatable, in order); recorded in lineage.",
+)
+@click.option(
+    "--protect",
+    is_flag=True,
+    help="Leave the keys of the patches already applied (--on, and earlier edits in sequential mode) and "
+    "the base's principal key directions unchanged (AlphaEdit-style, exact).",
+)
+@click.option(
+    "--protect-principal",
+    type=click.IntRange(0),
+    default=None,
+    help="With --protect: how many top eigenvectors of the statistics C to protect (default 32).",
 )
 @click.option(
     "--split", is_flag=True, help="With --requests in independent mode, write one patch per edit into -o DIR."
@@ -100,6 +122,9 @@ def create(
     target_true,
     requests_file,
     mode,
+    on,
+    protect,
+    protect_principal,
     split,
     layer,
     stats_data,
@@ -122,6 +147,11 @@ def create(
         --subject "The Eiffel Tower" --target Rome --target-true Paris -o eiffel-rome.safetensors
     """
     reqs = _requests(requests_file, prompt, subject, target_new, target_true)
+    if split and mode != "independent":
+        raise click.UsageError(f"--split writes independent edits one per file; it does not go with --mode {mode}")
+    if protect_principal is not None and not protect:
+        raise click.UsageError("--protect-principal needs --protect")
+    base_patches = [resolve_patch(x) for x in on]  # a bad --on fails before the model loads
     out = Path(output)
     many_files = mode == "sequential" or split
     _check_output(out, many_files=many_files, overwrite=overwrite)
@@ -134,6 +164,8 @@ def create(
         mom2_adjustment=not no_mom2,
         **({"v_steps": steps} if steps else {}),
         optim_autocast="bfloat16" if fast else "none",
+        protect=protect,
+        **({"protect_principal": protect_principal} if protect_principal is not None else {}),
     )
     progress = not as_json or os.isatty(2)
     editor = Editor(
@@ -146,11 +178,12 @@ def create(
         progress=progress,
         notify=info,
     )
-    if many_files:
-        patches = editor.chain(reqs) if mode == "sequential" else _split(editor.patch(reqs))
-        _write_folder(out, patches, as_json=as_json)
-        return
-    patch = editor.patch(reqs)
+    with patched(m, base_patches):
+        if many_files:
+            patches = editor.chain(reqs) if mode == "sequential" else _split(editor.patch(reqs))
+            _write_folder(out, patches, as_json=as_json)
+            return
+        patch = editor.batch(reqs) if mode == "batch" else editor.patch(reqs)
     save_patch(patch, out)
     if as_json:
         echo_json({"path": str(out), **patch.summary()})

@@ -9,6 +9,15 @@ from ..refs import resolve_patch
 from .common import echo_json, json_option, revision_option
 
 
+def merge_lines(merged: dict | None, indent: str = "") -> list[str]:
+    """For a merged patch: its inputs and each matrix's condition number (none for other patches)."""
+    if not merged:
+        return []
+    ids = ", ".join(c["id"][:12] for c in merged["inputs"])
+    conds = ", ".join(f"{v:.3g}" for v in merged["condition"].values())
+    return [f"{indent}merged   from {len(merged['inputs'])} patch(es): {ids}; condition number {conds}"]
+
+
 def format_patch(patch: Patch) -> str:
     s = patch.summary()
     base = s["base"]
@@ -18,6 +27,7 @@ def format_patch(patch: Patch) -> str:
         + (f", revision {base['revision']}" if base.get("revision") else "")
         + ")",
         f"lineage  {', '.join(x[:12] for x in s['lineage']) or 'none (computed on the base model)'}",
+        *merge_lines(s.get("merged_from")),
         f"size     {len(patch.deltas)} delta(s), {s['tensor_bytes']:,} bytes of tensors",
         f"created  {s['created_at'] or 'unsaved'} by rompatch {s['rompatch_version']}",
         "edits:",
