@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,21 +40,12 @@ from .patch import ParamInfo, Patch, RankOneDelta, new_patch
 from .refs import PatchesLike
 from .request import EditRequest
 from .rome import EditResult, ROMEHyperParams, compute_deltas, validate_request
-from .scoring import target_logprobs
+from .scoring import probe
 from .stats import SecondMoment, get_second_moment
 
 log = logging.getLogger(__name__)
 
 Requests = EditRequest | Sequence[EditRequest]
-
-
-def _probe(model: Any, tok: Any, req: EditRequest) -> dict[str, float]:
-    targets = [req.target_new] + ([req.target_true] if req.target_true else [])
-    lp = target_logprobs(model, tok, [req.text], targets)[0]
-    out = {"p_new": math.exp(lp[0])}
-    if req.target_true:
-        out["p_true"] = math.exp(lp[1])
-    return out
 
 
 def _request_list(tok: Any, requests: Requests) -> list[EditRequest]:
@@ -216,10 +206,10 @@ class Editor:
 
     def _measured(self, reqs: Sequence[EditRequest], deltas: list[RankOneDelta]) -> None:
         """Add P(new), P(true) before and after (with all ``deltas`` applied, then reverted) to each delta."""
-        before = [_probe(self.model, self.tok, r) for r in reqs]
+        before = [probe(self.model, self.tok, r) for r in reqs]
         tmp = self.wrap(deltas, self._inherited())
         with patched(self.model, tmp):
-            after = [_probe(self.model, self.tok, r) for r in reqs]
+            after = [probe(self.model, self.tok, r) for r in reqs]
         for d, b, a in zip(deltas, before, after):
             d.metrics.update({f"{k}_before": round(v, 6) for k, v in b.items()})
             d.metrics.update({f"{k}_after": round(v, 6) for k, v in a.items()})
@@ -255,10 +245,20 @@ class Editor:
             torch.stack([d.v * float(d.u @ d.key) for d in deltas]),  # type: ignore[operator]
             max_condition=max_condition,
         )
-        for d, v in zip(deltas, solved.values):
-            d.v = v
-            d.hparams = {**d.hparams, "solve": "joint", "batch_size": len(reqs), "batch_chunk": chunk}
-            d.metrics.update(joint_condition=round(solved.condition, 4), v_norm=round(float(v.norm()), 4))
+        joint = {"solve": "joint", "batch_size": len(reqs), "batch_chunk": chunk}
+        deltas = [
+            dataclasses.replace(
+                d,
+                v=v,
+                hparams={**d.hparams, **joint},
+                metrics={
+                    **d.metrics,
+                    "joint_condition": round(solved.condition, 4),
+                    "v_norm": round(float(v.norm()), 4),
+                },
+            )
+            for d, v in zip(deltas, solved.values)
+        ]
         self._measured(reqs, deltas)
         return self.wrap(deltas, inherited)
 

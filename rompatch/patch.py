@@ -73,6 +73,13 @@ class ParamInfo:
         )
 
 
+def _own_vector(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a float32 CPU vector with storage of its own (a row of a larger tensor is copied:
+    safetensors refuses tensors that share memory)."""
+    t = t.detach().to("cpu", torch.float32).contiguous().reshape(-1)
+    return t if t.untyped_storage().nbytes() == 4 * t.numel() else t.clone()
+
+
 @dataclass
 class RankOneDelta:
     """ΔW = v uᵀ on one matrix (out × in): ``u`` has the input size, ``v`` the output size."""
@@ -93,10 +100,14 @@ class RankOneDelta:
     key: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        self.u = self.u.detach().to("cpu", torch.float32).contiguous().reshape(-1)
-        self.v = self.v.detach().to("cpu", torch.float32).contiguous().reshape(-1)
+        self.u = _own_vector(self.u)
+        self.v = _own_vector(self.v)
         if self.key is not None:
-            self.key = self.key.detach().to("cpu", torch.float32).contiguous().reshape(-1)
+            self.key = _own_vector(self.key)
+
+    def vectors(self) -> dict[str, torch.Tensor]:
+        """The delta's stored vectors by their tensor suffix: ``u``, ``v`` and, when it has one, ``k``."""
+        return {"u": self.u, "v": self.v, **({"k": self.key} if self.key is not None else {})}
 
     def matrix(self, layout: str = "linear") -> torch.Tensor:
         """The dense update in the stored weight's orientation, float32."""
@@ -254,10 +265,8 @@ def content_hash(patch: Patch) -> str:
     h.update(_canonical([d.meta(hashed=True) for d in patch.deltas]).encode())
     h.update(_canonical(list(patch.lineage)).encode())
     for d in patch.deltas:
-        h.update(d.u.numpy().astype("<f4").tobytes())
-        h.update(d.v.numpy().astype("<f4").tobytes())
-        if d.key is not None:
-            h.update(d.key.numpy().astype("<f4").tobytes())
+        for t in d.vectors().values():  # u, v, then k when stored
+            h.update(t.numpy().astype("<f4").tobytes())
     return h.hexdigest()
 
 
@@ -285,10 +294,8 @@ def to_metadata(patch: Patch) -> dict[str, str]:
 def to_tensors(patch: Patch) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for i, d in enumerate(patch.deltas):
-        out[f"deltas.{i}.u"] = d.u
-        out[f"deltas.{i}.v"] = d.v
-        if d.key is not None:
-            out[f"deltas.{i}.k"] = d.key
+        for x, t in d.vectors().items():
+            out[f"deltas.{i}.{x}"] = t
     return out
 
 

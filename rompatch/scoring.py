@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from .request import EditRequest
 from .tokens import encode, pad_id, pad_right, target_ids
 
 
@@ -31,4 +33,15 @@ def target_logprobs(
         for r, (i, j, pi, ti) in enumerate(chunk):
             pos = torch.arange(len(pi) - 1, len(pi) - 1 + len(ti), device=device)
             out[i, j] = logp[r, pos, torch.tensor(ti, device=device)].sum().double().cpu()
+    return out
+
+
+def probe(model: Any, tok: Any, req: EditRequest) -> dict[str, float]:
+    """P(target_new) (``p_new``) and, when the request names it, P(target_true) (``p_true``) after
+    the request's prompt: what a patch records at creation, before and after."""
+    targets = [req.target_new] + ([req.target_true] if req.target_true else [])
+    lp = target_logprobs(model, tok, [req.text], targets)[0]
+    out = {"p_new": math.exp(lp[0])}
+    if req.target_true:
+        out["p_true"] = math.exp(lp[1])
     return out

@@ -3,7 +3,7 @@
 ``rompatch.json`` lists the applied patches in order, with sha256 fingerprints of each touched tensor
 before and after, and whether they were forced. ``rompatch-undo.st`` (safetensors format) holds the
 original bytes of every touched tensor (``base.<param>``) and the applied patches' vectors
-(``patch.<id>.deltas.<j>.u|v``), so ``revert`` needs neither the base checkpoint nor the patch files.
+(``patch.<id>.deltas.<j>.u|v|k``), so ``revert`` needs neither the base checkpoint nor the patch files.
 """
 
 from __future__ import annotations
@@ -194,7 +194,9 @@ def _rebuild_applied(
         n = len(json.loads(meta["deltas"]))
         tensors: dict[str, torch.Tensor] = {}
         for j in range(n):
-            for x in ("u", "v"):
+            for x in ("u", "v", "k"):
+                if x == "k" and delta_key(pid, j, x) not in undo_entries:
+                    continue  # a delta without a key (format 1.1, extracted)
                 e = undo_entries[delta_key(pid, j, x)]
                 tensors[f"deltas.{j}.{x}"] = to_tensor(read_range(upath, e.offset, e.nbytes), e)
     except (KeyError, TypeError, ValueError) as e:

@@ -154,8 +154,7 @@ class StackWrite:
         for a in self.applied:
             for j, d in enumerate(a.patch.deltas):
                 specs += [
-                    (delta_key(a.patch.id, j, "u"), "F32", tuple(d.u.shape)),
-                    (delta_key(a.patch.id, j, "v"), "F32", tuple(d.v.shape)),
+                    (delta_key(a.patch.id, j, x), "F32", tuple(t.shape)) for x, t in d.vectors().items()
                 ]
         return specs
 
@@ -166,8 +165,8 @@ class StackWrite:
             self.undo.write(undo_key(name), self.ckpt.undo_tensor(undo_key(name)))
         for a in self.applied:
             for j, d in enumerate(a.patch.deltas):
-                self.undo.write(delta_key(a.patch.id, j, "u"), tensor_bytes(d.u))
-                self.undo.write(delta_key(a.patch.id, j, "v"), tensor_bytes(d.v))
+                for x, t in d.vectors().items():
+                    self.undo.write(delta_key(a.patch.id, j, x), tensor_bytes(t))
 
     def _original(self, name: str) -> torch.Tensor:
         if name in self.originals:

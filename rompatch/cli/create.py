@@ -11,6 +11,7 @@ from ..apply import patched
 from ..arch import EditTarget
 from ..constants import DEFAULT_SAMPLED_TOKENS, DEFAULT_STATS_TOKENS
 from ..create import Editor
+from ..methods.memit import MEMITEditor, MEMITHyperParams
 from ..models import load_model
 from ..patch import Patch, new_patch, save_patch
 from ..refs import resolve_patch
@@ -72,6 +73,20 @@ def _apply(opts):
     "edits in one joint solve (each key gets exactly its own target; δ optimised in shared passes).",
 )
 @click.option(
+    "--method",
+    type=click.Choice(["rome", "memit"]),
+    default="rome",
+    show_default=True,
+    help="rome: one rank-one update per edit at one layer; memit: all edits in one batch, spread over "
+    "a range of layers (--layers).",
+)
+@click.option(
+    "--layers",
+    default=None,
+    metavar="L1,L2,...",
+    help="With --method memit: the layers to spread over (default: five, ending two after the default layer).",
+)
+@click.option(
     "--on",
     "on",
     multiple=True,
@@ -122,6 +137,8 @@ def create(
     target_true,
     requests_file,
     mode,
+    method,
+    layers,
     on,
     protect,
     protect_principal,
@@ -148,9 +165,14 @@ def create(
     """
     reqs = _requests(requests_file, prompt, subject, target_new, target_true)
     if split and mode != "independent":
-        raise click.UsageError(f"--split writes independent edits one per file; it does not go with --mode {mode}")
+        raise click.UsageError(
+            f"--split writes independent edits one per file; it does not go with --mode {mode}"
+        )
     if protect_principal is not None and not protect:
         raise click.UsageError("--protect-principal needs --protect")
+    memit_layers = _memit_options(
+        method, layers, mode=mode, split=split, protect=protect, layer=layer, no_mom2=no_mom2, fast=fast
+    )
     base_patches = [resolve_patch(x) for x in on]  # a bad --on fails before the model loads
     out = Path(output)
     many_files = mode == "sequential" or split
@@ -168,6 +190,18 @@ def create(
         **({"protect_principal": protect_principal} if protect_principal is not None else {}),
     )
     progress = not as_json or os.isatty(2)
+    if method == "memit":
+        memit = MEMITHyperParams(
+            layers=memit_layers, seed=seed, context_length_params=hp.context_length_params,
+            **({"v_steps": steps} if steps else {}),
+        )  # fmt: skip
+        with patched(m, base_patches):
+            ed = MEMITEditor(
+                m, tok, hparams=memit, stats_data=stats_data, stats_tokens=stats_tokens,
+                stats_text_field=stats_text_field, progress=progress, notify=info,
+            )  # fmt: skip
+            _write_one(ed.patch(reqs), out, as_json=as_json)
+        return
     editor = Editor(
         m,
         tok,
@@ -184,13 +218,51 @@ def create(
             _write_folder(out, patches, as_json=as_json)
             return
         patch = editor.batch(reqs) if mode == "batch" else editor.patch(reqs)
+    _write_one(patch, out, as_json=as_json)
+
+
+def _write_one(patch: Patch, out: Path, *, as_json: bool) -> None:
     save_patch(patch, out)
     if as_json:
         echo_json({"path": str(out), **patch.summary()})
-    else:
-        for e in patch.summary()["edits"]:
+        return
+    for e in patch.summary()["edits"]:
+        if e["subject"] is not None:
             click.echo(_line(e))
-        info(f"wrote {out} (patch {patch.short_id}, {out.stat().st_size:,} bytes)")
+    compressed = sum(1 for d in patch.deltas if "svd_compressed" in d.hparams)
+    if compressed:
+        info(
+            f"{compressed} SVD-compressed delta(s): the update outweighed the dense matrix as one pair per edit"
+        )
+    info(f"wrote {out} (patch {patch.short_id}, {out.stat().st_size:,} bytes)")
+
+
+def _memit_options(method, layers, *, mode, split, protect, layer, no_mom2, fast) -> tuple[int, ...] | None:
+    """The --layers of a MEMIT edit; refuses the options that are ROME's only."""
+    if method != "memit":
+        if layers:
+            raise click.UsageError("--layers is for --method memit; ROME edits one layer (--layer)")
+        return None
+    clash = [
+        name
+        for name, on in (
+            (f"--mode {mode}", mode == "sequential"), ("--split", split), ("--protect", protect),
+            ("--layer", layer is not None), ("--no-mom2", no_mom2), ("--fast", fast),
+        )
+        if on
+    ]  # fmt: skip
+    if clash:
+        raise click.UsageError(
+            f"--method memit solves all requests in one batch over --layers; it does not take {', '.join(clash)}"
+        )
+    if not layers:
+        return None
+    try:
+        return tuple(int(x) for x in layers.split(","))
+    except ValueError:
+        raise click.UsageError(
+            f"--layers must be comma-separated integers like 4,5,6, not {layers!r}"
+        ) from None
 
 
 def _requests(requests_file, prompt, subject, target_new, target_true) -> list[EditRequest]:
