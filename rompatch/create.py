@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .apply import applied_patches, apply_patch, patched, revert_patch
 from .arch import EditTarget, ModelSpec
 from .context import context_templates
-from .errors import MergeError, RequestError
+from .errors import RequestError
 from .fingerprint import TensorMemo
 from .merge import DEFAULT_MAX_CONDITION, joint_solve
 from .models import applied_on_disk, model_identity
@@ -46,6 +46,7 @@ from .stats import SecondMoment, get_second_moment
 log = logging.getLogger(__name__)
 
 Requests = EditRequest | Sequence[EditRequest]
+CHUNK = 16  # edits whose δ are optimised in one batch of forward and backward passes
 
 
 def _request_list(tok: Any, requests: Requests) -> list[EditRequest]:
@@ -150,7 +151,7 @@ class Editor:
                 if d.parameter != self.target.parameter:
                     continue
                 if d.key is None:
-                    raise MergeError(
+                    raise RequestError(
                         f"applied patch {p.short_id} delta {i} has no key (an older format or an extracted delta); "
                         "protection needs the keys of the patches it protects: re-create that patch, or edit without protect"
                     )
@@ -221,17 +222,13 @@ class Editor:
         self._measured([req], [d])
         return d
 
-    def batch(
-        self, requests: Requests, *, chunk: int = 32, max_condition: float | None = DEFAULT_MAX_CONDITION
-    ) -> Patch:
-        """All edits in one joint solve at the edited matrix: each target computed as if alone (the δ
-        of ``chunk`` edits optimised together in shared passes), then ΔW = R (UᵀK)⁻¹ Uᵀ so that every
-        key maps exactly to its own target (``rompatch.merge``). One patch; its deltas carry
-        ``hparams["solve"] = "joint"`` and the system's condition number in ``metrics``."""
-        reqs = _request_list(self.tok, requests)
-        inherited = self._inherited()
+    def _computed(self, reqs: list[EditRequest], chunk: int, desc: str) -> list[RankOneDelta]:
+        """Each request's delta as if alone on the model, the δ of ``chunk`` requests optimised
+        together (``compute_values``); metrics without the before/after probes."""
         deltas: list[RankOneDelta] = []
-        bar = tqdm(total=len(reqs), desc="batch", unit="edit", disable=not self.progress, leave=False)
+        bar = tqdm(
+            total=len(reqs), desc=desc, unit="edit", disable=not self.progress or len(reqs) == 1, leave=False
+        )
         try:
             for i in range(0, len(reqs), chunk):
                 part = reqs[i : i + chunk]
@@ -239,6 +236,18 @@ class Editor:
                 bar.update(len(part))
         finally:
             bar.close()
+        return deltas
+
+    def batch(
+        self, requests: Requests, *, chunk: int = CHUNK, max_condition: float | None = DEFAULT_MAX_CONDITION
+    ) -> Patch:
+        """All edits in one joint solve at the edited matrix: each target computed as if alone (the δ
+        of ``chunk`` edits optimised together in shared passes), then ΔW = R (UᵀK)⁻¹ Uᵀ so that every
+        key maps exactly to its own target (``rompatch.merge``). One patch; its deltas carry
+        ``hparams["solve"] = "joint"`` and the system's condition number in ``metrics``."""
+        reqs = _request_list(self.tok, requests)
+        inherited = self._inherited()
+        deltas = self._computed(reqs, chunk, "batch")
         solved = joint_solve(
             torch.stack([d.u for d in deltas]),
             torch.stack([d.key for d in deltas]),  # type: ignore[misc]
@@ -260,6 +269,24 @@ class Editor:
             for d, v in zip(deltas, solved.values)
         ]
         self._measured(reqs, deltas)
+        return self.wrap(deltas, inherited)
+
+    def patch(
+        self,
+        requests: Requests,
+        *,
+        on_edit: Callable[[int, RankOneDelta], None] | None = None,
+        chunk: int = CHUNK,
+    ) -> Patch:
+        """Every edit computed on the model as it is (the δ of ``chunk`` edits optimised together,
+        each exactly as it would be alone); one patch holding all the deltas, each measured alone."""
+        reqs = _request_list(self.tok, requests)
+        inherited = self._inherited()
+        deltas = self._computed(reqs, chunk, "edits")
+        for i, (r, d) in enumerate(zip(reqs, deltas)):
+            self._measured([r], [d])
+            if on_edit is not None:
+                on_edit(i, d)
         return self.wrap(deltas, inherited)
 
     def _deltas(self, reqs: list[EditRequest], *, then: Callable[[RankOneDelta], None]) -> None:
@@ -285,22 +312,6 @@ class Editor:
                 bar.update(1)
         finally:
             bar.close()
-
-    def patch(
-        self, requests: Requests, *, on_edit: Callable[[int, RankOneDelta], None] | None = None
-    ) -> Patch:
-        """Every edit computed on the model as it is; one patch holding all the deltas."""
-        reqs = _request_list(self.tok, requests)
-        inherited = self._inherited()
-        deltas: list[RankOneDelta] = []
-
-        def keep(d: RankOneDelta) -> None:
-            deltas.append(d)
-            if on_edit is not None:
-                on_edit(len(deltas) - 1, d)
-
-        self._deltas(reqs, then=keep)
-        return self.wrap(deltas, inherited)
 
     def chain(
         self, requests: Requests, *, on_edit: Callable[[int, RankOneDelta], None] | None = None

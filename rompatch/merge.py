@@ -17,9 +17,9 @@ KᵀC⁻¹K = KᵀU D is symmetric, so KᵀU D = D UᵀK, and R (KᵀUD)⁻¹ (U
 The target r_j is what edit j's author wanted the matrix's change to be at k_j:
 
 - a delta computed on its own (``create``, independent edits): its own v_j (u_j·k_j);
-- a delta of a joint solve (``create --batch``, a merge; ``hparams["solve"] == "joint"``): the
+- a delta of a joint solve (``create --mode batch``, a merge, MEMIT; ``hparams["solve"] == "joint"``): the
   sum of that patch's joint deltas on the matrix, at k_j;
-- plus, for a patch computed on top of others (``create --sequential``, ``create --on``), the
+- plus, for a patch computed on top of others (``create --mode sequential``, ``create --on``), the
   deltas of those others at k_j, when they are in the merge (its recorded target value).
 
 Refused, with the reason: a delta without a key (format ≤ 1.1, extracted); a plain stack as input

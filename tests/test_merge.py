@@ -206,3 +206,16 @@ def test_protect_principal_needs_statistics(text_file):
     hp = dataclasses.replace(FAST, mom2_adjustment=False, protect=True, protect_principal=2)
     with pytest.raises(RequestError, match="protect_principal needs second-moment statistics"):
         Editor(model, tok, hparams=hp).patch([REQ])
+
+
+def test_protection_refuses_applied_patches_without_keys(text_file):
+    ed = _editor("llama", text_file, protect=True, protect_principal=0)
+    first = ed.patch([REQS[0]])
+    keyless = new_patch(
+        [dataclasses.replace(first.deltas[0], key=None)], base=first.base, parameters=first.parameters
+    )
+    with (
+        patched(ed.model, keyless),
+        pytest.raises(RequestError, match=r"delta 0 has no key .*protection needs the keys"),
+    ):
+        ed.patch([REQS[1]])

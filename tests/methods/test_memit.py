@@ -72,16 +72,19 @@ def test_memit_spreads_the_residual_over_its_layers(text_file):
     assert patch.deltas[-1].metrics["p_new_after"] > patch.deltas[-1].metrics["p_new_before"]
 
 
-def test_memit_patch_exports_to_an_equal_peft_adapter(text_file, tmp_path):
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_memit_patch_exports_to_an_equal_peft_adapter(arch, text_file, tmp_path):
     pytest.importorskip("peft")
     from peft import PeftModel
 
-    model, tok = edit_model("llama"), edit_tokenizer("llama")
+    model, tok = edit_model(arch), edit_tokenizer(arch)
     patch = MEMITEditor(model, tok, hparams=HP, stats=_stats(model, tok, text_file)).patch([REQ, *OTHERS])
     x = tok([REQ.text], return_tensors="pt").input_ids
     with torch.no_grad(), patched(model, patch):
         ref = model(x).logits
     export_peft(patch, tmp_path / "adapter")
+    with torch.no_grad():
+        assert float((model(x).logits - ref).abs().max()) > 1e-2, "the patch changes the logits"
     pm = PeftModel.from_pretrained(model, str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         assert float((pm(x).logits - ref).abs().max()) < 1e-4

@@ -7,7 +7,7 @@ For requests i = 1..N and layers l₁ < … < l_L (the last is l_L):
 2. For each layer l in order, on the model with the updates of the layers below already applied:
    k_i = the key of request i at layer l (averaged over the context templates as ROME's k*);
    r_i = (δ_i − the change the lower layers already make at l_L) / (number of layers from l on);
-   ΔW_l = R Kᵀ (λ C_l + K Kᵀ)⁻¹          (C_l = E[k kᵀ] at layer l, λ = mom2_update_weight).
+   ΔW_l = R Kᵀ (λ C_l + K Kᵀ)⁻¹          (C_l = E[k kᵀ] at layer l, λ = mom2_update_weight, default d_in).
 3. The patch: per layer, ΔW_l = Σ_i r_i a_iᵀ with a_i = (λ C_l + K Kᵀ)⁻¹ k_i, stored as N rank-one
    deltas (u = a_i/‖a_i‖, v = r_i ‖a_i‖, key k_i; ``hparams["solve"] = "joint"``). When N exceeds
    min(in, out) the N pairs would outweigh the dense matrix; ΔW_l is then stored as its SVD,
@@ -155,9 +155,13 @@ class MEMITEditor:
         """ΔW at one layer as rank-one deltas (SVD-compressed when N pairs outweigh the matrix)."""
         hp = self.hparams
         C = self.stats[target.layer].mom2.detach().to("cpu", torch.float64)
-        A = torch.linalg.solve(hp.mom2_update_weight * C + keys.T @ keys, keys.T)  # (in, N): a_i
         n, d_in, d_out = len(reqs), keys.shape[1], resid.shape[1]
-        base = {**hp.to_dict(), "layer": target.layer, "solve": "joint", "method": "memit", "batch_size": n}
+        lam = hp.mom2_update_weight if hp.mom2_update_weight is not None else float(d_in)
+        A = torch.linalg.solve(lam * C + keys.T @ keys, keys.T)  # (in, N): a_i
+        base = {
+            **hp.to_dict(), "layer": target.layer, "solve": "joint", "method": "memit", "batch_size": n,
+            "mom2_update_weight_used": lam,
+        }  # fmt: skip
         stats = copy.deepcopy(self._records[target.layer])
         if n <= min(d_in, d_out):
             out = []

@@ -1,0 +1,47 @@
+"""Many edits (issue 14): `python -m bench.run --only many_edits` runs bench/many_edits.py for every
+mode at N = 1, 10, 100 (resuming from bench/results/many_edits.json: entries already measured are
+kept) and puts its table and plot in RESULTS.md. Larger N: run the script itself, e.g.
+``python -m bench.many_edits --modes batch,memit --n 1000``; its entries are shown here too."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import many_edits
+from bench.data import missing_data
+
+TITLE = "Many edits (issue 14): SmolLM2-135M on CounterFact"
+FULL_ONLY = True
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "results" / "many_edits.json"
+FIGURE = HERE / "figures" / "many_edits.png"
+
+
+def skip_reason() -> str | None:
+    return missing_data(many_edits.DATA, many_edits.WIKITEXT)
+
+
+def run() -> dict:
+    many_edits.main(["--n", "1,10,100", "--out", str(OUT)])
+    entries = [e for e in json.loads(OUT.read_text())["entries"] if "error" not in e]
+    many_edits.plot(entries, FIGURE)
+    rows = []
+    for e in sorted(entries, key=lambda e: (many_edits.MODES.index(e["mode"]), e["n"])):
+        if e["n"] == max(x["n"] for x in entries if x["mode"] == e["mode"]):
+            rows.append(
+                {
+                    "metric": f"{e['mode']}, N = {e['n']}: ES / PS / NS",
+                    "value": f"{e['ES']:.1f} / {e['PS']:.1f} / {e['NS']:.1f}",
+                    "unit": "%",
+                    "target": "N = 1,000: ES ≥ 95, PS ≥ 80, NS ≥ unedited − 5",
+                    "note": f"NS unedited {e['NS_unedited']:.1f}; ppl {e['ppl']:.2f} vs {e['ppl_unedited']:.2f}; "
+                    f"{e['edits_per_second']:.3g} edits/s",
+                }
+            )
+    return {
+        "rows": rows,
+        "markdown": many_edits.markdown(json.loads(OUT.read_text())["entries"])
+        + f"\n\n![ES, PS, NS and perplexity against N](figures/{FIGURE.name})",
+        "setup": many_edits.__doc__.split("\n\n")[1].strip(),
+    }
