@@ -282,11 +282,26 @@ class Editor:
         each exactly as it would be alone); one patch holding all the deltas, each measured alone."""
         reqs = _request_list(self.tok, requests)
         inherited = self._inherited()
-        deltas = self._computed(reqs, chunk, "edits")
-        for i, (r, d) in enumerate(zip(reqs, deltas)):
-            self._measured([r], [d])
-            if on_edit is not None:
-                on_edit(i, d)
+        deltas: list[RankOneDelta] = []
+        bar = tqdm(
+            total=len(reqs),
+            desc="edits",
+            unit="edit",
+            disable=not self.progress or len(reqs) == 1,
+            leave=False,
+        )
+        try:
+            for i in range(0, len(reqs), chunk):
+                part = reqs[i : i + chunk]
+                for r, res in zip(part, self._results(part)):
+                    d = self._delta(r, res)
+                    self._measured([r], [d])
+                    deltas.append(d)
+                    if on_edit is not None:
+                        on_edit(len(deltas) - 1, d)
+                bar.update(len(part))
+        finally:
+            bar.close()
         return self.wrap(deltas, inherited)
 
     def _deltas(self, reqs: list[EditRequest], *, then: Callable[[RankOneDelta], None]) -> None:

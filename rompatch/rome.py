@@ -460,6 +460,58 @@ def compute_value(
 
 
 @dataclass
+class _Rows:
+    """The replayed rows of some of a batch's tasks (``members``): each task's prompts, where its δ
+    enters (``subj_mask``, ``row_task``), and which logits and labels its loss reads (``spans``:
+    task -> (first read, stop, first label))."""
+
+    members: list[int]
+    replay: _Replay
+    subj_mask: torch.Tensor
+    row_task: torch.Tensor
+    labels: torch.Tensor
+    spans: dict[int, tuple[int, int, int]]
+
+    @classmethod
+    def of(
+        cls,
+        model: Any,
+        spec: ModelSpec,
+        layer: int,
+        tok: Any,
+        prs: Sequence[_Prompts],
+        tasks: Sequence[ValueTask],
+        members: list[int],
+        device: torch.device,
+    ) -> _Rows:
+        seqs, subj_idx, reads, labels, row_task, scales = [], [], [], [], [], []
+        spans: dict[int, tuple[int, int, int]] = {}
+        for e in members:
+            pr, t = prs[e], tasks[e]
+            r_reads, r_labels = _read_positions(pr)
+            spans[e] = (len(reads), len(reads) + len(r_reads), len(labels))
+            reads += [(len(seqs) + r, c) for r, c in r_reads]
+            labels += r_labels
+            seqs += pr.seqs
+            subj_idx += pr.subj_idx
+            row_task += [e] * len(pr.seqs)
+            scales.append(torch.ones(len(pr.seqs)) if t.scales is None else t.scales.float().cpu())
+        replay = _Replay(model, spec, layer, seqs, subj_idx, reads, pad_id(tok), device)
+        subj_mask = torch.zeros((len(seqs), replay.width, 1), device=device)
+        subj_mask[torch.arange(len(seqs), device=device), replay.edit_col] = torch.cat(scales).to(device)[
+            :, None
+        ]
+        return cls(
+            members=list(members),
+            replay=replay,
+            subj_mask=subj_mask,
+            row_task=torch.tensor(row_task, device=device),
+            labels=torch.tensor(labels, device=device),
+            spans=spans,
+        )
+
+
+@dataclass
 class ValueTask:
     """One request's δ optimisation: its usable templates, k*, the per-template scales of δ (then
     one for the KL prompt; None: unscaled, as the paper does) and a bound on ‖δ‖."""
@@ -495,44 +547,24 @@ def compute_values(
     mod = model.get_submodule(spec.mlp_out_module(layer))
     E = len(tasks)
     prs = [_build_prompts(tok, t.req, t.templates, hp) for t in tasks]
-    seqs, subj_idx, reads, labels, row_task = [], [], [], [], []
-    for e, pr in enumerate(prs):
-        r_reads, r_labels = _read_positions(pr)
-        reads += [(len(seqs) + r, c) for r, c in r_reads]
-        labels += r_labels
-        seqs += pr.seqs
-        subj_idx += pr.subj_idx
-        row_task += [e] * len(pr.seqs)
-    labels_t = torch.tensor(labels, device=device)
-    row_task_t = torch.tensor(row_task, device=device)
 
     with torch.no_grad():
         ks = torch.stack([t.k_star for t in tasks]).to(device=device, dtype=mod.weight.dtype)
         w_k = mod(ks).float()  # W k* (+ bias), (E, out)
     ref_norms = [float(x) for x in w_k.norm(dim=1)]
     delta = torch.zeros_like(w_k, requires_grad=True)
+    cur: list[_Rows] = []  # the rows being replayed: every task's at first, then the unfinished ones'
 
     def add_delta(out, name):
-        return out + (subj_mask * delta[row_task_t][:, None, :]).to(out.dtype)
+        if not cur:  # building a replay: its reference passes run without δ
+            return out
+        rows = cur[0]
+        return out + (rows.subj_mask * delta[rows.row_task][:, None, :]).to(out.dtype)
 
     with _frozen(model):
-        replay = _Replay(model, spec, layer, seqs, subj_idx, reads, pad_id(tok), device)
-        subj_mask = torch.zeros((len(seqs), replay.width, 1), device=device)
-        row_scales = torch.cat(
-            [
-                torch.ones(len(pr.seqs)) if t.scales is None else t.scales.float().cpu()
-                for t, pr in zip(tasks, prs)
-            ]
-        )
-        subj_mask[torch.arange(len(seqs), device=device), replay.edit_col] = row_scales.to(device)[:, None]
-        # the logit rows each task reads: its rewrite rows' target positions, then its KL row
-        spans, at = [], 0
-        for pr in prs:
-            n_reads = pr.n_rewrite * len(pr.target) + 1
-            spans.append((at, at + n_reads, sum(len(p.target) * p.n_rewrite for p in prs[: len(spans)])))
-            at += n_reads
-        kl_rows = torch.tensor([b - 1 for _, b, _ in spans], device=device)
-        kl_init = torch.log_softmax(replay.full_logits[kl_rows], -1).detach()
+        cur.append(_Rows.of(model, spec, layer, tok, prs, tasks, list(range(E)), device))
+        mode = cur[0].replay.mode
+        kl_init = torch.log_softmax(cur[0].replay.full_logits[[cur[0].spans[e][1] - 1 for e in range(E)]], -1)
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
         max_norms = torch.tensor(
             [min(hp.clamp_norm_factor * r, t.max_delta_norm) for r, t in zip(ref_norms, tasks)], device=device
@@ -544,22 +576,31 @@ def compute_values(
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=hp.optim_autocast == "bfloat16")
         with Trace(model, spec.mlp_out_module(layer), retain_output=False, edit_output=add_delta):
             for step in range(hp.v_steps):
+                rows = cur[0]
+                finished = [e for e in rows.members if done[e]]
+                if 4 * sum(len(prs[e].seqs) for e in finished) >= len(rows.row_task):
+                    # a quarter of the rows belong to finished tasks: replay only the others
+                    cur.clear()
+                    rows = _Rows.of(
+                        model, spec, layer, tok, prs, tasks, [e for e in rows.members if not done[e]], device
+                    )
+                    cur.append(rows)
                 opt.zero_grad()
                 with autocast:
-                    logits = replay.run()
+                    logits = rows.replay.run()
                 logits = logits.float()
                 total = logits.new_zeros(())
-                for e, (pr, (a, b, lab0)) in enumerate(zip(prs, spans)):
+                for e in rows.members:
                     if done[e]:
                         continue
                     steps[e] = step + 1
-                    n_lab = pr.n_rewrite * len(pr.target)
+                    a, b, lab0 = rows.spans[e]
                     nll, loss = _loss(
                         logits[a:b],
-                        labels_t[lab0 : lab0 + n_lab],
+                        rows.labels[lab0 : lab0 + prs[e].n_rewrite * len(prs[e].target)],
                         kl_init[e : e + 1],
                         delta[e],
-                        n=pr.n_rewrite,
+                        n=prs[e].n_rewrite,
                         ref_norm=ref_norms[e],
                         hp=hp,
                     )
@@ -596,7 +637,7 @@ def compute_values(
             "delta_norm": round(d.norm().item(), 4),
             "wk_norm": round(ref_norms[e], 4),
             "delta_capped": bool(d.norm().item() >= 0.999 * float(max_norms[e])),
-            "replay": replay.mode,
+            "replay": mode,
             "target_tokens": len(prs[e].target),
             "target_tokenization": prs[e].target_how,
         }

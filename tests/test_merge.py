@@ -219,3 +219,23 @@ def test_protection_refuses_applied_patches_without_keys(text_file):
         pytest.raises(RequestError, match=r"delta 0 has no key .*protection needs the keys"),
     ):
         ed.patch([REQS[1]])
+
+
+def test_batched_values_equal_one_by_one_and_drop_finished_rows(text_file, monkeypatch):
+    """compute_values on several requests gives each δ what it gets alone, also after finished
+    requests' rows leave the replay (the edits stop at different steps here)."""
+    import rompatch.rome as rome
+
+    ed = _editor("llama", text_file, v_steps=40, early_stop_loss=3.0)
+    singles = [ed._results([r])[0] for r in REQS]
+    builds = []
+    real = rome._Rows.of
+    monkeypatch.setattr(
+        rome._Rows, "of", classmethod(lambda cls, *a, **k: builds.append(len(a[6])) or real(*a, **k))
+    )
+    batched = ed._results(REQS)
+    assert len({r.metrics["v_steps_run"] for r in batched}) > 1, "the requests stop at different steps"
+    assert builds[0] == len(REQS) and len(builds) > 1 and builds[-1] < len(REQS), builds
+    for a, b in zip(singles, batched):
+        assert a.metrics["v_steps_run"] == b.metrics["v_steps_run"]
+        assert _rel(b.v.double(), a.v.double()) < 1e-4
