@@ -1,5 +1,5 @@
 """Many edits (issue 14): `python -m bench.run --only many_edits` runs bench/many_edits.py for every
-mode at N = 1, 10, 100 (resuming from bench/results/many_edits.json: entries already measured are
+mode at N = 1, 10, 100 (resuming from bench/results/many_edits_entries.json: entries already measured are
 kept) and puts its table and plot in RESULTS.md. Larger N: run the script itself, e.g.
 ``python -m bench.many_edits --modes batch,memit --n 1000``; its entries are shown here too."""
 
@@ -14,8 +14,9 @@ from bench.data import missing_data
 TITLE = "Many edits (issue 14): SmolLM2-135M on CounterFact"
 FULL_ONLY = True
 HERE = Path(__file__).resolve().parent
-OUT = HERE / "results" / "many_edits.json"
+OUT = HERE / "results" / "many_edits_entries.json"
 FIGURE = HERE / "figures" / "many_edits.png"
+KEYS = HERE / "results" / "key_conditioning.json"  # python -m bench.key_conditioning
 
 
 def skip_reason() -> str | None:
@@ -42,6 +43,26 @@ def run() -> dict:
     return {
         "rows": rows,
         "markdown": many_edits.markdown(json.loads(OUT.read_text())["entries"])
-        + f"\n\n![ES, PS, NS and perplexity against N](figures/{FIGURE.name})",
+        + f"\n\n![ES, PS, NS and perplexity against N](figures/{FIGURE.name})"
+        + key_conditioning(),
         "setup": many_edits.__doc__.split("\n\n")[1].strip(),
     }
+
+
+def key_conditioning() -> str:
+    """The joint system's condition number against N (bench/key_conditioning.py), as a table."""
+    if not KEYS.exists():
+        return ""
+    k = json.loads(KEYS.read_text())
+    lines = [
+        "",
+        "",
+        f"Condition number of the joint system UᵀK (unit diagonal) for the first N records, {k['model']} "
+        f"layer {k['layer']} (d_in = {k['d_in']:,}), from `python -m bench.key_conditioning` (keys only, "
+        f"{k['key_seconds']:.0f} s for {max(r['n'] for r in k['rows']):,} records):",
+        "",
+        "| N | " + " | ".join(f"{r['n']:,}" for r in k["rows"]) + " |",
+        "| --- | " + " | ".join("---:" for _ in k["rows"]) + " |",
+        "| cond(UᵀK) | " + " | ".join(f"{r['condition']:.3g}" for r in k["rows"]) + " |",
+    ]
+    return "\n".join(lines)

@@ -2,7 +2,7 @@
 
     python -m bench.many_edits --model smollm2-135m \
         --modes independent,merged,sequential,protected,batch,memit --n 1,10,100 \
-        --out bench/results/many_edits.json --markdown --plot bench/figures/many_edits.png
+        --out bench/results/many_edits_entries.json --markdown --plot bench/figures/many_edits.png
 
 For each mode and N, on the first N records of EasyEdit's CounterFact ``counterfact-train.json``
 (the same records for every mode; smaller N are prefixes of larger ones):
@@ -361,12 +361,21 @@ class Harness:
             **edits.extra,
             "eval_seconds": round(time.perf_counter() - t0, 3),
             "hparams": getattr(edits.patches[-1].deltas[-1], "hparams", None),  # the last edit's, as recorded
+            "condition": _condition(edits.patches[-1]),
         }
 
     def check_unedited(self, mode: str) -> None:
         """Every weight bit-identical to the unedited model's (after a mode's evaluations)."""
         if self._base_sha is not None and weights_sha(self.model) != self._base_sha:
             raise SystemExit(f"after {mode}: the model's weights differ from the unedited ones")
+
+
+def _condition(patch: Any) -> float | None:
+    """The joint system's condition number of a merged or batch patch (None for other patches)."""
+    merged = patch.merged_from() if hasattr(patch, "merged_from") else None
+    if merged:
+        return max(merged["condition"].values())
+    return patch.deltas[0].metrics.get("joint_condition")
 
 
 # ---------------------------------------------------------------------------------- results
@@ -542,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     ap.add_argument("--n", default="1,10,100", help="comma-separated numbers of edits")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "many_edits.json")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "many_edits_entries.json")
     ap.add_argument("--data", help=f"EasyEdit CounterFact file (default $ROMPATCH_DATA/{DATA})")
     ap.add_argument("--wikitext", help=f"perplexity text (default $ROMPATCH_DATA/{WIKITEXT})")
     ap.add_argument("--device", default="cpu")
