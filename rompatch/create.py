@@ -39,14 +39,13 @@ from .models import applied_on_disk, model_identity
 from .patch import ParamInfo, Patch, RankOneDelta, new_patch
 from .refs import PatchesLike
 from .request import EditRequest
-from .rome import EditResult, ROMEHyperParams, compute_deltas, validate_request
+from .rome import EditResult, ROMEHyperParams, compute_deltas, default_chunk, validate_request
 from .scoring import probe
 from .stats import SecondMoment, get_second_moment
 
 log = logging.getLogger(__name__)
 
 Requests = EditRequest | Sequence[EditRequest]
-CHUNK = 16  # edits whose δ are optimised in one batch of forward and backward passes
 
 
 def _request_list(tok: Any, requests: Requests) -> list[EditRequest]:
@@ -239,13 +238,19 @@ class Editor:
         return deltas
 
     def batch(
-        self, requests: Requests, *, chunk: int = CHUNK, max_condition: float | None = DEFAULT_MAX_CONDITION
+        self,
+        requests: Requests,
+        *,
+        chunk: int | None = None,
+        max_condition: float | None = DEFAULT_MAX_CONDITION,
     ) -> Patch:
         """All edits in one joint solve at the edited matrix: each target computed as if alone (the δ
-        of ``chunk`` edits optimised together in shared passes), then ΔW = R (UᵀK)⁻¹ Uᵀ so that every
-        key maps exactly to its own target (``rompatch.merge``). One patch; its deltas carry
-        ``hparams["solve"] = "joint"`` and the system's condition number in ``metrics``."""
+        of ``chunk`` edits optimised together in shared passes; None: ``default_chunk``), then
+        ΔW = R (UᵀK)⁻¹ Uᵀ so that every key maps exactly to its own target (``rompatch.merge``). One
+        patch; its deltas carry ``hparams["solve"] = "joint"`` and the system's condition number in
+        ``metrics``."""
         reqs = _request_list(self.tok, requests)
+        chunk = chunk or default_chunk(self.model)
         inherited = self._inherited()
         deltas = self._computed(reqs, chunk, "batch")
         solved = joint_solve(
@@ -254,7 +259,7 @@ class Editor:
             torch.stack([d.v * float(d.u @ d.key) for d in deltas]),  # type: ignore[operator]
             max_condition=max_condition,
         )
-        joint = {"solve": "joint", "batch_size": len(reqs), "batch_chunk": chunk}
+        joint = {"solve": "joint", "batch_size": len(reqs)}
         deltas = [
             dataclasses.replace(
                 d,
@@ -276,11 +281,13 @@ class Editor:
         requests: Requests,
         *,
         on_edit: Callable[[int, RankOneDelta], None] | None = None,
-        chunk: int = CHUNK,
+        chunk: int | None = None,
     ) -> Patch:
         """Every edit computed on the model as it is (the δ of ``chunk`` edits optimised together,
-        each exactly as it would be alone); one patch holding all the deltas, each measured alone."""
+        each exactly as it would be alone; None: ``default_chunk``); one patch holding all the deltas,
+        each measured alone."""
         reqs = _request_list(self.tok, requests)
+        chunk = chunk or default_chunk(self.model)
         inherited = self._inherited()
         deltas: list[RankOneDelta] = []
         bar = tqdm(

@@ -459,6 +459,18 @@ def compute_value(
     return out
 
 
+# Edits whose δ are optimised in one batch of forward and backward passes, by device. A GPU is
+# under-used by one edit's dozen short prompts, so sharing passes pays; on a CPU the passes are
+# compute-bound and the padding of prompts of different lengths makes shared passes slower
+# (bench/RESULTS.md, "Many edits"), so edits run one at a time there.
+CHUNK = {"cuda": 16, "cpu": 1}
+
+
+def default_chunk(model: Any) -> int:
+    """``CHUNK`` for the device ``model`` is on (16 on CUDA, 1 elsewhere)."""
+    return CHUNK.get(next(model.parameters()).device.type, 1)
+
+
 @dataclass
 class _Rows:
     """The replayed rows of some of a batch's tasks (``members``): each task's prompts, where its δ

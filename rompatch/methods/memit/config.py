@@ -36,14 +36,14 @@ class MEMITHyperParams:
     kl_prompt: str = "{} is a"
     key_prompt_weight: float = 0.5
     seed: int = 0
-    chunk: int = 32  # requests whose δ are optimised in one batch of passes
+    chunk: int | None = None  # requests whose δ are optimised in shared passes; None: by device (rome.CHUNK)
 
     def __post_init__(self) -> None:
         if self.mom2_update_weight is not None and self.mom2_update_weight <= 0:
             raise RequestError(f"mom2_update_weight must be > 0, not {self.mom2_update_weight}")
         if self.layers is not None and (not self.layers or list(self.layers) != sorted(set(self.layers))):
             raise RequestError(f"layers must be distinct and increasing, not {list(self.layers)}")
-        if self.chunk < 1:
+        if self.chunk is not None and self.chunk < 1:
             raise RequestError(f"chunk must be >= 1, not {self.chunk}")
 
     def value_hparams(self, layer: int) -> ROMEHyperParams:

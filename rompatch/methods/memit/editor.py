@@ -38,7 +38,7 @@ from ...models import applied_on_disk, model_identity
 from ...patch import ParamInfo, Patch, RankOneDelta, new_patch
 from ...refs import PatchesLike
 from ...request import EditRequest
-from ...rome import ValueTask, averaged_key, compute_values, usable_templates, validate_request
+from ...rome import ValueTask, averaged_key, compute_values, default_chunk, usable_templates, validate_request
 from ...scoring import probe
 from ...stats import SecondMoment, get_second_moment
 from ...tokens import pad_id, pad_right, subject_span
@@ -135,9 +135,10 @@ class MEMITEditor:
         torch.manual_seed(hp.seed)
         bar = tqdm(total=len(reqs), desc="memit targets", unit="edit", disable=not self.progress, leave=False)
         try:
-            for i in range(0, len(reqs), hp.chunk):
+            chunk = hp.chunk or default_chunk(self.model)
+            for i in range(0, len(reqs), chunk):
                 tasks = []
-                for r, t in zip(reqs[i : i + hp.chunk], kept[i : i + hp.chunk]):
+                for r, t in zip(reqs[i : i + chunk], kept[i : i + chunk]):
                     k, _ = self._read(r, t, last.layer)
                     tasks.append(ValueTask(r, t, k.float()))
                 for delta, _, _ in compute_values(
