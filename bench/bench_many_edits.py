@@ -1,7 +1,11 @@
-"""Many edits (issue 14): `python -m bench.run --only many_edits` runs bench/many_edits.py for every
-mode at N = 1, 10, 100 (resuming from bench/results/many_edits_entries.json: entries already measured are
-kept) and puts its table and plot in RESULTS.md. Larger N: run the script itself, e.g.
-``python -m bench.many_edits --modes batch,memit --n 1000``; its entries are shown here too."""
+"""Many edits (issue 14): `python -m bench.run --only many_edits` puts the table and plot of the
+measurements in RESULTS.md. The measurements themselves take hours on a CPU, so they are made by the
+script, which resumes where it stopped:
+
+    ROMPATCH_DATA=... python -m bench.many_edits --n 1,10,100     # all six modes
+    ROMPATCH_DATA=... python -m bench.key_conditioning            # cond(UᵀK) against N
+
+and this module only reads bench/results/many_edits_entries.json and key_conditioning.json."""
 
 from __future__ import annotations
 
@@ -24,7 +28,6 @@ def skip_reason() -> str | None:
 
 
 def run() -> dict:
-    many_edits.main(["--n", "1,10,100", "--out", str(OUT)])
     entries = [e for e in json.loads(OUT.read_text())["entries"] if "error" not in e]
     many_edits.plot(entries, FIGURE)
     rows = []

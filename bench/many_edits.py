@@ -142,6 +142,7 @@ def unavailable(mode: str) -> str | None:
     try:
         from rompatch.create import Editor
         from rompatch.rome import ROMEHyperParams
+
         if mode == "merged":
             from rompatch.merge import merge_patches  # noqa: F401
         if mode == "protected" and "protect" not in {f.name for f in dataclasses.fields(ROMEHyperParams)}:
