@@ -83,6 +83,12 @@ def joint_solve(
     (None: no limit) it raises MergeError.
     """
     U, K, R = us.double(), keys.double(), targets.double()
+    if len(U) > U.shape[1]:
+        raise MergeError(
+            f"{len(U)} edits of one matrix with {U.shape[1]} inputs cannot each get their own target exactly "
+            f"(UᵀK has rank at most {U.shape[1]}); merge at most {U.shape[1]} edits per matrix, or use MEMIT "
+            "(--method memit), which solves in the least-squares sense over several layers"
+        )
     G = U @ K.T  # G[i, j] = u_i · k_j
     diag = G.diagonal()
     if bool((diag.abs() < 1e-30).any()):
@@ -130,6 +136,11 @@ def _check_inputs(ps: Sequence[Patch]) -> None:
                 "are not recorded apart, so merge the patches it was stacked from"
             )
         for i, d in enumerate(p.deltas):
+            if d.key is None and "svd_compressed" in d.hparams:
+                raise MergeError(
+                    f"patch {p.short_id} delta {i} has no key (an SVD-compressed MEMIT layer keeps no per-edit "
+                    "keys); merging needs each edit's key: make MEMIT batches of at most min(in, out) edits"
+                )
             if d.key is None:
                 why = "an extracted delta" if d.kind == "extracted" else f"format {p.format_version}"
                 raise MergeError(

@@ -181,6 +181,10 @@ def test_joint_solve_reports_the_condition_number():
     U, K, R = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g), torch.randn(3, 5, generator=g)
     solved = joint_solve(U, K, R, max_condition=None)
     assert torch.allclose((U.double() @ K.double().T).T @ solved.values.double(), R.double(), atol=1e-5)
+    with pytest.raises(
+        MergeError, match="9 edits of one matrix with 8 inputs cannot each get their own target"
+    ):
+        joint_solve(torch.randn(9, 8), torch.randn(9, 8), torch.randn(9, 5), max_condition=None)
     K2 = K.clone()
     K2[2] = K2[1] * (1 + 1e-9)
     with pytest.raises(MergeError, match="condition number"):
