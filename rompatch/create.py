@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -221,21 +221,20 @@ class Editor:
         self._measured([req], [d])
         return d
 
-    def _computed(self, reqs: list[EditRequest], chunk: int, desc: str) -> list[RankOneDelta]:
+    def _computed(self, reqs: list[EditRequest], chunk: int, desc: str) -> Iterator[RankOneDelta]:
         """Each request's delta as if alone on the model, the δ of ``chunk`` requests optimised
-        together (``compute_values``); metrics without the before/after probes."""
-        deltas: list[RankOneDelta] = []
+        together (``compute_values``), yielded as each chunk is done; metrics without the
+        before/after probes."""
         bar = tqdm(
             total=len(reqs), desc=desc, unit="edit", disable=not self.progress or len(reqs) == 1, leave=False
         )
         try:
             for i in range(0, len(reqs), chunk):
                 part = reqs[i : i + chunk]
-                deltas += [self._delta(r, res) for r, res in zip(part, self._results(part))]
+                yield from [self._delta(r, res) for r, res in zip(part, self._results(part))]
                 bar.update(len(part))
         finally:
             bar.close()
-        return deltas
 
     def batch(
         self,
@@ -252,7 +251,7 @@ class Editor:
         reqs = _request_list(self.tok, requests)
         chunk = chunk or default_chunk(self.model)
         inherited = self._inherited()
-        deltas = self._computed(reqs, chunk, "batch")
+        deltas = list(self._computed(reqs, chunk, "batch"))
         solved = joint_solve(
             torch.stack([d.u for d in deltas]),
             torch.stack([d.key for d in deltas]),  # type: ignore[misc]
@@ -290,25 +289,11 @@ class Editor:
         chunk = chunk or default_chunk(self.model)
         inherited = self._inherited()
         deltas: list[RankOneDelta] = []
-        bar = tqdm(
-            total=len(reqs),
-            desc="edits",
-            unit="edit",
-            disable=not self.progress or len(reqs) == 1,
-            leave=False,
-        )
-        try:
-            for i in range(0, len(reqs), chunk):
-                part = reqs[i : i + chunk]
-                for r, res in zip(part, self._results(part)):
-                    d = self._delta(r, res)
-                    self._measured([r], [d])
-                    deltas.append(d)
-                    if on_edit is not None:
-                        on_edit(len(deltas) - 1, d)
-                bar.update(len(part))
-        finally:
-            bar.close()
+        for d in self._computed(reqs, chunk, "edits"):
+            self._measured([d.request], [d])  # type: ignore[list-item]
+            deltas.append(d)
+            if on_edit is not None:
+                on_edit(len(deltas) - 1, d)
         return self.wrap(deltas, inherited)
 
     def _deltas(self, reqs: list[EditRequest], *, then: Callable[[RankOneDelta], None]) -> None:

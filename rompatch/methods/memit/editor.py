@@ -219,11 +219,13 @@ class MEMITEditor:
         applied: list[Patch] = []
         try:
             targets = torch.stack(self._targets(reqs, kept))
-            base_out = torch.stack([self._read(r, t, self.targets[-1].layer)[1] for r, t in zip(reqs, kept)])
+            base_out = None  # the last layer's residual before any update: the first layer's reads
             for j, target in enumerate(self.targets):
                 reads = [self._read(r, t, target.layer) for r, t in zip(reqs, kept)]
                 keys = torch.stack([k for k, _ in reads])
-                done = torch.stack([h for _, h in reads]) - base_out  # what the lower layers already do
+                out = torch.stack([h for _, h in reads])
+                base_out = out if base_out is None else base_out
+                done = out - base_out  # what the lower layers already do
                 resid = (targets - done) / (len(self.targets) - j)
                 deltas = self._layer_deltas(target, reqs, keys, resid)
                 deltas_by_layer.append(deltas)
