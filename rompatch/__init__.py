@@ -83,6 +83,10 @@ _EXPORTS = {
     "stack_patches": "stack",
     "merge_patches": "merge",
     "MergeError": "errors",
+    # what a patch changes beyond its fact
+    "audit_patch": "audit",
+    "AuditReport": "audit",
+    "AuditError": "errors",
     "diff": "checkpoint.diff",
     "extract_patch": "checkpoint.extract",
     "CheckpointError": "errors",

@@ -152,3 +152,8 @@ class EvalError(RompatchError, ValueError):
 class MergeError(RompatchError, ValueError):
     """Deltas cannot be re-solved jointly: a key is missing, the system is ill-conditioned, or an
     edit's target cannot be known (it was computed on top of a patch the merge lacks)."""
+
+
+class AuditError(RompatchError, ValueError):
+    """A patch cannot be audited as asked: no delta has a key to measure reach against, the model is
+    not the patch's base, or an audit threshold or saved audit is unusable."""

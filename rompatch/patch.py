@@ -22,7 +22,7 @@ from safetensors.torch import save
 
 from ._version import __version__
 from .atomic import atomic_write
-from .constants import FORMAT_NAME, FORMAT_VERSION, MERGED_FROM
+from .constants import AUDIT, FORMAT_NAME, FORMAT_VERSION, MERGED_FROM
 from .errors import PatchFormatError, PatchVersionError
 from .fingerprint import dtype_name, tensor_sha256
 from .hub.mixin import HubMixin
@@ -186,6 +186,15 @@ class Patch(HubMixin):
                 f"patch {self.short_id}: metadata '{MERGED_FROM}' is not JSON ({e})"
             ) from None
 
+    def audit(self) -> dict[str, Any] | None:
+        """The audit report attached by ``rompatch audit --attach`` (``rompatch.audit.saved_audit``
+        reads it as an ``AuditReport``); None when the file carries none."""
+        raw = self.extra.get(AUDIT)
+        try:
+            return None if not raw else json.loads(raw)
+        except ValueError as e:
+            raise PatchFormatError(f"patch {self.short_id}: metadata '{AUDIT}' is not JSON ({e})") from None
+
     def save(self, path: str | os.PathLike) -> Path:
         return save_patch(self, path)
 
@@ -236,10 +245,18 @@ class Patch(HubMixin):
             "parameters": {k: v.to_json() for k, v in self.parameters.items()},
             "lineage": self.lineage,
             "merged_from": self.merged_from(),
+            "audit": _audit_summary(self.audit()),
             "n_deltas": len(self.deltas),
             "tensor_bytes": self.nbytes(),
             "edits": edits,
         }
+
+
+def _audit_summary(audit: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not audit:
+        return None
+    keep = ("patch_id", "model", "corpus", "tokens", "summary", "thresholds")
+    return {k: audit.get(k) for k in keep}
 
 
 def stats_label(stats: Mapping[str, Any]) -> str | None:

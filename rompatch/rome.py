@@ -38,6 +38,7 @@ from .errors import RequestError
 from .fingerprint import TensorMemo
 from .hooks import Trace
 from .models import cache_kwarg
+from .neighbours import near_names, neighbour_pairs
 from .request import EditRequest
 from .stats import SecondMoment
 from .tokens import pad_id, pad_right, subject_span, target_ids
@@ -77,6 +78,12 @@ class ROMEHyperParams:
     # the update changes nothing there. Off by default.
     protect: bool = False
     protect_principal: int = 32
+    # Neighbours (rompatch.neighbours): up to this many names the model writes next to the subject;
+    # u is kept orthogonal to their keys in the edit's prompt, so the update leaves those subjects
+    # unchanged there. Names whose key is nearly the subject's own (|C⁻¹-cosine| above
+    # neighbour_max_cosine: aliases, not neighbours) are left out. 0: off.
+    neighbours: int = 0
+    neighbour_max_cosine: float = 0.9
 
     def __post_init__(self) -> None:
         choices = {
@@ -91,6 +98,10 @@ class ROMEHyperParams:
             raise RequestError(f"max_update_ratio must be >= 0 (0 disables it), not {self.max_update_ratio}")
         if self.protect_principal < 0:
             raise RequestError(f"protect_principal must be >= 0, not {self.protect_principal}")
+        if self.neighbours < 0:
+            raise RequestError(f"neighbours must be >= 0 (0 disables it), not {self.neighbours}")
+        if not 0.0 < self.neighbour_max_cosine <= 1.0:
+            raise RequestError(f"neighbour_max_cosine must be in (0, 1], not {self.neighbour_max_cosine}")
         if not 0.0 <= self.key_prompt_weight <= 1.0:
             raise RequestError(f"key_prompt_weight must be in [0, 1], not {self.key_prompt_weight}")
 
@@ -186,10 +197,23 @@ def subject_keys(
     spec: ModelSpec | None = None,
 ) -> torch.Tensor:
     """The edited matrix's input at the subject's last token in each template ('... {} ...'), (n, in) fp32."""
+    return filled_keys(model, tok, [(t, subject) for t in templates], layer, spec=spec)
+
+
+@torch.no_grad()
+def filled_keys(
+    model: Any,
+    tok: Any,
+    pairs: Sequence[tuple[str, str]],
+    layer: int,
+    *,
+    spec: ModelSpec | None = None,
+) -> torch.Tensor:
+    """The edited matrix's input at the subject's last token of each (template, subject), (n, in) fp32."""
     spec = get_spec(model, spec)
     device = next(model.parameters()).device
     seqs, idx = [], []
-    for t in templates:
+    for t, subject in pairs:
         text, _, last = subject_span(tok, t, subject)
         seqs.append(list(tok(text, add_special_tokens=True)["input_ids"]))
         idx.append(last)
@@ -733,7 +757,7 @@ def solve_key(
             raise RequestError(
                 f"the edit's key lies (almost) in the span of the {M.shape[1] - 1} protected key directions "
                 f"(condition {cond:.3g}); it cannot change its fact without changing them: protect fewer "
-                "directions (protect_principal) or edit without protection"
+                "directions (protect_principal, neighbours) or edit without protection"
             )
         e1 = torch.zeros(M.shape[1], dtype=torch.float64)
         e1[0] = 1.0
@@ -780,6 +804,7 @@ class _Prepared:
     cap: float  # bound on ‖δ‖ from max_update_ratio
     w_spec: float
     seconds: float
+    neighbours: _Neighbours | None = None
 
 
 def _prepare(
@@ -799,6 +824,9 @@ def _prepare(
     filled = [t.replace("{}", req.prompt) for t in kept] + [hp.kl_prompt]
     keys = subject_keys(model, tok, req.subject, target.layer, filled, spec=target.spec)  # templates, then KL
     k_star = averaged_key(keys[:-1], kept, hp.key_prompt_weight)
+    near = _neighbours(model, tok, req, k_star, stats, hp, target) if hp.neighbours else None
+    if near is not None and len(near.keys):
+        protect = near.keys if protect is None else torch.cat([protect.to(near.keys), near.keys])
     u = solve_key(k_star, stats, hp, protect)
     denom = float(u.double() @ k_star.detach().cpu().double())
     # What the shipped update does at each optimised subject token: v (u·k_i) = δ (u·k_i)/(u·k*).
@@ -806,7 +834,57 @@ def _prepare(
     w_spec = spectral_norm(model.get_submodule(target.module).weight, spectral_memo)
     # ‖v uᵀ‖₂ = ‖δ‖/(u·k*): cap it at max_update_ratio × ‖W‖₂ (0: no cap, only ROME's clamp).
     cap = hp.max_update_ratio * w_spec * abs(denom) if hp.max_update_ratio > 0 else math.inf
-    return _Prepared(kept, dropped, k_star, u, denom, reach, cap, w_spec, time.perf_counter() - t0)
+    if near is not None:
+        near.reach_after = (
+            (near.keys.double() @ u.double() / denom).abs().max().item() if len(near.keys) else 0.0
+        )
+    return _Prepared(kept, dropped, k_star, u, denom, reach, cap, w_spec, time.perf_counter() - t0, near)
+
+
+@dataclass
+class _Neighbours:
+    """The neighbours an edit keeps away from (``ROMEHyperParams.neighbours``)."""
+
+    names: list[str]  # used
+    aliases: list[str]  # left out: their key is nearly the subject's
+    keys: torch.Tensor  # (m, in) float64 CPU: each used name's key in the edit's prompt(s)
+    reach_before: float  # max |reach| over those keys of the unconstrained u
+    reach_after: float = 0.0
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "neighbours": self.names,
+            "neighbours_left_out": self.aliases,
+            "neighbour_reach_before": round(self.reach_before, 4),
+            "neighbour_reach_after": round(self.reach_after, 6),
+        }
+
+
+def _neighbours(
+    model: Any, tok: Any, req: EditRequest, k_star: torch.Tensor, stats: SecondMoment | None,
+    hp: ROMEHyperParams, target: EditTarget,
+) -> _Neighbours:  # fmt: skip
+    """Names near the subject (``rompatch.neighbours.near_names``) and their keys in the edit's
+    prompt; names whose key has |C⁻¹-cosine| above ``hp.neighbour_max_cosine`` with k* are aliases."""
+    names = near_names(model, tok, req.subject, limit=hp.neighbours, seed=hp.seed)
+    if not names:
+        return _Neighbours([], [], torch.zeros(0, k_star.numel(), dtype=torch.float64), 0.0)
+    pairs = neighbour_pairs(req, names)
+    keys = filled_keys(model, tok, pairs, target.layer, spec=target.spec).detach().to("cpu", torch.float64)
+    k = k_star.detach().to("cpu", torch.float64)
+    if hp.mom2_adjustment and stats is not None:
+        LU, piv = stats.lu_factors(hp.mom2_ridge)
+        ck = torch.linalg.lu_solve(LU, piv, k[:, None])[:, 0]
+        cn = torch.linalg.lu_solve(LU, piv, keys.T).T
+    else:
+        ck, cn = k, keys
+    cos = (keys @ ck) / ((keys * cn).sum(1).clamp_min(1e-30).sqrt() * float(k @ ck) ** 0.5)
+    u0 = ck / ck.norm()
+    reach0 = float(((keys @ u0) / float(u0 @ k)).abs().max())
+    alias = {n for (_, n), c in zip(pairs, cos.tolist()) if abs(c) > hp.neighbour_max_cosine}
+    keep = torch.tensor([n not in alias for _, n in pairs])
+    used = [n for n in names if n not in alias]
+    return _Neighbours(used, sorted(alias), keys[keep], reach0)
 
 
 def compute_deltas(
@@ -887,6 +965,8 @@ def compute_deltas(
         )
         if protect is not None:
             diag["protected_directions"] = len(protect)
+        if p.neighbours is not None:
+            diag.update(p.neighbours.metrics())
         hpd = hp.to_dict()
         hpd.update(layer=layer, context_templates=list(p.templates), templates_dropped_position0=p.dropped)
         out.append(

@@ -30,7 +30,7 @@ from .fingerprint import TensorMemo, dtype_name, tensor_sha256
 from .hooks import Trace
 from .hub.transfer import hub_unavailable
 from .sampled import SamplerSettings, sampled_chunks, sampler_identity
-from .tokens import bos_prefix
+from .tokens import bos_prefix, pad_right
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ def _tokenizer_sha(tok: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _token_chunks(
+def token_chunks(
     tok: Any, source: TextSource, seq_len: int, n_tokens: int, progress: bool = False
 ) -> Iterator[list[int]]:
     """Pack the source's texts into sequences of ``seq_len`` tokens (BOS first when the tokenizer adds
@@ -419,17 +419,13 @@ def collect_second_moment(
     )
     t0 = time.perf_counter()
     pending = sorted(x for x in snapshots if x < n_tokens)
-    chunks = _token_chunks(tok, source, seq_len, n_tokens, progress)
+    chunks = token_chunks(tok, source, seq_len, n_tokens, progress)
     while True:
         batch = [c for _, c in zip(range(batch_size), chunks)]
         if not batch:
             break
-        n = max(len(c) for c in batch)
-        ids = torch.full((len(batch), n), tok.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros((len(batch), n), dtype=torch.long)
-        for i, c in enumerate(batch):
-            ids[i, : len(c)] = torch.tensor(c)
-            mask[i, : len(c)] = 1
+        padded = pad_right(batch, tok.pad_token_id or 0)
+        ids, mask = padded.input_ids, padded.attention_mask
         with Trace(model, module, retain_input=True, retain_output=False, stop=True) as tr:
             model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
         k = tr.input[mask.to(device).bool()].to(torch.float32)  # (N, d)

@@ -106,6 +106,14 @@ def _apply(opts):
     help="With --protect: how many top eigenvectors of the statistics C to protect (default 32).",
 )
 @click.option(
+    "--neighbours",
+    type=click.IntRange(0),
+    default=None,
+    metavar="N",
+    help="Keep the update away from up to N other subjects the model names next to the edit's subject "
+    "(their keys in the edit's prompt are left unchanged, exactly); see docs/auditing.md. Default 0 (off).",
+)
+@click.option(
     "--split", is_flag=True, help="With --requests in independent mode, write one patch per edit into -o DIR."
 )
 @click.option("--layer", type=int, default=None, help="Layer to edit (default: the architecture's default).")
@@ -142,6 +150,7 @@ def create(
     on,
     protect,
     protect_principal,
+    neighbours,
     split,
     layer,
     stats_data,
@@ -171,8 +180,9 @@ def create(
     if protect_principal is not None and not protect:
         raise click.UsageError("--protect-principal needs --protect")
     memit_layers = _memit_options(
-        method, layers, mode=mode, split=split, protect=protect, layer=layer, no_mom2=no_mom2, fast=fast
-    )
+        method, layers, mode=mode, split=split, protect=protect, layer=layer, no_mom2=no_mom2, fast=fast,
+        neighbours=neighbours,
+    )  # fmt: skip
     base_patches = [resolve_patch(x) for x in on]  # a bad --on fails before the model loads
     out = Path(output)
     many_files = mode == "sequential" or split
@@ -188,6 +198,7 @@ def create(
         optim_autocast="bfloat16" if fast else "none",
         protect=protect,
         **({"protect_principal": protect_principal} if protect_principal is not None else {}),
+        **({"neighbours": neighbours} if neighbours is not None else {}),
     )
     progress = not as_json or os.isatty(2)
     if method == "memit":
@@ -237,7 +248,9 @@ def _write_one(patch: Patch, out: Path, *, as_json: bool) -> None:
     info(f"wrote {out} (patch {patch.short_id}, {out.stat().st_size:,} bytes)")
 
 
-def _memit_options(method, layers, *, mode, split, protect, layer, no_mom2, fast) -> tuple[int, ...] | None:
+def _memit_options(
+    method, layers, *, mode, split, protect, layer, no_mom2, fast, neighbours
+) -> tuple[int, ...] | None:
     """The --layers of a MEMIT edit; refuses the options that are ROME's only."""
     if method != "memit":
         if layers:
@@ -248,6 +261,7 @@ def _memit_options(method, layers, *, mode, split, protect, layer, no_mom2, fast
         for name, on in (
             (f"--mode {mode}", mode == "sequential"), ("--split", split), ("--protect", protect),
             ("--layer", layer is not None), ("--no-mom2", no_mom2), ("--fast", fast),
+            ("--neighbours", neighbours is not None),
         )
         if on
     ]  # fmt: skip

@@ -40,6 +40,14 @@ from .common import device_option, dtype_option, echo_json, info, json_option, m
 @click.option("--no-mom2", is_flag=True, help="Disable the covariance adjustment (ablation).")
 @click.option("--fast", is_flag=True, help="bfloat16 autocast for the v* optimisation.")
 @click.option(
+    "--neighbours",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="As for `rompatch create`: keep each edit away from up to N names near its subject.",
+)
+@click.option(
     "--batch-size",
     type=click.IntRange(1),
     default=64,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..audit import DEFAULT_AUDIT_TOKENS
 from ..hub.peft import export_peft
 from ..hub.pull import pull_patch
 from ..hub.push import push_patch
@@ -19,8 +20,22 @@ from .common import echo_json, info, json_option, revision_option
 @click.option(
     "--base-model", default=None, help="Hub id for the card's base_model (default: from the patches)."
 )
+@click.option(
+    "--audit",
+    "run_audit",
+    is_flag=True,
+    help="Upload each patch with an audit attached: the one its file carries, else one run now on its "
+    "base model ('rompatch audit'); the card gets an Audit section.",
+)
+@click.option(
+    "--audit-tokens",
+    default=DEFAULT_AUDIT_TOKENS,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Tokens of text an audit run by --audit scans.",
+)
 @json_option
-def push(args, private, revision, message, base_model, as_json) -> None:
+def push(args, private, revision, message, base_model, run_audit, audit_tokens, as_json) -> None:
     """Upload PATCH files and a generated model card to the Hub repo REPO_ID, in one commit.
 
     Creates the repo if needed. Files already in the repo are kept. The token comes from HF_TOKEN
@@ -30,7 +45,14 @@ def push(args, private, revision, message, base_model, as_json) -> None:
         raise click.UsageError("pass at least one PATCH and the REPO_ID to push to")
     *patches, repo_id = args
     commit = push_patch(
-        list(patches), repo_id, private=private, revision=revision, message=message, base_model=base_model
+        list(patches),
+        repo_id,
+        private=private,
+        revision=revision,
+        message=message,
+        base_model=base_model,
+        audit=run_audit,
+        audit_tokens=audit_tokens,
     )
     url = str(getattr(commit, "commit_url", commit))
     if as_json:

@@ -18,6 +18,10 @@ from ..errors import RompatchError
 # a command's module is imported when that command runs (click's "lazily loading subcommands").
 # tests/cli/test_main.py checks the table against the commands themselves.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "audit": (
+        "audit",
+        "What PATCH changes beyond its own fact: where it fires, what else it changes, and a verdict.",
+    ),
     "apply": ("checkpoint", "Apply patches to checkpoint BASE and write the complete model folder OUT."),
     "revert": (
         "checkpoint",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..audit.report import summary_line
 from ..patch import Patch
 from ..refs import resolve_patch
 from .common import echo_json, json_option, revision_option
@@ -18,6 +19,16 @@ def merge_lines(merged: dict | None, indent: str = "") -> list[str]:
     return [f"{indent}merged   from {len(merged['inputs'])} patch(es): {ids}; condition number {conds}"]
 
 
+def audit_lines(audit: dict | None, indent: str = "") -> list[str]:
+    """For a patch carrying an audit (``rompatch audit --attach``): its one-line summary."""
+    if not audit:
+        return []
+    return [
+        f"{indent}audit    {summary_line(audit['summary'])}",
+        f"{indent}         (on {audit.get('model')}, {audit.get('tokens', 0):,} tokens of {audit.get('corpus')})",
+    ]
+
+
 def format_patch(patch: Patch) -> str:
     s = patch.summary()
     base = s["base"]
@@ -28,6 +39,7 @@ def format_patch(patch: Patch) -> str:
         + ")",
         f"lineage  {', '.join(x[:12] for x in s['lineage']) or 'none (computed on the base model)'}",
         *merge_lines(s.get("merged_from")),
+        *audit_lines(s.get("audit")),
         f"size     {len(patch.deltas)} delta(s), {s['tensor_bytes']:,} bytes of tensors",
         f"created  {s['created_at'] or 'unsaved'} by rompatch {s['rompatch_version']}",
         "edits:",
@@ -50,6 +62,13 @@ def format_patch(patch: Patch) -> str:
             if "p_true_before" in m:
                 probs += f", P(true) {m['p_true_before']:.3g} → {m['p_true_after']:.3g}"
             lines.append(f"      at creation: {probs}")
+        if "neighbours" in m:
+            names = m["neighbours"]
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            lines.append(
+                f"      neighbours: {len(names)} names kept unchanged (reach {m['neighbour_reach_before']:.3g} → "
+                f"{m['neighbour_reach_after']:.3g})" + (f": {shown}" if names else "")
+            )
         if "update_spectral_norm" in m:
             lines.append(
                 f"      ‖ΔW‖₂ {m['update_spectral_norm']:.3g} vs ‖W‖₂ {m['weight_spectral_norm']:.3g}; "

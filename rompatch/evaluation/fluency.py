@@ -24,11 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import EvalError
-from ..models import cache_kwarg
-from ..tokens import encode, pad_id
+from ..generate import sample_topk_ids
 from .metrics import TfidfModel, mean_ngram_entropy, tfidf_similarity
 from .records import read_json
 
@@ -61,7 +58,6 @@ def _clean(text: str) -> str:
     return unicodedata.normalize("NFKD", text).replace("\n\n", " ")
 
 
-@torch.no_grad()
 def generate_topk_ids(
     model: Any,
     tok: Any,
@@ -70,13 +66,15 @@ def generate_topk_ids(
     settings: GenerationSettings = GenerationSettings(),
 ) -> list[list[int]]:
     """Token ids (prompt + sampled continuation, ``settings.max_out_len`` in all) per prompt."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(settings.seed)
-    out: list[list[int]] = []
-    for start in range(0, len(prompts), settings.batch_size):
-        chunk = [encode(tok, p) for p in prompts[start : start + settings.batch_size]]
-        out += _sample_batch(model, tok, chunk, settings, gen, device)
-    return out
+    return sample_topk_ids(
+        model,
+        tok,
+        prompts,
+        max_out_len=settings.max_out_len,
+        top_k=settings.top_k,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+    )
 
 
 def generate_topk(
@@ -89,42 +87,6 @@ def generate_topk(
     """One top-k sampled text per prompt (prompt included), ``settings.max_out_len`` tokens each."""
     ids = generate_topk_ids(model, tok, prompts, settings=settings)
     return [_clean(tok.decode(x, skip_special_tokens=True)) for x in ids]
-
-
-def _sample_batch(model, tok, seqs, settings, gen, device) -> list[str]:
-    B, L = len(seqs), max(len(s) for s in seqs)
-    ids = torch.full((B, L), pad_id(tok), dtype=torch.long)
-    mask = torch.zeros((B, L), dtype=torch.long)
-    for i, s in enumerate(seqs):  # left padding: every prompt ends at column L-1
-        ids[i, L - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, L - len(s) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L) positions of real tokens start at 0
-    need = [max(0, settings.max_out_len - len(s)) for s in seqs]
-    new = torch.zeros((B, max(need)), dtype=torch.long, device=device)
-    cache_kw = cache_kwarg(model)
-    past = None
-    step_ids, step_pos = ids, pos
-    for t in range(max(need)):
-        res = model(
-            input_ids=step_ids,
-            attention_mask=mask,
-            position_ids=step_pos,
-            use_cache=True,
-            logits_to_keep=1,
-            **{cache_kw: past},
-        )
-        past = getattr(res, cache_kw, None)
-        probs = torch.softmax(res.logits[:, -1, :].float(), dim=-1)  # (B, V)
-        top = torch.topk(probs, settings.top_k, dim=-1)
-        p = top.values / top.values.sum(-1, keepdim=True)
-        choice = torch.multinomial(p, 1, generator=gen)  # (B, 1)
-        nxt = top.indices.gather(1, choice)  # (B, 1)
-        new[:, t] = nxt[:, 0]
-        step_ids = nxt
-        step_pos = step_pos[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
-    return [list(s) + new[i, : need[i]].tolist() for i, s in enumerate(seqs)]
 
 
 def fluency(

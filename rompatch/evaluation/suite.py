@@ -41,6 +41,7 @@ class EvalSettings:
     stats_tokens: int | None = None
     mom2: bool = True  # False: no covariance adjustment (ablation)
     fast: bool = False  # bfloat16 autocast for the v* optimisation
+    neighbours: int = 0  # ROMEHyperParams.neighbours: keep each edit away from N names near its subject
     batch_size: int = 64
     fluency: bool = True  # CounterFact: fluency GE from generation_prompts
     gen_length: int = DEFAULT_GEN_LENGTH
@@ -76,7 +77,10 @@ def load_editor(s: EvalSettings, *, notify: Callable[[str], None] | None = None)
     """Load the model; its ``Editor`` resolves the layer and gets the statistics (``s.mom2``)."""
     model, tok = load_model(s.model, device=s.device, dtype=s.dtype)
     hp = ROMEHyperParams(
-        layer=s.layer, mom2_adjustment=s.mom2, optim_autocast="bfloat16" if s.fast else "none"
+        layer=s.layer,
+        mom2_adjustment=s.mom2,
+        optim_autocast="bfloat16" if s.fast else "none",
+        neighbours=s.neighbours,
     )
     return Editor(
         model,

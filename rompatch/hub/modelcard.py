@@ -129,6 +129,7 @@ def render_body(entries: Sequence[tuple[str, Patch]], *, repo_id: str) -> str:
     lines += _intro(entries, bases)
     lines += _edits_table(entries)
     lines += _metrics_table(entries)
+    lines += _audit_section(entries)
     lines += _patches_table(entries)
     lines += _usage(entries, bases, repo_id)
     lines.append(END)
@@ -200,6 +201,51 @@ def _metrics_table(entries: Sequence[tuple[str, Patch]]) -> list[str]:
         more = ", ".join(title for title, _ in columns[len(shown) :])
         lines += ["", f"More metrics ({more}): `rompatch show FILE --json`."]
     return lines + [""]
+
+
+def _audit_section(entries: Sequence[tuple[str, Patch]]) -> list[str]:
+    """The audits the files carry (``rompatch audit --attach`` or ``push --audit``); none: nothing."""
+    audits = [(f, p, _own_audit(p)) for f, p in entries]
+    if not any(a for _, _, a in audits):
+        return []
+    lines = [
+        "## Audit",
+        "",
+        "What each patch changes beyond its own fact (`rompatch audit`): the share of text tokens it "
+        "reaches, other subjects that now answer its target, the subject's other answers it keeps, and "
+        "perplexity.",
+        "",
+        "| file | verdict | efficacy | leaks | subject keeps | tokens firing | perplexity | text |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for f, _, a in audits:
+        if a is None:
+            lines.append(f"| {_cell(f)} | not audited | | | | | | |")
+            continue
+        s = a["summary"]
+        eff = "—" if s["efficacy"] is None else f"{s['efficacy']:.0%}"
+        kept = "—" if s["kept"] is None else f"{s['kept']:.0%}"
+        text = f"{a['tokens']:,} tokens of {a['corpus']}"
+        lines.append(
+            f"| {_cell(f)} | {s['verdict']} | {eff} | {s['leaks']}/{s['leak_probes']} | {kept} | "
+            f"{s['firing']:.3%} at reach ≥ {s['firing_at']} | {s['ppl_increase_percent']:+.2f}% | "
+            f"{_cell(text)} |"
+        )
+    reasons = [(f, r) for f, _, a in audits if a is not None for r in a["summary"]["reasons"]]
+    if reasons:
+        lines += ["", *[f"- {_cell(f)}: {_cell(r)}" for f, r in reasons]]
+    return lines + [""]
+
+
+def _own_audit(p: Patch) -> dict[str, Any] | None:
+    """The audit ``p``'s file carries when it is of ``p`` (an audit of another patch is not shown)."""
+    a = p.audit()
+    if a and a.get("patch_id") != p.id:
+        log.warning(
+            "patch %s carries an audit of another patch (%s); not shown", p.short_id, a.get("patch_id")
+        )
+        return None
+    return a
 
 
 def _patches_table(entries: Sequence[tuple[str, Patch]]) -> list[str]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..audit import DEFAULT_AUDIT_TOKENS, attach_audit, audit_patch, saved_audit
 from ..errors import HubError
+from ..models import load_model
 from ..patch import Patch, load_patch
 from ..refs import PatchesLike, flatten_patches
 from .commit import Upload, commit_patches, require_repo_id
@@ -29,6 +32,23 @@ def _prepare(patches: PatchesLike, filenames: Sequence[str] | None) -> list[Uplo
     return [_upload(item, filenames[i] if filenames is not None else None) for i, item in enumerate(items)]
 
 
+def _audited(uploads: list[Upload], tokens: int) -> list[Upload]:
+    """Each upload carrying an audit of itself: a saved one is kept, a missing one is run on the
+    patch's base model (loaded once per base) and attached."""
+    models: dict[str, Any] = {}
+    out = []
+    for u in uploads:
+        if saved_audit(u.patch) is None:
+            name = u.patch.base["model"]
+            if name not in models:
+                models[name] = load_model(name)
+            model, tok = models[name]
+            patch = attach_audit(u.patch, audit_patch(model, tok, u.patch, tokens=tokens))
+            u = dataclasses.replace(u, patch=patch, data=patch.to_bytes())
+        out.append(u)
+    return out
+
+
 def push_patch(
     patches: PatchesLike,
     repo_id: str,
@@ -39,6 +59,8 @@ def push_patch(
     token: str | None = None,
     filenames: Sequence[str] | None = None,
     base_model: str | None = None,
+    audit: bool = False,
+    audit_tokens: int | None = None,
 ) -> Any:
     """Upload patches and a generated README.md model card to ``repo_id`` in one commit.
 
@@ -50,9 +72,15 @@ def push_patch(
     repo are kept; the card describes every patch in the repo after the commit and keeps the text
     its owner wrote outside the generated section. ``token`` defaults to ``HF_TOKEN`` or the
     huggingface_hub login. Returns huggingface_hub's ``CommitInfo`` (a str: the commit URL).
+
+    ``audit``: every patch is uploaded with an audit report attached (``rompatch.audit``): the one
+    its file carries, else one run now on its base model (``audit_tokens`` tokens of text); the card
+    then has an Audit section. Without it, the card shows the audits the files already carry.
     """
     require_repo_id(repo_id)
     uploads = _prepare(patches, filenames)  # reads and validates everything before any network call
+    if audit:
+        uploads = _audited(uploads, audit_tokens or DEFAULT_AUDIT_TOKENS)
     return commit_patches(
         repo_id,
         uploads,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 
 from rompatch.apply import applied_patches
+from rompatch.audit import saved_audit
 from rompatch.errors import HubError
 from rompatch.hub.pull import pull_patch
 from rompatch.hub.push import push_patch
 from rompatch.loading import load_patched
+from rompatch.patch import load_patch
 from tests.helpers.hub import cache_leftovers, fresh_cache, one_line_error
 from tests.helpers.hubserver import list_files
 from tests.helpers.tiny_folder import PROMPT_A, PROMPT_B, top1
@@ -52,3 +54,16 @@ def test_push_private_repo_hidden_from_others(hub_env, tiny, monkeypatch):
         push_patch(tiny["paths"]["b"], repo)
     one_line_error(ei.value, hub_env.token, hub_env.other_token)
     assert cache_leftovers(cache) == []
+
+
+def test_push_with_audit_attaches_reports_and_fills_the_card(hub_env, tiny, tmp_path):
+    repo = f"{hub_env.user}/audited"
+    push_patch([tiny["paths"]["a"]], repo, audit=True, audit_tokens=200)
+    files = hub_env.server.repo_files(repo)
+    (tmp_path / "up.safetensors").write_bytes(files["eiffel-rome.safetensors"])
+    uploaded = load_patch(tmp_path / "up.safetensors")
+    assert uploaded.id == tiny["a"].id  # the report is outside the content hash
+    report = saved_audit(uploaded)
+    assert report is not None and report.keys == {"0": "recomputed at its prompt"}
+    card = files["README.md"].decode()
+    assert "## Audit" in card and f"| eiffel-rome.safetensors | {report.verdict} |" in card

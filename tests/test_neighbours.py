@@ -1,0 +1,93 @@
+"""rompatch.neighbours: names near a subject, and the edit option that keeps the update away from
+their keys (``ROMEHyperParams.neighbours``), on tiny models of every architecture."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from rompatch.create import Editor
+from rompatch.errors import RequestError
+from rompatch.neighbours import candidate_subject, names_in, neighbour_pairs, neighbour_template
+from rompatch.request import EditRequest
+from rompatch.rome import ROMEHyperParams, filled_keys
+from rompatch.stats import get_second_moment
+from tests.helpers import HP, REQ, edit_model, edit_tokenizer
+from tests.helpers.tiny import ARCHS
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROMPATCH_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize(
+    "text, name",
+    [
+        ("The match between Kobe Bryant", "Kobe Bryant"),
+        ("he played basketball", "basketball"),
+        ("during this decade: Kobe Bryant, LeBron", "LeBron"),
+        ("a film by Jean-Luc Godard,", "Jean-Luc Godard"),
+        ("", ""),
+    ],
+)
+def test_candidate_subject(text, name):
+    assert candidate_subject(text) == name
+
+
+def test_names_in_skips_the_subject_and_sentence_openers():
+    text = "Michael Jordan and Kobe Bryant. The Bulls won. He met LeBron James and Michael Jordan again."
+    assert names_in(text, "Michael Jordan") == ["Kobe Bryant", "Bulls", "LeBron James"]
+
+
+def test_names_in_skips_words_that_only_open_a_sentence():
+    text = "Although he won. It's late. Today Kobe Bryant ran. Bulls fans cheered with Wade's team"
+    assert names_in(text, "Michael Jordan") == ["Kobe Bryant", "Wade"]
+    assert names_in("He met Jordan's team and Jordan", "Michael Jordan") == []
+
+
+def test_neighbour_template_puts_a_sentence_before_a_leading_subject():
+    assert neighbour_template(EditRequest("{} plays", "A", "b")) == "Here is a fact. {} plays"
+    assert neighbour_template(EditRequest("The sport of {} is", "A", "b")) == "The sport of {} is"
+    assert neighbour_pairs(EditRequest("{} plays", "A", "b"), ["X"]) == [
+        ("{} plays", "X"),
+        ("Here is a fact. {} plays", "X"),
+    ]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_neighbour_keys_are_left_unchanged(arch, text_file):
+    model, tok = edit_model(arch), edit_tokenizer(arch)
+    stats = get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=3000)
+    hp = dataclasses.replace(HP, v_steps=4, neighbours=8)
+    (d,) = Editor(model, tok, hparams=hp, stats=stats).patch([REQ]).deltas
+    names = d.metrics["neighbours"]
+    assert names, "the tiny model named no neighbours: the test would not test anything"
+    assert d.hparams["neighbours"] == 8
+    keys = filled_keys(model, tok, neighbour_pairs(REQ, names), 1).double()
+    reach = (keys @ d.u.double()) / float(d.u.double() @ d.key.double())
+    assert float(reach.abs().max()) < 1e-6  # zero up to float32 rounding of u
+    assert d.metrics["neighbour_reach_before"] > 1e-3  # ... where the plain update did reach them
+    assert d.metrics["neighbour_reach_after"] < 1e-6
+
+
+def test_aliases_are_left_out(text_file):
+    model, tok = edit_model("llama"), edit_tokenizer("llama")
+    stats = get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=3000)
+    hp = dataclasses.replace(HP, v_steps=2, neighbours=8, neighbour_max_cosine=1e-9)
+    (d,) = Editor(model, tok, hparams=hp, stats=stats).patch([REQ]).deltas
+    assert d.metrics["neighbours"] == [] and d.metrics["neighbours_left_out"]
+    assert d.metrics["neighbour_reach_after"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "bad", [{"neighbours": -1}, {"neighbour_max_cosine": 0.0}, {"neighbour_max_cosine": 2}]
+)
+def test_bad_neighbour_settings_are_refused(bad):
+    with pytest.raises(RequestError, match="neighbour"):
+        ROMEHyperParams(**bad)
+
+
+def test_no_neighbours_by_default():
+    assert ROMEHyperParams().neighbours == 0
