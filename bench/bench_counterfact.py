@@ -3,6 +3,10 @@
 Per-case results are appended to bench/results/counterfact-<config>.jsonl as they finish (one
 line per case, tracked in git), so an interrupted run, even in a later session, resumes where it
 stopped. ``ROMPATCH_BENCH_SHARD=i/n`` lets n single-threaded workers share the pending cases.
+
+Issue 15 runs the same records with other settings, each into its own file:
+``ROMPATCH_BENCH_MODEL=gemma3-270m`` (default smollm2-135m; the file gets the model's name) and
+``ROMPATCH_BENCH_NEIGHBOURS=N`` (``ROMEHyperParams.neighbours``; the file gets ``-nbN``).
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ def compare_runs() -> list[str]:
     out = [
         "",
         f"Configurations compared on the {len(common)} records every run holds (post-edit; "
-        "'L4' = layer 4, 'nocap-ablation' = before max_update_ratio existed):",
+        "'L4' = layer 4, 'nocap-ablation' = before max_update_ratio existed, 'nb64' = "
+        "neighbours 64, a model's name = that model instead of SmolLM2):",
         "",
         "| run | ES | PS | NS (pre) | S | updates at or above ‖W‖₂ |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -76,15 +81,19 @@ def run(limit: int | None = None, layer: int | None = None, fast: bool = False) 
     from rompatch.stats import DEFAULT_STATS_TOKENS, get_second_moment
 
     limit = limit or int(os.environ.get("ROMPATCH_BENCH_LIMIT", "0")) or None
+    model_name = os.environ.get("ROMPATCH_BENCH_MODEL", "smollm2-135m")
+    neighbours = int(os.environ.get("ROMPATCH_BENCH_NEIGHBOURS", "0"))
     records = load_counterfact(str(data_file("counterfact/counterfact_subset.json")), limit=limit)
-    model, tok = load_model("smollm2-135m", device="cpu")
+    model, tok = load_model(model_name, device="cpu")
     layer = default_layer(model) if layer is None else layer
-    hp = ROMEHyperParams(layer=layer, optim_autocast="bfloat16" if fast else "none")
+    hp = ROMEHyperParams(layer=layer, optim_autocast="bfloat16" if fast else "none", neighbours=neighbours)
     t_stats = time.perf_counter()
     stats = get_second_moment(model, tok, layer, n_tokens=DEFAULT_STATS_TOKENS)
     t_stats = time.perf_counter() - t_stats
     WORK.mkdir(exist_ok=True)
-    out = WORK / f"counterfact-L{layer}{'-fast' if fast else ''}.jsonl"
+    prefix = "" if model_name == "smollm2-135m" else f"{model_name}-"
+    nb = f"-nb{neighbours}" if neighbours else ""
+    out = WORK / f"counterfact-{prefix}L{layer}{'-fast' if fast else ''}{nb}.jsonl"
     done = {}
     if out.is_file():
         for line in out.read_text().splitlines():

@@ -100,7 +100,9 @@ def measure(model: Any, tok: Any, prompts: Sequence[str], target: str) -> dict[s
     }
 
 
-def run_table(model: Any, tok: Any, name: str, neighbours: int, seed: int = 0) -> dict[str, Any]:
+def run_table(
+    model: Any, tok: Any, name: str, neighbours: int, *, hparams: Any = None, stats_data: str | None = None
+) -> dict[str, Any]:
     from rompatch.apply import patched
     from rompatch.create import Editor
     from rompatch.request import EditRequest
@@ -116,7 +118,8 @@ def run_table(model: Any, tok: Any, name: str, neighbours: int, seed: int = 0) -
     before = {k: measure(model, tok, v, req.target_new) for k, v in prompts.items()}
     own_before = measure(model, tok, own, req.target_new)
     t0 = time.perf_counter()
-    patch = Editor(model, tok, hparams=ROMEHyperParams(neighbours=neighbours, seed=seed)).patch([req])
+    hp = dataclasses.replace(hparams or ROMEHyperParams(), neighbours=neighbours)
+    patch = Editor(model, tok, hparams=hp, stats_data=stats_data).patch([req])
     seconds = time.perf_counter() - t0
     with patched(model, patch):
         after = {k: measure(model, tok, v, req.target_new) for k, v in prompts.items()}
