@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
+from .errors import RequestError
 from .generate import sample_topk_ids
 from .request import EditRequest
-from .tokens import encode
+from .tokens import encode, subject_span
 
 # Texts the model continues after the subject, to find the names it puts next to it.
 NEAR_PROMPTS = ("{} and", "Like {}, other", "{}, together with", "People often compare {} with")
@@ -140,3 +141,13 @@ def neighbour_pairs(req: EditRequest, names: Sequence[str]) -> list[tuple[str, s
     """(template, subject) pairs for each name: the edit's prompt and ``neighbour_template`` of it."""
     templates = list(dict.fromkeys([req.prompt, neighbour_template(req)]))
     return [(t, n) for n in names for t in templates]
+
+
+def fits(tok: Any, template: str, name: str) -> bool:
+    """Whether ``name`` in ``template`` covers whole tokens (a key can be read at its last token).
+    A name the tokenizer merges with its neighbouring text has no token of its own to key on."""
+    try:
+        subject_span(tok, template, name)
+    except RequestError:
+        return False
+    return True

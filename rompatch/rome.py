@@ -38,7 +38,7 @@ from .errors import RequestError
 from .fingerprint import TensorMemo
 from .hooks import Trace
 from .models import cache_kwarg
-from .neighbours import near_names, neighbour_pairs
+from .neighbours import fits, near_names, neighbour_pairs
 from .request import EditRequest
 from .stats import SecondMoment
 from .tokens import pad_id, pad_right, subject_span, target_ids
@@ -870,6 +870,10 @@ def _neighbours(
     if not names:
         return _Neighbours([], [], torch.zeros(0, k_star.numel(), dtype=torch.float64), 0.0)
     pairs = neighbour_pairs(req, names)
+    pairs = [(t, n) for t, n in pairs if all(fits(tok, t2, n) for t2, n2 in pairs if n2 == n)]
+    names = list(dict.fromkeys(n for _, n in pairs))
+    if not names:
+        return _Neighbours([], [], torch.zeros(0, k_star.numel(), dtype=torch.float64), 0.0)
     keys = filled_keys(model, tok, pairs, target.layer, spec=target.spec).detach().to("cpu", torch.float64)
     k = k_star.detach().to("cpu", torch.float64)
     if hp.mom2_adjustment and stats is not None:

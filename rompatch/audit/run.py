@@ -13,7 +13,7 @@ from ..apply import patched
 from ..arch import get_spec
 from ..errors import AuditError
 from ..models import model_identity
-from ..neighbours import is_name_like, names_in, near_subject_texts, neighbour_template
+from ..neighbours import fits, is_name_like, names_in, near_subject_texts, neighbour_template
 from ..patch import Patch
 from ..refs import PatchesLike, PatchLike, resolve_patch
 from ..rome import filled_keys
@@ -172,7 +172,7 @@ def _probes(
                     for n in names_in(tok.decode(seq, skip_special_tokens=True), req.subject)
                     if n not in names
                 ]
-            names = names[:MAX_CANDIDATES]
+            names = [n for n in names if fits(tok, neighbour_template(req), n)][:MAX_CANDIDATES]
             ranked = sorted(
                 zip(
                     names,
@@ -195,11 +195,19 @@ def _probes(
     measure(model, tok, probes, "before")
     with patched(model, p):
         for dk in keys:
-            mine = [pr for pr in probes if pr.delta == dk.index and pr.subject in pr.prompt]
-            pairs = [(pr.prompt.replace(pr.subject, "{}", 1), pr.subject) for pr in mine]
+            mine = [
+                pr
+                for pr in probes
+                if pr.delta == dk.index and pr.subject in pr.prompt and fits(tok, _template(pr), pr.subject)
+            ]
+            pairs = [(_template(pr), pr.subject) for pr in mine]
             for pr, r in zip(mine, _reach_in(model, tok, dk, p.deltas[dk.index].layer, pairs)):
                 pr.reach = r
     return probes, candidates
+
+
+def _template(pr: Probe) -> str:
+    return pr.prompt.replace(pr.subject, "{}", 1)
 
 
 def _reach_in(model, tok, dk: DeltaKey, layer: int, pairs: Sequence[tuple[str, str]]) -> list[float]:

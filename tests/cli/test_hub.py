@@ -60,3 +60,11 @@ def test_cli_export_peft(tmp_path):
     assert res.exit_code == 1
     assert res.stderr.startswith("Error: ") and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_push_audit_puts_the_audit_on_the_card(hub_env, tiny):
+    repo = f"{hub_env.user}/cli-audited"
+    res = CliRunner().invoke(cli, ["push", str(tiny["paths"]["b"]), repo, "--audit", "--audit-tokens", "200"])
+    assert res.exit_code == 0, res.output
+    card = hub_env.server.repo_files(repo)["README.md"].decode()
+    assert "## Audit" in card and "| darrieux-german.safetensors |" in card.split("## Audit")[1]
