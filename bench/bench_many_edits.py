@@ -25,8 +25,8 @@ KEYS = HERE / "results" / "key_conditioning.json"  # python -m bench.key_conditi
 
 # What the measurements of 2026-12-01 show (the table above is the data; this is its reading).
 FINDINGS = """
-What the numbers say (run of 2026-12-01, 2 CPU cores shared by up to four jobs: the seconds are
-upper bounds, the load average is in each entry):
+What the numbers say (runs of 2026-12-01 on 2 CPU cores, often shared with another job: the seconds
+are upper bounds, the load average is in each entry):
 
 - **Merging removes the cross-talk.** At N = 100 the plain stack of independent edits loses 3 NS
   points (71 against 74 unedited) and its ‖ΣΔ‖₂/‖W‖₂ is 1.72; merged, NS is back to 74, the norm
@@ -36,22 +36,25 @@ upper bounds, the load average is in each entry):
   joint solve); its value is one command instead of N plus a merge. On this CPU, shared δ passes
   were not faster than one edit at a time (padding prompts of different lengths costs more than
   the larger matrix products save), so rompatch shares passes only on CUDA.
-- **Perplexity is where ROME modes fall short.** +7.6% at N = 100 (merged or batch), over the +5%
-  goal for N = 1,000 already at N = 100: every ROME update may reach ‖W‖₂ (max_update_ratio 1), and
-  a hundred of them add up. MEMIT's updates are a third of that (‖ΣΔ‖₂/‖W‖₂ 0.34 at N = 10 over five
-  layers) and its perplexity moves by 0.3%.
+- **Sequential editing does not collapse by N = 100 here**: ES 99, PS 93, NS 74 (= unedited).
+  **Protection** (each edit orthogonal to the earlier edits' keys and C's 32 top directions) keeps
+  NS at or above the unedited value at every N (76 against 74 at N = 100) with ES 99 and PS 94.
+- **Perplexity is where ROME modes fall short.** +7.3 to +7.8% at N = 100 for every ROME mode
+  (merged, batch, sequential, protected), over the +5% goal for N = 1,000 already at N = 100: every
+  ROME update may reach ‖W‖₂ (max_update_ratio 1), and a hundred of them add up to ‖ΣΔ‖₂/‖W‖₂
+  1.35 to 1.75 at one matrix. MEMIT spreads each edit over five layers; its updates are a third of
+  that (‖ΣΔ‖₂/‖W‖₂ 0.41 at N = 30) and its perplexity moves by 1.1% at N = 30.
+- **MEMIT holds every goal at N = 100**: ES 100, PS 91, NS 74 (= unedited), perplexity 36.90 (+2.3%), GE unchanged, ‖ΣΔ‖₂/‖W‖₂ 0.50 at the largest of its five matrices. It is the mode to take
+  towards 1,000 edits.
 - **N = 1,000 is not measured: it does not fit on this machine.** One ROME edit took 11.8 s here
-  (100 independent edits in 1,180 s), so 1,000 edits are 3.3 hours for one mode and about 16
-  hours for the six, against a 3-hour session; N = 10,000 is ten times that. What can be measured
-  cheaply is whether the joint solve of merge and batch holds at N = 1,000, and it does:
-  cond(UᵀK) is 1,167 (below the 10⁴ limit). From N = 1,536 (= d_in) UᵀK is singular (rank bound),
-  so merge and batch stop there at one matrix and only MEMIT (least squares over layers) can take
-  10,000 edits.
-- **Protection holds the neighbours**: protected sequential edits at N = 30 keep NS at the unedited
-  76.7 with ES 100 and PS 93.3, perplexity +2.5%. MEMIT at N = 30: ES 100, PS 96.7, NS 73.3 (−3.3),
-  perplexity +1.1%.
-- Sequential, protected and MEMIT were cut to N = 10, 30 and 30 for time (each ran on one thread
-  beside the others, hence their low edits/s).
+  alone (100 independent edits in 1,180 s) and 25 to 30 s beside another job, so 1,000 edits are
+  3.3 hours for one mode and about 16 hours for the six (independent and merged share their edits;
+  sequential, protected, batch and MEMIT each need their own), against a 3-hour session; N = 10,000
+  for batch and MEMIT is another 65 hours. No GPU was lent to these sessions. What can be measured
+  cheaply is whether the joint solve of merge and batch holds at N = 1,000, and it does: cond(UᵀK)
+  is 1,167 (below the 10⁴ limit). From N = 1,536 (= d_in) UᵀK is singular (rank bound), so merge
+  and batch stop there at one matrix and only MEMIT (least squares over layers) can take 10,000
+  edits.
 """
 
 
