@@ -870,7 +870,8 @@ def _neighbours(
     if not names:
         return _Neighbours([], [], torch.zeros(0, k_star.numel(), dtype=torch.float64), 0.0)
     pairs = neighbour_pairs(req, names)
-    pairs = [(t, n) for t, n in pairs if all(fits(tok, t2, n) for t2, n2 in pairs if n2 == n)]
+    unfit = {n for t, n in pairs if not fits(tok, t, n)}  # a name must fit every template
+    pairs = [(t, n) for t, n in pairs if n not in unfit]
     names = list(dict.fromkeys(n for _, n in pairs))
     if not names:
         return _Neighbours([], [], torch.zeros(0, k_star.numel(), dtype=torch.float64), 0.0)

@@ -217,8 +217,7 @@ class ReachScan:
             if old is not None and old.score >= v:
                 continue
             lo, hi = max(0, t - CONTEXT_BEFORE), t + CONTEXT_AFTER + 1
-            row = ids[b][: int(a.shape[1])]
-            best[tid] = _Hit(v, float(r[b, t]), row[lo:hi].tolist(), t - lo, source)
+            best[tid] = _Hit(v, float(r[b, t]), ids[b, lo:hi].tolist(), t - lo, source)
         if len(best) > 8 * self.top:  # keep memory bounded: drop the weakest half
             for tid, _ in sorted(best.items(), key=lambda kv: kv[1].score)[: len(best) - 4 * self.top]:
                 del best[tid]
