@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -28,19 +29,31 @@ def skip_reason() -> str | None:
 
 
 WORK = Path(__file__).resolve().parent / "results"
+# How each model's full run shared the machine (its per-record seconds depend on it).
+TIMING_NOTES = {
+    "smollm2-135m": "one torch thread (two workers shared the 2 cores)",
+    "gemma3-270m": "2 torch threads, alone on the 2 cores for most records (about 20 with one thread "
+    "beside another job)",
+}
 
 
 def _pct(cases: list, key: str, when: str = "post") -> str:
     return f"{100 * statistics.fmean(c[when][key] for c in cases):.1f}" if cases else "—"
 
 
-def compare_runs() -> list[str]:
-    """Markdown: every counterfact-*.jsonl in bench/results, scored over the records all of them hold."""
+def run_model(name: str) -> str:
+    """The model of a run's file name: 'gemma3-270m-L3-nb64' → 'gemma3-270m', 'L4' → SmolLM2's."""
+    m = re.match(r"(?:(.+)-)?L\d+(?:-|$)", name)
+    return (m.group(1) if m else None) or "smollm2-135m"
+
+
+def compare_runs(model: str = "smollm2-135m") -> list[str]:
+    """Markdown: every counterfact-*.jsonl of ``model`` in bench/results, scored over the records all of them hold."""
     runs = {}
     for f in sorted(WORK.glob("counterfact-*.jsonl")):
-        runs[f.stem.removeprefix("counterfact-")] = {
-            c["case_id"]: c for c in map(json.loads, f.read_text().splitlines())
-        }
+        name = f.stem.removeprefix("counterfact-")
+        if run_model(name) == model:
+            runs[name] = {c["case_id"]: c for c in map(json.loads, f.read_text().splitlines())}
     if len(runs) < 2:
         return []
     common = sorted(set.intersection(*(set(r) for r in runs.values())))
@@ -52,9 +65,9 @@ def compare_runs() -> list[str]:
 
     out = [
         "",
-        f"Configurations compared on the {len(common)} records every run holds (post-edit; "
+        f"{model}: configurations compared on the {len(common)} records every run holds (post-edit; "
         "'L4' = layer 4, 'nocap-ablation' = before max_update_ratio existed, 'nb64' = "
-        "neighbours 64, a model's name = that model instead of SmolLM2):",
+        "neighbours 64):",
         "",
         "| run | ES | PS | NS (pre) | S | updates at or above ‖W‖₂ |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -68,7 +81,13 @@ def compare_runs() -> list[str]:
     return out
 
 
-def run(limit: int | None = None, layer: int | None = None, fast: bool = False) -> dict:
+def run(
+    limit: int | None = None,
+    layer: int | None = None,
+    fast: bool = False,
+    model_name: str | None = None,
+    neighbours: int | None = None,
+) -> dict:
     from rompatch.arch import default_layer
     from rompatch.evaluation.evaluate import (
         evaluate_counterfact,
@@ -81,8 +100,9 @@ def run(limit: int | None = None, layer: int | None = None, fast: bool = False) 
     from rompatch.stats import DEFAULT_STATS_TOKENS, get_second_moment
 
     limit = limit or int(os.environ.get("ROMPATCH_BENCH_LIMIT", "0")) or None
-    model_name = os.environ.get("ROMPATCH_BENCH_MODEL", "smollm2-135m")
-    neighbours = int(os.environ.get("ROMPATCH_BENCH_NEIGHBOURS", "0"))
+    model_name = model_name or os.environ.get("ROMPATCH_BENCH_MODEL", "smollm2-135m")
+    if neighbours is None:
+        neighbours = int(os.environ.get("ROMPATCH_BENCH_NEIGHBOURS", "0"))
     records = load_counterfact(str(data_file("counterfact/counterfact_subset.json")), limit=limit)
     model, tok = load_model(model_name, device="cpu")
     layer = default_layer(model) if layer is None else layer
@@ -141,8 +161,9 @@ def run(limit: int | None = None, layer: int | None = None, fast: bool = False) 
             "metric": "median seconds per edit",
             "value": statistics.median(secs),
             "unit": "s",
-            "note": "k*, v* and delta only; one torch thread (two workers shared the 2 cores); "
-            "bench_engine has the 2-thread timing",
+            "note": "k*, v* and delta only; "
+            + TIMING_NOTES.get(model_name, "")
+            + "; bench_engine has the 2-thread timing",
         },
         {
             "metric": "updates with spectral norm > matrix's",
@@ -173,7 +194,7 @@ def run(limit: int | None = None, layer: int | None = None, fast: bool = False) 
         f"(P(new) after {c['edit']['p_new_after']:.3f})"
         for c in failures
     ] or ["- none"]
-    md += compare_runs()
+    md += compare_runs(model_name)
     return {
         "setup": f"Each record's edit is created on the unedited model and measured before and after "
         f"(full-sequence probabilities). Statistics: {t_stats:.0f} s to load or compute. "

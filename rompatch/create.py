@@ -34,7 +34,7 @@ from .arch import EditTarget, ModelSpec
 from .context import context_templates
 from .errors import RequestError
 from .fingerprint import TensorMemo
-from .merge import DEFAULT_MAX_CONDITION, joint_solve
+from .merge import DEFAULT_MAX_CONDITION, edit_change, joint_solve
 from .models import applied_on_disk, model_identity
 from .patch import ParamInfo, Patch, RankOneDelta, new_patch
 from .refs import PatchesLike
@@ -185,6 +185,14 @@ class Editor:
             protect=self.protected_keys(),
         )
 
+    def _edit_deltas(self, req: EditRequest, res: EditResult) -> list[RankOneDelta]:
+        """One edit's deltas: its own, then its opening delta if it has one (``rompatch.opening``)."""
+        first = self._delta(req, res)
+        if res.opening is None:
+            return [first]
+        first.metrics["opening_delta"] = True
+        return [first, self._delta(req, res.opening)]
+
     def _delta(self, req: EditRequest, res: EditResult) -> RankOneDelta:
         d = RankOneDelta(
             u=res.u,
@@ -204,25 +212,31 @@ class Editor:
         d.metrics = metrics
         return d
 
-    def _measured(self, reqs: Sequence[EditRequest], deltas: list[RankOneDelta]) -> None:
-        """Add P(new), P(true) before and after (with all ``deltas`` applied, then reverted) to each delta."""
+    def _measured(self, reqs: Sequence[EditRequest], edits: Sequence[Sequence[RankOneDelta]]) -> None:
+        """Add P(new), P(true) before and after (with all ``edits`` applied, then reverted) to each
+        delta of each request's edit."""
         before = [probe(self.model, self.tok, r) for r in reqs]
-        tmp = self.wrap(deltas, self._inherited())
+        tmp = self.wrap([d for ds in edits for d in ds], self._inherited())
         with patched(self.model, tmp):
             after = [probe(self.model, self.tok, r) for r in reqs]
-        for d, b, a in zip(deltas, before, after):
-            d.metrics.update({f"{k}_before": round(v, 6) for k, v in b.items()})
-            d.metrics.update({f"{k}_after": round(v, 6) for k, v in a.items()})
+        for ds, b, a in zip(edits, before, after):
+            for d in ds:
+                d.metrics.update({f"{k}_before": round(v, 6) for k, v in b.items()})
+                d.metrics.update({f"{k}_after": round(v, 6) for k, v in a.items()})
 
-    def edit(self, req: EditRequest, *, progress: Callable[[int, float], None] | None = None) -> RankOneDelta:
-        """One request → one RankOneDelta with its key, hyperparameters, statistics identity and
-        creation metrics (P(new), P(true) before and after, measured with the delta applied and reverted)."""
-        d = self._delta(req, self._results([req], progress)[0])
-        self._measured([req], [d])
-        return d
+    def edit(
+        self, req: EditRequest, *, progress: Callable[[int, float], None] | None = None
+    ) -> list[RankOneDelta]:
+        """One request → its edit: one RankOneDelta (two when its prompt opens with its subject and
+        needs an opening delta, ``rompatch.opening``) with its key, hyperparameters, statistics
+        identity and creation metrics (P(new), P(true) before and after, measured with the edit
+        applied and reverted)."""
+        ds = self._edit_deltas(req, self._results([req], progress)[0])
+        self._measured([req], [ds])
+        return ds
 
-    def _computed(self, reqs: list[EditRequest], chunk: int, desc: str) -> Iterator[RankOneDelta]:
-        """Each request's delta as if alone on the model, the δ of ``chunk`` requests optimised
+    def _computed(self, reqs: list[EditRequest], chunk: int, desc: str) -> Iterator[list[RankOneDelta]]:
+        """Each request's deltas as if alone on the model, the δ of ``chunk`` requests optimised
         together (``compute_values``), yielded as each chunk is done; metrics without the
         before/after probes."""
         bar = tqdm(
@@ -231,7 +245,7 @@ class Editor:
         try:
             for i in range(0, len(reqs), chunk):
                 part = reqs[i : i + chunk]
-                yield from [self._delta(r, res) for r, res in zip(part, self._results(part))]
+                yield from [self._edit_deltas(r, res) for r, res in zip(part, self._results(part))]
                 bar.update(len(part))
         finally:
             bar.close()
@@ -251,11 +265,12 @@ class Editor:
         reqs = _request_list(self.tok, requests)
         chunk = chunk or default_chunk(self.model)
         inherited = self._inherited()
-        deltas = list(self._computed(reqs, chunk, "batch"))
+        edits = list(self._computed(reqs, chunk, "batch"))
+        deltas = [d for ds in edits for d in ds]
         solved = joint_solve(
             torch.stack([d.u for d in deltas]),
             torch.stack([d.key for d in deltas]),  # type: ignore[misc]
-            torch.stack([d.v * float(d.u @ d.key) for d in deltas]),  # type: ignore[operator]
+            torch.stack([edit_change(ds, d.key) for ds in edits for d in ds]),  # type: ignore[arg-type]
             max_condition=max_condition,
         )
         joint = {"solve": "joint", "batch_size": len(reqs)}
@@ -272,7 +287,8 @@ class Editor:
             )
             for d, v in zip(deltas, solved.values)
         ]
-        self._measured(reqs, deltas)
+        it = iter(deltas)
+        self._measured(reqs, [[next(it) for _ in ds] for ds in edits])
         return self.wrap(deltas, inherited)
 
     def patch(
@@ -289,15 +305,15 @@ class Editor:
         chunk = chunk or default_chunk(self.model)
         inherited = self._inherited()
         deltas: list[RankOneDelta] = []
-        for d in self._computed(reqs, chunk, "edits"):
-            self._measured([d.request], [d])  # type: ignore[list-item]
-            deltas.append(d)
+        for i, ds in enumerate(self._computed(reqs, chunk, "edits")):
+            self._measured([reqs[i]], [ds])
+            deltas += ds
             if on_edit is not None:
-                on_edit(len(deltas) - 1, d)
+                on_edit(i, ds[0])
         return self.wrap(deltas, inherited)
 
-    def _deltas(self, reqs: list[EditRequest], *, then: Callable[[RankOneDelta], None]) -> None:
-        """Edit each request in turn (with progress bars), handing each delta to ``then``."""
+    def _deltas(self, reqs: list[EditRequest], *, then: Callable[[list[RankOneDelta]], None]) -> None:
+        """Edit each request in turn (with progress bars), handing each edit's deltas to ``then``."""
         show = self.progress
         bar = tqdm(
             total=len(reqs), desc="edits", unit="edit", disable=not show or len(reqs) == 1, leave=False
@@ -329,12 +345,12 @@ class Editor:
         inherited = self._inherited()
         patches: list[Patch] = []
 
-        def stack(d: RankOneDelta) -> None:
-            p = self.wrap([d], inherited + [q.id for q in patches])
+        def stack(ds: list[RankOneDelta]) -> None:
+            p = self.wrap(ds, inherited + [q.id for q in patches])
             apply_patch(self.model, p)
             patches.append(p)
             if on_edit is not None:
-                on_edit(len(patches) - 1, d)
+                on_edit(len(patches) - 1, ds[0])
 
         try:
             self._deltas(reqs, then=stack)

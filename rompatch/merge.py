@@ -16,7 +16,8 @@ KᵀC⁻¹K = KᵀU D is symmetric, so KᵀU D = D UᵀK, and R (KᵀUD)⁻¹ (U
 
 The target r_j is what edit j's author wanted the matrix's change to be at k_j:
 
-- a delta computed on its own (``create``, independent edits): its own v_j (u_j·k_j);
+- a delta computed on its own (``create``, independent edits): its own v_j (u_j·k_j), or, for the
+  two deltas of an edit whose prompt opens with its subject (``rompatch.opening``), the pair's sum at k_j;
 - a delta of a joint solve (``create --mode batch``, a merge, MEMIT; ``hparams["solve"] == "joint"``): the
   sum of that patch's joint deltas on the matrix, at k_j;
 - plus, for a patch computed on top of others (``create --mode sequential``, ``create --on``), the
@@ -40,6 +41,7 @@ import torch
 
 from .constants import MERGED_FROM
 from .errors import MergeError
+from .opening import edit_groups
 from .patch import Patch, RankOneDelta, new_patch
 from .refs import PatchesLike, resolve_patches
 from .stack import stack_patches, stacked_components
@@ -156,28 +158,32 @@ def _check_inputs(ps: Sequence[Patch]) -> None:
         )
 
 
+def edit_change(deltas: Sequence[RankOneDelta], k: torch.Tensor) -> torch.Tensor:
+    """Σ v (u·k) over ``deltas``, float64: what they change together at key ``k``."""
+    out = torch.zeros_like(deltas[0].v, dtype=torch.float64)
+    for d in deltas:
+        out += d.v.double() * float(d.u.double() @ k.double())
+    return out
+
+
 def _targets(
     ps: Sequence[Patch], parameter: str, ancestors: list[set[int]]
 ) -> list[tuple[RankOneDelta, torch.Tensor]]:
     """(delta, target value at its key) for every delta of ``parameter``, in input order."""
-
-    def change(deltas: Sequence[RankOneDelta], k: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(deltas[0].v, dtype=torch.float64)
-        for d in deltas:
-            out += d.v.double() * float(d.u.double() @ k.double())
-        return out
-
     out = []
     for n, p in enumerate(ps):
         mine = [d for d in p.deltas if d.parameter == parameter]
         joint = [d for d in mine if is_joint(d)]
+        edit_of = {
+            i: [mine[j] for j in g] for g in edit_groups(mine) for i in g
+        }  # an opening pair is one edit
         below = [d for a in sorted(ancestors[n]) for d in ps[a].deltas if d.parameter == parameter]
-        for d in mine:
+        for i, d in enumerate(mine):
             assert d.key is not None
-            own = joint if is_joint(d) else [d]
-            r = change(own, d.key)
+            own = joint if is_joint(d) else edit_of[i]
+            r = edit_change(own, d.key)
             if below:
-                r += change(below, d.key)
+                r += edit_change(below, d.key)
             out.append((d, r))
     return out
 

@@ -229,6 +229,7 @@ class Patch(HubMixin):
                     "target_true": r.target_true if r else None,
                     "target_new": r.target_new if r else None,
                     "key": d.key is not None,
+                    "opening": bool(d.hparams.get("opening")),  # rompatch.opening
                     "u_norm": float(d.u.norm()),
                     "v_norm": float(d.v.norm()),
                     "metrics": d.metrics,

@@ -39,6 +39,7 @@ from .fingerprint import TensorMemo
 from .hooks import Trace
 from .models import cache_kwarg
 from .neighbours import fits, near_names, neighbour_pairs
+from .opening import OPENING, OPENING_MIN_P, added, opens_with_subject
 from .request import EditRequest
 from .stats import SecondMoment
 from .tokens import pad_id, pad_right, subject_span, target_ids
@@ -84,6 +85,10 @@ class ROMEHyperParams:
     # neighbour_max_cosine: aliases, not neighbours) are left out. 0: off.
     neighbours: int = 0
     neighbour_max_cosine: float = 0.9
+    # A prompt that opens with a multi-token subject on a tokenizer without BOS, missed by the edit
+    # (P(target) < opening.OPENING_MIN_P after the value optimisation): add a second delta keyed at
+    # that prompt, orthogonal to the context templates' keys (rompatch.opening).
+    opening_delta: bool = True
 
     def __post_init__(self) -> None:
         choices = {
@@ -122,6 +127,7 @@ class EditResult:
     hparams: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
     key: torch.Tensor | None = None  # k*, float32 on the CPU: where ΔW k* = δ holds
+    opening: EditResult | None = None  # the second delta of a prompt that opens with its subject
 
 
 # ------------------------------------------------------------------------------------ prompts
@@ -670,6 +676,11 @@ def compute_values(
             "loss_last": losses[e][-1],
             "nll_last": round(nll.mean().item(), 4),
             "p_target_mean_after_opt": round(math.exp(-nll.mean().item()), 4),
+            **(
+                {"p_prompt_after_opt": round(math.exp(-nll[list(tasks[e].templates).index("{}")].item()), 4)}
+                if "{}" in tasks[e].templates
+                else {}
+            ),
             "delta_norm": round(d.norm().item(), 4),
             "wk_norm": round(ref_norms[e], 4),
             "delta_capped": bool(d.norm().item() >= 0.999 * float(max_norms[e])),
@@ -955,7 +966,7 @@ def compute_deltas(
     )
     share = (time.perf_counter() - t0) / len(reqs)
     out = []
-    for p, (delta, _, diag) in zip(preps, values):
+    for r, p, (delta, _, diag) in zip(reqs, preps, values):
         v = (delta.cpu() / p.denom).to(torch.float32)
         diag.update(
             seconds=round(p.seconds + share, 3),
@@ -974,18 +985,63 @@ def compute_deltas(
             diag.update(p.neighbours.metrics())
         hpd = hp.to_dict()
         hpd.update(layer=layer, context_templates=list(p.templates), templates_dropped_position0=p.dropped)
-        out.append(
-            EditResult(
-                u=p.u,
-                v=v,
-                layer=layer,
-                parameter=target.parameter,
-                hparams=hpd,
-                metrics=diag,
-                key=p.k_star.detach().to("cpu", torch.float32),
-            )  # fmt: skip
+        res = EditResult(
+            u=p.u,
+            v=v,
+            layer=layer,
+            parameter=target.parameter,
+            hparams=hpd,
+            metrics=diag,
+            key=p.k_star.detach().to("cpu", torch.float32),
         )
+        if (
+            hp.opening_delta
+            and diag.get("p_prompt_after_opt", 1.0) < OPENING_MIN_P
+            and opens_with_subject(tok, r)
+        ):
+            kept = [x for x in (protect, p.neighbours.keys if p.neighbours else None) if x is not None]
+            res.opening = opening_delta(
+                model, tok, r, res, stats=stats, hp=hp, target=target, w_spec=p.w_spec,
+                protect=torch.cat([x.to("cpu", torch.float64) for x in kept]) if kept else None,
+            )  # fmt: skip
+        out.append(res)
     return out
+
+
+def opening_delta(
+    model: Any, tok: Any, req: EditRequest, first: EditResult, *, stats: SecondMoment | None,
+    hp: ROMEHyperParams, target: EditTarget, w_spec: float, protect: torch.Tensor | None = None,
+) -> EditResult:  # fmt: skip
+    """The second delta of an edit whose prompt opens with its subject (``rompatch.opening``): keyed at
+    the prompt's subject token, orthogonal to the keys of ``first``'s context templates (and to
+    ``protect``, what ``first`` was kept away from), its value optimised on the prompt alone with
+    ``first`` applied, its size capped like ``first``'s (``w_spec`` = ‖W‖₂)."""
+    t0 = time.perf_counter()
+    ctx = [t.replace("{}", req.prompt) for t in first.hparams["context_templates"] if t != "{}"]
+    pairs = [(req.prompt, req.subject)] + [(t, req.subject) for t in ctx]
+    keys = filled_keys(model, tok, pairs, target.layer, spec=target.spec).detach().to("cpu", torch.float64)
+    k, k_ctx = keys[0], keys[1:]
+    u = solve_key(k.float(), stats, hp, k_ctx if protect is None else torch.cat([k_ctx, protect.to(k_ctx)]))
+    denom = float(u.double() @ k)
+    cap = hp.max_update_ratio * w_spec * abs(denom) if hp.max_update_ratio > 0 else math.inf
+    with added(model.get_parameter(target.parameter), first.v, first.u, target.spec.layout):
+        ((delta, _, diag),) = compute_values(
+            model, tok, [ValueTask(req, ["{}"], k.float(), None, cap)], target.layer, hp, spec=target.spec
+        )
+    v = (delta.cpu() / denom).to(torch.float32)
+    diag.update(
+        seconds=round(time.perf_counter() - t0, 3),
+        u_dot_k=round(denom, 6),
+        k_norm=round(float(k.norm()), 4),
+        v_norm=round(float(v.norm()), 4),
+        update_spectral_norm=round(float(v.norm()) * float(u.norm()), 4),
+        weight_spectral_norm=round(w_spec, 4),
+        reach_contexts_max=round(float((k_ctx @ u.double() / denom).abs().max()), 6),
+        first_p_prompt_after_opt=first.metrics.get("p_prompt_after_opt"),
+        layer=target.layer,
+    )
+    hpd = {**first.hparams, "context_templates": ["{}"], OPENING: True}
+    return EditResult(u, v, target.layer, target.parameter, hpd, diag, k.to(torch.float32))
 
 
 def compute_delta(

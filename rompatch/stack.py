@@ -109,7 +109,8 @@ def find_conflicts(patches: Sequence[Patch]) -> list[Conflict]:
     """Pairs of edits with the same subject and relation (``relation_id``, else prompt template).
 
     Different targets are a conflict; equal targets a duplicate. Deltas without a request
-    (``extracted``) cannot conflict.
+    (``extracted``) cannot conflict, nor can the deltas of one patch that carry the same request
+    (one edit spread over several deltas: an opening pair, MEMIT's layers).
     """
     by_subject: dict[str, list[tuple[int, int, EditRequest]]] = {}
     for i, p in enumerate(patches):
@@ -121,6 +122,8 @@ def find_conflicts(patches: Sequence[Patch]) -> list[Conflict]:
         for x in range(len(group)):
             for y in range(x + 1, len(group)):
                 (i, j, r), (k, m, s) = group[x], group[y]
+                if i == k and r == s:
+                    continue  # one edit in several deltas of one patch (an opening pair, MEMIT's layers)
                 if same_relation(r, s):
                     out.append(
                         Conflict(

@@ -13,6 +13,7 @@ from ..constants import DEFAULT_SAMPLED_TOKENS, DEFAULT_STATS_TOKENS
 from ..create import Editor
 from ..methods.memit import MEMITEditor, MEMITHyperParams
 from ..models import load_model
+from ..opening import edit_groups
 from ..patch import Patch, new_patch, save_patch
 from ..refs import resolve_patch
 from ..request import EditRequest, load_requests
@@ -237,9 +238,16 @@ def _write_one(patch: Patch, out: Path, *, as_json: bool) -> None:
     if as_json:
         echo_json({"path": str(out), **patch.summary()})
         return
-    for e in patch.summary()["edits"]:
-        if e["subject"] is not None:
+    edits = patch.summary()["edits"]
+    for e in edits:
+        if e["subject"] is not None and not e["opening"]:
             click.echo(_line(e))
+    opening = sum(e["opening"] for e in edits)
+    if opening:
+        info(
+            f"{opening} edit(s) with an opening delta: the prompt opens with its subject and the first delta "
+            "missed it (docs/creating-edits.md)"
+        )
     compressed = sum(1 for d in patch.deltas if "svd_compressed" in d.hparams)
     if compressed:
         info(
@@ -309,13 +317,20 @@ def _write_folder(out: Path, patches: list[Patch], *, as_json: bool) -> None:
         echo_json(summary)
         return
     for s in summary:
-        click.echo(f"{s['path']}  {s['id'][:12]}  " + "; ".join(_line(e) for e in s["edits"]))
+        click.echo(
+            f"{s['path']}  {s['id'][:12]}  " + "; ".join(_line(e) for e in s["edits"] if not e["opening"])
+        )
 
 
 def _split(p: Patch) -> list[Patch]:
-    return [
-        new_patch([d], base=p.base, parameters={d.parameter: p.parameters[d.parameter]}) for d in p.deltas
-    ]
+    """One patch per edit (an edit with an opening delta keeps both, ``rompatch.opening``)."""
+    out = []
+    for g in edit_groups(p.deltas):
+        ds = [p.deltas[i] for i in g]
+        out.append(
+            new_patch(ds, base=p.base, parameters={d.parameter: p.parameters[d.parameter] for d in ds})
+        )
+    return out
 
 
 def _slug(p: Patch) -> str:

@@ -45,7 +45,12 @@ def format_patch(patch: Patch) -> str:
         "edits:",
     ]
     for e in s["edits"]:
-        if e["subject"] is not None:
+        if e.get("opening"):
+            lines.append(
+                f"  [{e['index']}] opening delta of [{e['index'] - 1}]: keyed at its prompt, which opens with "
+                "its subject (no BOS)"
+            )
+        elif e["subject"] is not None:
             text = e["prompt"].replace("{}", e["subject"])
             old = e["target_true"] if e["target_true"] is not None else "?"
             lines.append(f"  [{e['index']}] {text!r}: {old} → {e['target_new']}")

@@ -21,15 +21,17 @@ EDIT_METRICS = (
     "p_new_before",
     "p_new_after",
     "delta_capped",
+    "opening_delta",  # True when the edit has a second delta (rompatch.opening)
 )
 
 
 def edit_patch(
     editor: Editor, req: EditRequest, *, lineage: Sequence[str] = ()
 ) -> tuple[RankOneDelta, Patch]:
-    """Compute one edit on the editor's model as it is now and wrap it in a patch (not applied)."""
-    d = editor.edit(req)
-    return d, editor.wrap([d], list(lineage))
+    """Compute one edit on the editor's model as it is now and wrap it in a patch (not applied);
+    returns its (first) delta and the patch (which holds its opening delta too, if it has one)."""
+    ds = editor.edit(req)
+    return ds[0], editor.wrap(ds, list(lineage))
 
 
 def edit_summary(d: RankOneDelta) -> dict[str, Any]:
