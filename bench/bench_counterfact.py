@@ -7,6 +7,7 @@ stopped. ``ROMPATCH_BENCH_SHARD=i/n`` lets n single-threaded workers share the p
 Issue 15 runs the same records with other settings, each into its own file:
 ``ROMPATCH_BENCH_MODEL=gemma3-270m`` (default smollm2-135m; the file gets the model's name) and
 ``ROMPATCH_BENCH_NEIGHBOURS=N`` (``ROMEHyperParams.neighbours``; the file gets ``-nbN``).
+``ROMPATCH_BENCH_DEVICE=cuda`` computes on a GPU (same files; several shard workers can share it).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def run(
     if neighbours is None:
         neighbours = int(os.environ.get("ROMPATCH_BENCH_NEIGHBOURS", "0"))
     records = load_counterfact(str(data_file("counterfact/counterfact_subset.json")), limit=limit)
-    model, tok = load_model(model_name, device="cpu")
+    model, tok = load_model(model_name, device=os.environ.get("ROMPATCH_BENCH_DEVICE", "cpu"))
     layer = default_layer(model) if layer is None else layer
     hp = ROMEHyperParams(layer=layer, optim_autocast="bfloat16" if fast else "none", neighbours=neighbours)
     t_stats = time.perf_counter()

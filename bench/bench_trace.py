@@ -25,6 +25,10 @@ HERE = Path(__file__).resolve().parent
 FIGURES = HERE / "figures"
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "The Eiffel Tower"
+SOURCES = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (de-quantised Q4_1 GGUF, float32)",
+    "gemma3-270m": "Gemma-3-270m (de-quantised Q4_K_M GGUF, float32)",
+}
 TOTAL_BUDGET_S = float(os.environ.get("ROMPATCH_BENCH_TRACE_BUDGET", 15 * 60))  # the whole benchmark
 KNOWN_BUDGET_S = 8 * 60  # at most, for the known facts (window 10)
 SINGLE_RESERVE_S = 150  # kept for the single-layer pass over the same facts
@@ -39,18 +43,19 @@ def _load() -> str:
         return "n/a"
 
 
-def run() -> dict:
+def run(model_id: str = "smollm2-135m", label: str = "SmolLM2-135M", prefix: str = "trace") -> dict:
+    """Trace ``model_id`` (figures named ``prefix``-...); bench_trace_gemma runs it for Gemma-3-270m."""
     # On a shared, oversubscribed CPU two OpenMP threads stall on each other at every small operation
     # (measured here: a 30-row forward pass took 8.3 s with 2 threads, 0.7 s with 1), so one thread.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run()
+        return _run(model_id, label, prefix)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run() -> dict:
+def _run(model_id: str, label: str, prefix: str) -> dict:
     from rompatch.arch import default_layer
     from rompatch.models import load_model
     from rompatch.tracing.known_facts import trace_known
@@ -59,14 +64,14 @@ def _run() -> dict:
 
     t_start = time.perf_counter()
     load_before = _load()
-    model, tok = load_model("smollm2-135m", device="cpu")
+    model, tok = load_model(model_id, device="cpu")
     t = time.perf_counter()
     es = embedding_std(model, tok)
     std_s = time.perf_counter() - t
 
     # 1. one prompt, all three kinds, the paper's settings
     r = trace_fact(model, tok, PROMPT, SUBJECT, embed_std=es)  # samples 10, noise 3σ, window 10
-    plot_trace_all(r, FIGURES, prefix="trace-eiffel", model_name="SmolLM2-135M")
+    plot_trace_all(r, FIGURES, prefix=f"{prefix}-eiffel", model_name=label)
     last = r.last_subject_token
     mlp_ie = r.indirect_effect("mlp")
     t_best, l_best, ie_best = r.strongest("mlp")
@@ -87,7 +92,7 @@ def _run() -> dict:
         time_budget=budget,
         progress=True,
     )
-    plot_average(avg, FIGURES, prefix="trace-known", model_name="SmolLM2-135M")
+    plot_average(avg, FIGURES, prefix=f"{prefix}-known", model_name=label)
     aie = avg.effect("mlp")
     ci = avg.ci95("mlp")
     c_last = CATEGORIES.index("last subject token")
@@ -120,9 +125,9 @@ def _run() -> dict:
             "window of 10 MLP layers (centre)": (aie[c_last], ci[c_last]),
             "single MLP layer": (s_mean, s_ci),
         },
-        FIGURES / "trace-known-last-subject.png",
+        FIGURES / f"{prefix}-known-last-subject.png",
         title=f"MLP indirect effect at the last subject token, {avg.n_facts} facts",
-        xlabel="Layer in SmolLM2-135M",
+        xlabel=f"Layer in {label}",
     )
     known_s = sum(f["seconds"] for f in avg.facts)
     load_after = _load()
@@ -228,16 +233,17 @@ def _run() -> dict:
             "",
             f"**Eiffel Tower** (`{PROMPT}` → ' Paris'; subject tokens marked *):",
             "",
-            f"![hidden]({fig}/trace-eiffel-hidden.png) ![mlp]({fig}/trace-eiffel-mlp.png) ![attn]({fig}/trace-eiffel-attn.png)",
+            f"![hidden]({fig}/{prefix}-eiffel-hidden.png) ![mlp]({fig}/{prefix}-eiffel-mlp.png) "
+            f"![attn]({fig}/{prefix}-eiffel-attn.png)",
             "",
-            f"**Known facts** ({avg.n_facts} facts SmolLM2 reproduces exactly, out of {avg.considered} checked "
+            f"**Known facts** ({avg.n_facts} facts {label} reproduces exactly, out of {avg.considered} checked "
             f"from known_1000.json in file order; {', '.join(KNOWN_KINDS)} only, to fit the time budget). "
             "Average indirect effect of restoring a window of 10 MLP layers, per token category "
             "(columns: centre layer):",
             "",
             *table,
             "",
-            f"![known mlp]({fig}/trace-known-mlp.png) ![known lines]({fig}/trace-known-lines.png)",
+            f"![known mlp]({fig}/{prefix}-known-mlp.png) ![known lines]({fig}/{prefix}-known-lines.png)",
             "",
             "One MLP layer at a time (window 1), same facts, last subject token (indirect effect, mean ± 95%):",
             "",
@@ -246,19 +252,19 @@ def _run() -> dict:
             "| mean | " + " | ".join(f"{x:.3f}" for x in s_mean) + " |",
             "| ± | " + " | ".join(f"{x:.3f}" for x in s_ci) + " |",
             "",
-            f"![last subject token]({fig}/trace-known-last-subject.png)",
+            f"![last subject token]({fig}/{prefix}-known-last-subject.png)",
             "",
             "Per-fact suggested layers (MLP peak at each fact's last subject token): "
             + ", ".join(
                 f"{k}: {v}" for k, v in sorted(per_fact.items(), key=lambda kv: (kv[0] is None, kv[0]))
             ),
             "",
-            f"**Default edit layer for SmolLM2-135M (from the window-10 curve, the paper's criterion):** {rec}. "
+            f"**Default edit layer for {label} (from the window-10 curve, the paper's criterion):** {rec}. "
             f"Single MLP layers: the effect peaks at layer {s_peak} (top: {', '.join(map(str, s_top))}).",
         ]
     )
     return {
-        "setup": "SmolLM2-135M-Instruct (de-quantised Q4_1 GGUF, float32) on CPU with 1 torch thread (the machine "
+        "setup": f"{SOURCES.get(model_id, model_id)} on CPU with 1 torch thread (the machine "
         "is shared; see the note below); rompatch.tracing.trace defaults (prefix reuse, up to 128 corrupted rows per "
         "forward pass).",
         "rows": rows,

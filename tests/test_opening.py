@@ -131,3 +131,14 @@ def test_a_pair_is_one_edit_for_stack_split_and_show(text_file, always, caplog):
     assert "  [0] 'The Space Needle" in text and "  [2] 'The Space Needle" in text
     assert "  [1] opening delta of [0]" in text and "  [1] 'The" not in text
     assert [e["opening"] for e in p.summary()["edits"]] == [False, True, False]
+
+
+def test_an_opening_delta_that_cannot_be_solved_leaves_the_edit_as_it_was(text_file, always, monkeypatch):
+    from rompatch.errors import RequestError
+
+    def refuse(*a, **k):
+        raise RequestError("the edit's key lies (almost) in the span of the 20 protected key directions")
+
+    monkeypatch.setattr(rome, "opening_delta", refuse)
+    (d,) = _editor("gpt2", text_file).edit(OPEN)
+    assert "span" in d.metrics["opening_delta_skipped"] and "opening_delta" not in d.metrics
