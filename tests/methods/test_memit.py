@@ -130,3 +130,14 @@ def test_memit_refuses_bad_settings(text_file):
         MEMITHyperParams(layers=(2, 1))
     with pytest.raises(RequestError, match="mom2_update_weight must be > 0"):
         MEMITHyperParams(mom2_update_weight=0)
+
+
+def test_stacking_a_memit_patch_does_not_call_its_layers_duplicates(text_file, caplog):
+    import logging
+
+    model, tok = edit_model("llama"), edit_tokenizer("llama")
+    patch = MEMITEditor(model, tok, hparams=HP, stats=_stats(model, tok, text_file)).patch([REQ])
+    assert len(patch.deltas) == 2 and patch.deltas[0].request == patch.deltas[1].request  # one edit, two layers
+    with caplog.at_level(logging.WARNING):
+        stack_patches([patch])
+    assert "applied twice" not in caplog.text
