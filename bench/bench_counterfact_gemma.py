@@ -4,6 +4,9 @@ layer (long; resumable like bench_counterfact, into bench/results/counterfact-ge
 
 from __future__ import annotations
 
+import json
+import statistics
+
 from bench import bench_counterfact
 
 TITLE = "Edit quality: Gemma-3-270m on CounterFact (all records in shared data)"
@@ -11,5 +14,46 @@ FULL_ONLY = True
 skip_reason = bench_counterfact.skip_reason
 
 
+def beside_smollm2(cases: list[dict]) -> str:
+    """Gemma's scores next to SmolLM2's (layer 4) on the same records, from the two runs' files."""
+    path = bench_counterfact.WORK / "counterfact-L4.jsonl"
+    if not path.is_file():
+        return ""
+    smol = {c["case_id"]: c for c in map(json.loads, path.read_text().splitlines())}
+    common = [c for c in cases if c["case_id"] in smol]
+    if not common:
+        return ""
+
+    def pct(cs: list[dict], when: str, k: str) -> float:
+        return 100 * statistics.fmean(c[when][k] for c in cs)
+
+    def capped(cs: list[dict]) -> int:
+        return sum(c["edit"]["update_spectral_norm"] >= 0.999 * c["edit"]["weight_spectral_norm"] for c in cs)
+
+    rows = [
+        "",
+        f"Beside SmolLM2-135M (layer 4) on the same {len(common)} records:",
+        "",
+        "| model | ES | PS | NS unedited → edited | NS change | updates at the cap ‖ΔW‖₂ = ‖W‖₂ |",
+        "| --- | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for name, cs in (
+        ("Gemma-3-270m, layer 3", common),
+        ("SmolLM2-135M, layer 4", [smol[c["case_id"]] for c in common]),
+    ):
+        pre, post = pct(cs, "pre", "NS"), pct(cs, "post", "NS")
+        rows.append(
+            f"| {name} | {pct(cs, 'post', 'ES'):.1f} | {pct(cs, 'post', 'PS'):.1f} | {pre:.1f} → {post:.1f} | "
+            f"{post - pre:+.1f} | {capped(cs)} of {len(cs)} |"
+        )
+    return "\n".join(rows)
+
+
 def run() -> dict:
-    return bench_counterfact.run(model_name="gemma3-270m")
+    res = bench_counterfact.run(model_name="gemma3-270m")
+    cases = [
+        json.loads(x)
+        for x in (bench_counterfact.WORK / "counterfact-gemma3-270m-L3.jsonl").read_text().splitlines()
+    ]
+    res["markdown"] += "\n" + beside_smollm2(cases)
+    return res
