@@ -142,3 +142,15 @@ def test_an_opening_delta_that_cannot_be_solved_leaves_the_edit_as_it_was(text_f
     monkeypatch.setattr(rome, "opening_delta", refuse)
     (d,) = _editor("gpt2", text_file).edit(OPEN)
     assert "span" in d.metrics["opening_delta_skipped"] and "opening_delta" not in d.metrics
+
+
+def test_an_audit_probes_a_pairs_edit_once_and_scans_both_deltas(text_file, always):
+    from rompatch.audit import audit_patch
+
+    ed = _editor("gpt2", text_file)
+    p = ed.patch([OPEN])
+    report = audit_patch(ed.model, ed.tok, p, stats_data=str(text_file), tokens=300, near_samples=0, leaks=2)
+    assert len(report.firing) == 2 and report.keys == {"0": "stored", "1": "stored"}
+    own = [pr for pr in report.probes if pr["kind"] == "edit"]
+    assert own and all(pr["delta"] == 0 for pr in own)
+    assert all(pr["delta"] == 0 for pr in report.probes if pr["kind"] == "subject")

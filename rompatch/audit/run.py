@@ -14,6 +14,7 @@ from ..arch import get_spec
 from ..errors import AuditError
 from ..models import model_identity
 from ..neighbours import fits, is_name_like, names_in, near_subject_texts, neighbour_template
+from ..opening import is_opening
 from ..patch import Patch
 from ..refs import PatchesLike, PatchLike, resolve_patch
 from ..rome import filled_keys
@@ -187,10 +188,11 @@ def _probes(
                 key=lambda x: -abs(x[1]),
             )
             candidates[dk.index] = [{"name": n, "reach": round(r, 4)} for n, r in ranked]
-            probes += edit_probes(dk.index, req, paraphrases)
+            if not is_opening(p.deltas[dk.index]):  # an opening delta's edit is probed with its first
+                probes += edit_probes(dk.index, req, paraphrases)
             probes += leak_probes(dk.index, req, [n for n, _ in ranked[:leaks]])
     for dk in keys:
-        if reqs[dk.index] is not None:
+        if reqs[dk.index] is not None and not is_opening(p.deltas[dk.index]):
             probes += set_references(model, tok, subject_probes(dk.index, reqs[dk.index]))
     measure(model, tok, probes, "before")
     with patched(model, p):
