@@ -55,5 +55,15 @@ def run() -> dict:
         json.loads(x)
         for x in (bench_counterfact.WORK / "counterfact-gemma3-270m-L3.jsonl").read_text().splitlines()
     ]
+    from bench.data import data_file
+    from rompatch.evaluation.evaluate import load_counterfact
+
+    total = len(load_counterfact(str(data_file("counterfact/counterfact_subset.json"))))
+    if len(cases) < total:
+        res["setup"] += (
+            f" **{len(cases)} of the {total} records so far** (in file order; the run resumes: "
+            '`ROMPATCH_BENCH_MODEL=gemma3-270m python -c "from bench import bench_counterfact; '
+            'bench_counterfact.run()"`, with `ROMPATCH_BENCH_NEIGHBOURS=64` for the neighbours run).'
+        )
     res["markdown"] += "\n" + beside_smollm2(cases)
     return res
