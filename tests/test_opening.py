@@ -105,7 +105,10 @@ def test_merges_and_batches_keep_the_pair_exact(text_file, always):
     independent = ed.patch([OPEN, REQ])
     assert [len(g) for g in edit_groups(independent.deltas)] == [2, 1]
     pair, single = independent.deltas[:2], independent.deltas[2:]
-    ps = [Patch(deltas=list(d), base=independent.base, parameters=independent.parameters) for d in (pair, single)]
+    ps = [
+        Patch(deltas=list(d), base=independent.base, parameters=independent.parameters)
+        for d in (pair, single)
+    ]
     merged = merge_patches(ps)
     edits = [(d, pair if i < 2 else single) for i, d in enumerate(independent.deltas)]
     for d, edit in edits:  # every key gets its own edit's change, the pair's sum for the pair

@@ -137,7 +137,9 @@ def test_stacking_a_memit_patch_does_not_call_its_layers_duplicates(text_file, c
 
     model, tok = edit_model("llama"), edit_tokenizer("llama")
     patch = MEMITEditor(model, tok, hparams=HP, stats=_stats(model, tok, text_file)).patch([REQ])
-    assert len(patch.deltas) == 2 and patch.deltas[0].request == patch.deltas[1].request  # one edit, two layers
+    assert (
+        len(patch.deltas) == 2 and patch.deltas[0].request == patch.deltas[1].request
+    )  # one edit, two layers
     with caplog.at_level(logging.WARNING):
         stack_patches([patch])
     assert "applied twice" not in caplog.text
