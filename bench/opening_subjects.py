@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from bench.data import data_file
+from rompatch.opening import added
 
 OUT = Path(__file__).resolve().parent / "results" / "opening_subjects_entries.json"
 # The shared records whose rewrite prompt opens with the subject and whose edit missed at layer 4
@@ -98,12 +99,6 @@ def running_keys(model, tok, spec, layer: int, n_tokens: int = 20_000) -> torch.
     return torch.cat(keys)
 
 
-def outer(v: torch.Tensor, u: torch.Tensor, spec) -> torch.Tensor:
-    """v uᵀ in the edited weight's orientation (Conv1D weights are stored transposed)."""
-    d = torch.outer(v.float(), u.float())
-    return d.T if spec.layout == "conv1d" else d
-
-
 def reach_stats(r: torch.Tensor) -> dict:
     a = r.abs()
     return {
@@ -127,7 +122,6 @@ def case(model, tok, rec, *, stats, hp, spec, layer, openings, okeys, rkeys) -> 
 
     req = EditRequest.from_dict(rec)
     W = model.get_submodule(spec.mlp_out_module(layer)).weight
-    w0 = W.detach().clone()
     w_spec = spectral_norm(W)
     pre = score_case(model, tok, rec)
     t0 = time.perf_counter()
@@ -138,15 +132,11 @@ def case(model, tok, rec, *, stats, hp, spec, layer, openings, okeys, rkeys) -> 
     _, _, last = subject_span(tok, req.prompt, req.subject)
     reach1_bare = float(u1 @ k_bare / (u1 @ k_star))
     den2 = float(u2 @ k_bare)
-    with torch.no_grad():
-        W += outer(d1.v, d1.u, spec)
-    one = score_case(model, tok, rec)
-    with torch.no_grad():
-        W += outer(d2.v, d2.u, spec)
-    two = score_case(model, tok, rec)
+    with added(W, d1.v, d1.u, spec.layout):
+        one = score_case(model, tok, rec)
+        with added(W, d2.v, d2.u, spec.layout):
+            two = score_case(model, tok, rec)
     seconds = time.perf_counter() - t0
-    with torch.no_grad():
-        W.copy_(w0)
     # Where u₂ fires, per opening position, and in running text.
     r_open = (okeys @ u2) / den2  # (n, T)
     subj_ids = tok(req.prompt.replace("{}", req.subject), add_special_tokens=False)["input_ids"][: last + 1]
@@ -196,16 +186,12 @@ def rank_one_variants(model, tok, rec, *, stats, hp, spec) -> list[dict]:
 
     hp = dataclasses.replace(hp, opening_delta=False)
     W = model.get_submodule(spec.mlp_out_module(hp.layer)).weight
-    w0 = W.detach().clone()
     out = []
     for change in VARIANTS:
         d = compute_deltas(model, tok, [EditRequest.from_dict(rec)], stats=stats,
                            hparams=dataclasses.replace(hp, **change), spec=spec)[0]  # fmt: skip
-        with torch.no_grad():
-            W += outer(d.v, d.u, spec)
-        scores = score_case(model, tok, rec)
-        with torch.no_grad():
-            W.copy_(w0)
+        with added(W, d.v, d.u, spec.layout):
+            scores = score_case(model, tok, rec)
         out.append({"change": change, "scores": scores, "delta_capped": d.metrics["delta_capped"],
                     "v_steps_run": d.metrics["v_steps_run"], "p_target_mean_after_opt":
                     d.metrics["p_target_mean_after_opt"]})  # fmt: skip
