@@ -121,8 +121,8 @@ def case(model, tok, rec, *, stats, hp, spec, layer, openings, okeys, rkeys) -> 
     from rompatch.tokens import subject_span
 
     req = EditRequest.from_dict(rec)
-    W = model.get_submodule(spec.mlp_out_module(layer)).weight
-    w_spec = spectral_norm(W)
+    P = spec.mlp_out_param(layer)
+    w_spec = spectral_norm(model.get_parameter(P))
     pre = score_case(model, tok, rec)
     t0 = time.perf_counter()
     hp1 = dataclasses.replace(hp, opening_delta=False)  # the first delta alone: the edit before issue 15
@@ -132,9 +132,9 @@ def case(model, tok, rec, *, stats, hp, spec, layer, openings, okeys, rkeys) -> 
     _, _, last = subject_span(tok, req.prompt, req.subject)
     reach1_bare = float(u1 @ k_bare / (u1 @ k_star))
     den2 = float(u2 @ k_bare)
-    with added(W, d1.v, d1.u, spec.layout):
+    with added(model, P, d1.v, d1.u, spec.layout):
         one = score_case(model, tok, rec)
-        with added(W, d2.v, d2.u, spec.layout):
+        with added(model, P, d2.v, d2.u, spec.layout):
             two = score_case(model, tok, rec)
     seconds = time.perf_counter() - t0
     # Where u₂ fires, per opening position, and in running text.
@@ -185,12 +185,12 @@ def rank_one_variants(model, tok, rec, *, stats, hp, spec) -> list[dict]:
     from rompatch.rome import compute_deltas
 
     hp = dataclasses.replace(hp, opening_delta=False)
-    W = model.get_submodule(spec.mlp_out_module(hp.layer)).weight
+    P = spec.mlp_out_param(hp.layer)
     out = []
     for change in VARIANTS:
         d = compute_deltas(model, tok, [EditRequest.from_dict(rec)], stats=stats,
                            hparams=dataclasses.replace(hp, **change), spec=spec)[0]  # fmt: skip
-        with added(W, d.v, d.u, spec.layout):
+        with added(model, P, d.v, d.u, spec.layout):
             scores = score_case(model, tok, rec)
         out.append({"change": change, "scores": scores, "delta_capped": d.metrics["delta_capped"],
                     "v_steps_run": d.metrics["v_steps_run"], "p_target_mean_after_opt":

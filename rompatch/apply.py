@@ -22,6 +22,7 @@ from .fingerprint import dtype_name, tensor_sha256
 from .models import applied_on_disk
 from .numerics import apply_deltas, factors_on, whole
 from .patch import Patch
+from .placement import param_value, write_param
 from .refs import PatchesLike, PatchLike, find_applied, flatten_patches, is_single_patch, resolve_patches
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def _apply_one(model: nn.Module, patch: Patch, *, force: bool) -> AppliedPatch:
         if name in st.snapshots:
             actual = tensor_sha256(_expected_value(st, name, lineage_patches, p.dtype))
         else:
-            actual = tensor_sha256(p.data)
+            actual = tensor_sha256(param_value(model, name))
         if actual != info.sha256:
             refuse_mismatch(
                 f"base fingerprint mismatch on '{name}': patch expects sha256 {info.sha256[:16]}… "
@@ -150,9 +151,9 @@ def _apply_one(model: nn.Module, patch: Patch, *, force: bool) -> AppliedPatch:
             )
 
     record = AppliedPatch(patch=patch, forced=force)
-    for name, p in params.items():
+    for name in params:
         if name not in st.snapshots:
-            st.snapshots[name] = p.data.detach().to("cpu", copy=True)
+            st.snapshots[name] = param_value(model, name).detach().to("cpu", copy=True)
     st.applied.append(record)
     for name, p in params.items():
         _rewrite(model, st, name, p)
@@ -163,14 +164,8 @@ def _apply_one(model: nn.Module, patch: Patch, *, force: bool) -> AppliedPatch:
 
 
 def _rewrite(model: nn.Module, st: _State, name: str, p: nn.Parameter) -> None:
-    _write(p, _expected_value(st, name, [a.patch for a in st.applied], p.dtype))
-
-
-def _write(p: nn.Parameter, value: torch.Tensor) -> None:
-    """Overwrite ``p`` in place through the parameter itself, not ``p.data``: that bumps its version
-    counter, so memos keyed on it (``fingerprint.TensorMemo``: ``rome.spectral_norm``) see the change."""
-    with torch.no_grad():
-        p.copy_(value.to(p.device))
+    # write_param: in place on the parameter's device, or into accelerate's offload map
+    write_param(model, name, _expected_value(st, name, [a.patch for a in st.applied], p.dtype))
 
 
 def revert_patch(model: nn.Module, patch: PatchesLike) -> None:
@@ -223,7 +218,7 @@ def _revert_at(model: nn.Module, st: _State, idx: int) -> None:
         if still:
             _rewrite(model, st, name, p)
         else:
-            _write(p, st.snapshots.pop(name))
+            write_param(model, name, st.snapshots.pop(name))
     log.info("reverted patch %s", target.short_id)
 
 
@@ -245,7 +240,7 @@ def verify_applied(model: nn.Module, patches: PatchesLike | None = None) -> None
     for name in st.snapshots:
         p = _param(model, name)
         expected = tensor_sha256(_expected_value(st, name, [a.patch for a in st.applied], p.dtype))
-        actual = tensor_sha256(p.data)
+        actual = tensor_sha256(param_value(model, name))
         if actual != expected:
             raise FingerprintMismatchError(
                 f"'{name}' no longer holds the patched value (sha256 {actual[:16]}…, expected {expected[:16]}…); "

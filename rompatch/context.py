@@ -20,6 +20,7 @@ from .arch import ModelSpec, get_spec
 from .atomic import atomic_write
 from .constants import cache_dir
 from .fingerprint import tensor_sha256
+from .placement import input_device, param_value
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def _model_key(
     spec = get_spec(model, spec)
     h = hashlib.sha256()
     h.update(model.config.model_type.encode())
-    h.update(tensor_sha256(model.get_submodule(spec.embed).weight).encode())
+    h.update(tensor_sha256(param_value(model, spec.embed + ".weight")).encode())
     h.update(
         json.dumps(
             {"len": [list(x) for x in length_params], "seed": seed, "seeds": SEED_WORDS, "vocab": len(tok)}
@@ -45,7 +46,7 @@ def _model_key(
 
 @torch.no_grad()
 def _generate(model: Any, tok: Any, n: int, length: int, seed: int) -> list[str]:
-    device = next(model.parameters()).device
+    device = input_device(model)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     for i in range(n):

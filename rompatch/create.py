@@ -32,11 +32,13 @@ from tqdm.auto import tqdm
 from .apply import applied_patches, apply_patch, patched, revert_patch
 from .arch import EditTarget, ModelSpec
 from .context import context_templates
+from .distributed import SINGLE, Group
 from .errors import RequestError
 from .fingerprint import TensorMemo
 from .merge import DEFAULT_MAX_CONDITION, edit_change, joint_solve
 from .models import applied_on_disk, model_identity
 from .patch import ParamInfo, Patch, RankOneDelta, new_patch
+from .placement import param_value
 from .refs import PatchesLike
 from .request import EditRequest
 from .rome import EditResult, ROMEHyperParams, compute_deltas, default_chunk, validate_request
@@ -65,7 +67,8 @@ class Editor:
     ``hparams.layer`` None takes the model's default layer. ``stats``: second-moment statistics;
     None computes (or loads from the cache) them from ``stats_data``/``stats_tokens`` when
     ``hparams.mom2_adjustment`` asks for them. ``notify`` receives the one line naming the
-    statistics text.
+    statistics text. ``group``: torchrun processes that share the statistics pass
+    (``rompatch.distributed``).
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class Editor:
         stats_text_field: str = "text",
         progress: bool = False,
         notify: Callable[[str], None] | None = None,
+        group: Group = SINGLE,
     ) -> None:
         hp = hparams or ROMEHyperParams()
         self.model, self.tok = model, tok
@@ -98,6 +102,7 @@ class Editor:
                 text_field=stats_text_field,
                 progress=progress,
                 notify=notify,
+                group=group,
             )
         self.stats = stats
         # what each delta records of its statistics (hashing C once, not once per edit)
@@ -120,7 +125,7 @@ class Editor:
         return self._templates
 
     def _param_info(self) -> ParamInfo:
-        weight = self.model.get_parameter(self.target.parameter).data
+        weight = param_value(self.model, self.target.parameter)
         return ParamInfo.of(weight, self.target.spec.layout)
 
     def _inherited(self) -> list[str]:

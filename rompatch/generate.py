@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .models import cache_kwarg
+from .placement import input_device
 from .tokens import encode, pad_id
 
 
@@ -30,7 +31,7 @@ def sample_topk_ids(
 ) -> list[list[int]]:
     """Token ids (prompt + sampled continuation, ``max_out_len`` tokens in all) per prompt: top-k
     sampling from the last position's softmax renormalised over the k tokens, no temperature."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     gen = torch.Generator(device=device).manual_seed(seed)
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):

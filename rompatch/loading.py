@@ -51,6 +51,9 @@ def load_patched(
     revision: str | None = None,
     base_revision: str | None = None,
     force: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: str | dict[Any, str] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> tuple[Any, Any]:
     """Load ``base`` and apply ``patches`` in order; return ``(model, tokenizer)``.
 
@@ -60,6 +63,8 @@ def load_patched(
     chain inside a list; see ``rompatch.refs``). ``revision`` applies to Hub references without
     ``@REV`` (as in PEFT, it is the adapter's revision); ``base_revision`` to the base model.
     ``force=True`` applies patches whose base fingerprints do not match (logged and recorded).
+    ``device_map``, ``max_memory``, ``offload_folder``: as for ``load_model`` (a model spread over
+    devices or offloaded; offloaded weights are patched in memory, where accelerate keeps them).
 
     The returned model is verified: each patch is applied, and every touched tensor holds exactly
     the patched value.
@@ -71,7 +76,15 @@ def load_patched(
         base, recorded_rev = _base_of(resolved)
         base_revision = base_revision or recorded_rev
         log.info("loading the patches' base model %s", base)
-    model, tok = load_model(str(base), device=device, dtype=dtype, revision=base_revision)
+    model, tok = load_model(
+        str(base),
+        device=device,
+        dtype=dtype,
+        revision=base_revision,
+        device_map=device_map,
+        max_memory=max_memory,
+        offload_folder=offload_folder,
+    )
     model_type = model.config.model_type
     loaded_dtype = dtype_name(next(model.parameters()).dtype)
     for p in resolved:

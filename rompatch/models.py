@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from .constants import CHECKPOINT_RECORD, DEFAULT_MODEL, cache_dir
 from .errors import DeviceError, ModelLoadError, NoSuchFolderError
 from .fingerprint import DTYPES, dtype_name
 from .hub.transfer import is_local_path
+from .placement import parse_device_map, parse_max_memory
 from .predict import greedy
 
 log = logging.getLogger(__name__)
@@ -272,16 +274,48 @@ def local_model_path(name_or_path: str | os.PathLike) -> Path | None:
     return None
 
 
-def _load_folder(path: str, *, device: torch.device, dtype: torch.dtype, revision: str | None = None):
+def _load_folder(
+    path: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    revision: str | None = None,
+    placement: dict[str, Any] | None = None,
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, revision=revision)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision)
-    model.to(device)
+    if placement:  # accelerate places the blocks (and offloads some) while loading
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision, **placement)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision)
+        model.to(device)
     model.eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def _placement(
+    device: str | torch.device | None, device_map: Any, max_memory: Any, offload_folder: Any
+) -> dict[str, Any] | None:
+    """from_pretrained's placement keywords, or None to load onto one device."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise DeviceError(
+                "--max-memory and --offload-folder need --device-map; pass --device-map auto (or a map)"
+            )
+        return None
+    if device is not None and str(device) != "auto":
+        raise DeviceError(
+            f"pass either --device ({device}) or --device-map, not both; a device map places every block"
+        )
+    out: dict[str, Any] = {"device_map": parse_device_map(device_map)}
+    if max_memory is not None:
+        out["max_memory"] = parse_max_memory(max_memory)
+    if offload_folder is not None:
+        out["offload_folder"] = os.fspath(offload_folder)
+    return out
 
 
 def load_model(
@@ -290,6 +324,9 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     revision: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: str | dict[Any, str] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from an embedded alias, a local folder or a Hub id.
 
@@ -299,8 +336,16 @@ def load_model(
     ``device``: ``"auto"`` (default), ``"cpu"``, ``"cuda"``... ``dtype``: float32 (default),
     float16 or bfloat16. The model is in eval mode and knows where it came from
     (``model_identity(model)``), which patches record as their base.
+
+    ``device_map`` (instead of ``device``): accelerate places the blocks over the GPUs, CPU memory
+    and disk while loading: a strategy (``auto``, ``balanced``, ``sequential``...) or a map of module
+    name -> device (``rompatch.placement.parse_device_map``). ``max_memory``: per device, as
+    ``{0: "20GiB", "cpu": "64GiB"}`` or ``"0=20GiB,cpu=64GiB"``. ``offload_folder``: where
+    accelerate may write weights it offloads to disk (default: a temporary folder, removed with the
+    model). Edits, patches and traces are the same on any placement (``rompatch.placement``).
     """
-    dev = resolve_device(device)
+    placement = _placement(device, device_map, max_memory, offload_folder)
+    dev = resolve_device(None if placement else device)
     dt = resolve_dtype(dtype)
     name = os.fspath(name_or_path)
     local = local_model_path(name_or_path)
@@ -327,9 +372,17 @@ def load_model(
                 "model": info.get("alias", name),
                 "revision": f"gguf-sha256:{info.get('gguf_sha256', '')}",
             }
+    cleanup = None
+    if placement and "offload_folder" not in placement:
+        # accelerate writes offloaded weights it cannot map from the checkpoint here; removed with the model
+        cleanup = placement["offload_folder"] = tempfile.mkdtemp(prefix="rompatch-offload-")
     try:
-        model, tok = _load_folder(path, device=dev, dtype=dt, revision=revision)
-    except (OSError, ValueError) as e:
+        model, tok = _load_folder(path, device=dev, dtype=dt, revision=revision, placement=placement)
+    except BaseException as e:
+        if cleanup:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        if not isinstance(e, (OSError, ValueError)):
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
             f"cannot load model '{name_or_path}': {first}; pass an embedded alias ({', '.join(EMBEDDED)}), "
@@ -340,6 +393,8 @@ def load_model(
         if commit:
             source["revision"] = commit
     object.__setattr__(model, "_rompatch_source", source)
+    if cleanup:
+        weakref.finalize(model, shutil.rmtree, cleanup, ignore_errors=True)
     return model, tok
 
 

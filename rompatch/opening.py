@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .placement import param_value, write_param
 from .request import EditRequest
 from .tokens import bos_prefix, subject_span
 
@@ -69,14 +70,13 @@ def edit_groups(deltas: Sequence[RankOneDelta]) -> list[list[int]]:
 
 
 @contextmanager
-def added(weight: torch.nn.Parameter, v: torch.Tensor, u: torch.Tensor, layout: str) -> Iterator[None]:
-    """``weight`` with v uᵀ added (in its own orientation, dtype and device), restored exactly afterwards."""
-    saved = weight.detach().clone()
-    d = torch.outer(v.to(weight.device, torch.float32), u.to(weight.device, torch.float32))
-    with torch.no_grad():
-        weight.add_((d.T if layout == "conv1d" else d).to(weight.dtype))
+def added(model: Any, parameter: str, v: torch.Tensor, u: torch.Tensor, layout: str) -> Iterator[None]:
+    """Parameter ``parameter`` with v uᵀ added (in its own orientation and dtype, where it lives:
+    ``rompatch.placement``), restored exactly afterwards."""
+    saved = param_value(model, parameter).detach().clone()
+    d = torch.outer(v.to(saved.device, torch.float32), u.to(saved.device, torch.float32))
+    write_param(model, parameter, saved + (d.T if layout == "conv1d" else d).to(saved.dtype))
     try:
         yield
     finally:
-        with torch.no_grad():
-            weight.copy_(saved)
+        write_param(model, parameter, saved)

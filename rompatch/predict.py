@@ -6,9 +6,7 @@ from typing import Any
 
 import torch
 
-
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
+from .placement import input_device as _device  # where token ids go (any placement)
 
 
 @torch.no_grad()

@@ -40,6 +40,7 @@ from .hooks import Trace
 from .models import cache_kwarg
 from .neighbours import fits, near_names, neighbour_pairs
 from .opening import OPENING, OPENING_MIN_P, added, opens_with_subject
+from .placement import input_device, param_value
 from .request import EditRequest
 from .stats import SecondMoment
 from .tokens import pad_id, pad_right, subject_span, target_ids
@@ -217,7 +218,7 @@ def filled_keys(
 ) -> torch.Tensor:
     """The edited matrix's input at the subject's last token of each (template, subject), (n, in) fp32."""
     spec = get_spec(model, spec)
-    device = next(model.parameters()).device
+    device = input_device(model)
     seqs, idx = [], []
     for t, subject in pairs:
         text, _, last = subject_span(tok, t, subject)
@@ -226,7 +227,8 @@ def filled_keys(
     batch = pad_right(seqs, pad_id(tok)).to(device)
     with Trace(model, spec.mlp_out_module(layer), retain_input=True, retain_output=False, stop=True) as tr:
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    return tr.input[torch.arange(len(seqs), device=device), torch.tensor(idx, device=device)].float()
+    k = tr.input  # on the edited layer's device
+    return k[torch.arange(len(seqs), device=k.device), torch.tensor(idx, device=k.device)].float()
 
 
 def averaged_key(keys: torch.Tensor, templates: Sequence[str], prompt_weight: float) -> torch.Tensor:
@@ -309,6 +311,7 @@ class _Replay:
         self.norm = model.get_submodule(spec.final_norm)
         self.head = model.get_submodule(spec.lm_head)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.device = device  # ids, indices and the returned logits; blocks may sit elsewhere (device map)
         B = len(seqs)
         # Reference: a plain forward of the right-padded batch, head at the read positions.
         plain = pad_right(seqs, pad).to(device)
@@ -319,7 +322,8 @@ class _Replay:
         rows = torch.tensor([r for r, _ in reads], device=device)
         self.plain_ids, self.plain_mask = plain.input_ids, plain.attention_mask
         self.plain_cols = torch.tensor([p for _, p in reads], device=device)
-        self.full_logits = self._head(normed.output[rows, self.plain_cols])
+        h = normed.output
+        self.full_logits = self._head(h[rows.to(h.device), self.plain_cols.to(h.device)])
         # Split layout: [left pad | prefix | suffix | right pad], the subject at column P.
         P = max(subj_idx)
         S = max(len(s) - i for s, i in zip(seqs, subj_idx))
@@ -417,7 +421,8 @@ class _Replay:
         """Logits (P_reads, V) at the read positions, with whatever edit hooks are active."""
         if self.mode == "full":
             out = self.model(input_ids=self.plain_ids, attention_mask=self.plain_mask, use_cache=False)
-            return out.logits[self.read_rows, self.plain_cols].float()
+            lg = out.logits
+            return lg[self.read_rows.to(lg.device), self.plain_cols.to(lg.device)].float().to(self.device)
         if self.mode == "suffix":
             for lay, state in zip(self.cache.layers, self.cache_state):
                 lay.__dict__.update(state)  # back to the prefix-only cache
@@ -427,14 +432,15 @@ class _Replay:
             out = self.blocks[j](h, *args[1:], **kwargs)
             h = out[0] if isinstance(out, tuple) else out
         cols = self.read_cols - (self.P if self.mode == "suffix" else 0)
-        return self._head(self.norm(h)[self.read_rows, cols])
+        h = self.norm(h)
+        return self._head(h[self.read_rows.to(h.device), cols.to(h.device)])
 
     def _head(self, normed: torch.Tensor) -> torch.Tensor:
         """LM head (and Gemma-2 style soft-capping) on already-selected positions."""
         logits = self.head(normed).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return logits.to(self.device)
 
 
 def replay_tolerance(dtype: torch.dtype, depth: int) -> float:
@@ -498,7 +504,7 @@ CHUNK = {"cuda": 16, "cpu": 1}
 
 def default_chunk(model: Any) -> int:
     """``CHUNK`` for the device ``model`` is on (16 on CUDA, 1 elsewhere)."""
-    return CHUNK.get(next(model.parameters()).device.type, 1)
+    return CHUNK.get(input_device(model).type, 1)
 
 
 @dataclass
@@ -585,14 +591,14 @@ def compute_values(
     ``clamp_norm_factor`` · ‖W k*‖ (ROME's clamp) and the task's ``max_delta_norm``.
     """
     spec = get_spec(model, spec)
-    device = next(model.parameters()).device
+    device = input_device(model)  # δ, labels and logits live here; the edited layer may be elsewhere
     mod = model.get_submodule(spec.mlp_out_module(layer))
     E = len(tasks)
     prs = [_build_prompts(tok, t.req, t.templates, hp) for t in tasks]
 
     with torch.no_grad():
         ks = torch.stack([t.k_star for t in tasks]).to(device=device, dtype=mod.weight.dtype)
-        w_k = mod(ks).float()  # W k* (+ bias), (E, out)
+        w_k = mod(ks).float().to(device)  # W k* (+ bias), (E, out)
     ref_norms = [float(x) for x in w_k.norm(dim=1)]
     delta = torch.zeros_like(w_k, requires_grad=True)
     cur: list[_Rows] = []  # the rows being replayed: every task's at first, then the unfinished ones'
@@ -601,7 +607,7 @@ def compute_values(
         if not cur:  # building a replay: its reference passes run without δ
             return out
         rows = cur[0]
-        return out + (rows.subj_mask * delta[rows.row_task][:, None, :]).to(out.dtype)
+        return out + (rows.subj_mask * delta[rows.row_task][:, None, :]).to(out.device, out.dtype)
 
     with _frozen(model):
         cur.append(_Rows.of(model, spec, layer, tok, prs, tasks, list(range(E)), device))
@@ -842,7 +848,7 @@ def _prepare(
     denom = float(u.double() @ k_star.detach().cpu().double())
     # What the shipped update does at each optimised subject token: v (u·k_i) = δ (u·k_i)/(u·k*).
     reach = (keys.detach().cpu().double() @ u.double()) / denom
-    w_spec = spectral_norm(model.get_submodule(target.module).weight, spectral_memo)
+    w_spec = spectral_norm(param_value(model, target.parameter), spectral_memo)
     # ‖v uᵀ‖₂ = ‖δ‖/(u·k*): cap it at max_update_ratio × ‖W‖₂ (0: no cap, only ROME's clamp).
     cap = hp.max_update_ratio * w_spec * abs(denom) if hp.max_update_ratio > 0 else math.inf
     if near is not None:
@@ -1028,7 +1034,7 @@ def opening_delta(
     u = solve_key(k.float(), stats, hp, k_ctx if protect is None else torch.cat([k_ctx, protect.to(k_ctx)]))
     denom = float(u.double() @ k)
     cap = hp.max_update_ratio * w_spec * abs(denom) if hp.max_update_ratio > 0 else math.inf
-    with added(model.get_parameter(target.parameter), first.v, first.u, target.spec.layout):
+    with added(model, target.parameter, first.v, first.u, target.spec.layout):
         ((delta, _, diag),) = compute_values(
             model, tok, [ValueTask(req, ["{}"], k.float(), None, cap)], target.layer, hp, spec=target.spec
         )

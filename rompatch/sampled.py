@@ -30,6 +30,7 @@ import torch
 from .cached import identity_key, read_cached, write_cached
 from .constants import DEFAULT_SAMPLED_TOKENS, cache_dir
 from .fingerprint import tensor_sha256
+from .placement import input_device, named_values
 from .tokens import bos_prefix
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def _opener_ids(tok: Any) -> list[int]:
 def model_sha256(model: Any) -> str:
     """sha256 over every parameter's name and bytes: the sampler is the whole model."""
     h = hashlib.sha256()
-    for name, p in model.named_parameters():
+    for name, p in named_values(model):
         h.update(name.encode())
         h.update(tensor_sha256(p).encode())
     return h.hexdigest()
@@ -95,7 +96,7 @@ def _batch_path(identity: dict[str, Any], b: int) -> Path:
 
 @torch.no_grad()
 def _generate_batch(model: Any, tok: Any, settings: SamplerSettings, b: int) -> torch.Tensor:
-    device = next(model.parameters()).device
+    device = input_device(model)
     prefix = bos_prefix(tok)
     openers = _opener_ids(tok)
     new = settings.seq_len - len(prefix) - 1

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .placement import input_device
 from .request import EditRequest
 from .tokens import encode, pad_id, pad_right, target_ids
 
@@ -17,7 +18,7 @@ def target_logprobs(
     model: Any, tok: Any, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 64
 ) -> torch.Tensor:
     """(len(prompts), len(targets)) full-sequence log P(target | prompt), summed over target tokens."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     items = []  # (prompt index, target index, prompt ids, target ids)
     for i, p in enumerate(prompts):
         pids = encode(tok, p)

@@ -11,6 +11,7 @@ sequence length, the dtype and the tokenizer.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -22,13 +23,15 @@ from typing import Any
 
 import torch
 
-from .arch import ModelSpec, check_layer, get_spec, num_layers
+from .arch import ModelSpec, check_layer, get_spec, module_io, num_layers
 from .cached import identity_key, read_cached, write_cached
 from .constants import DEFAULT_SAMPLED_TOKENS, DEFAULT_STATS_TOKENS, ENV_DATA, cache_dir, data_dir
+from .distributed import SINGLE, Group
 from .errors import StatsError
 from .fingerprint import TensorMemo, dtype_name, tensor_sha256
 from .hooks import Trace
 from .hub.transfer import hub_unavailable
+from .placement import input_device, named_values
 from .sampled import SamplerSettings, sampled_chunks, sampler_identity
 from .tokens import bos_prefix, pad_right
 
@@ -330,7 +333,7 @@ def key_weights_sha(model: Any, layer: int, spec: ModelSpec) -> str:
     out_mod = spec.mlp_out_module(layer) + "."
     skip_heads = (spec.final_norm + ".", spec.lm_head + ".")
     h = hashlib.sha256()
-    for name, p in model.named_parameters():
+    for name, p in named_values(model):
         if name.startswith(later) or name.startswith(out_mod) or name.startswith(skip_heads):
             continue
         h.update(name.encode())
@@ -395,17 +398,25 @@ def collect_second_moment(
     identity: dict[str, Any] | None = None,
     snapshots: Sequence[int] = (),
     on_snapshot: Callable[[SecondMoment], None] | None = None,
+    group: Group = SINGLE,
 ) -> SecondMoment:
     """Stream ``n_tokens`` tokens of ``source`` through layers 0..``layer`` and average k kᵀ.
 
     ``snapshots``: token counts at which ``on_snapshot`` receives the statistics so far (at batch
     granularity), so one pass yields the statistics of several budgets.
+
+    ``group`` (``rompatch.distributed``, under torchrun): every process reads the same token stream
+    and runs the batches ``i`` with ``i % world == rank``, the batches a single process would run;
+    the sums and counts are then added over the processes (float64), so the result equals a single
+    process's up to the order of the float64 additions.
     """
+    if group.world > 1 and snapshots:
+        raise StatsError("statistics snapshots need one process; run without torchrun")
     from tqdm.auto import tqdm
 
     spec = get_spec(model, spec)
     check_layer(model, layer)
-    device = next(model.parameters()).device
+    device = input_device(model)
     module = spec.mlp_out_module(layer)
     total: torch.Tensor | None = None
     count = 0
@@ -413,22 +424,25 @@ def collect_second_moment(
         total=n_tokens,
         unit="tok",
         unit_scale=True,
-        desc=f"statistics layer {layer}",
-        disable=not progress,
+        desc=f"statistics layer {layer}" + (f" (rank 0 of {group.world})" if group.world > 1 else ""),
+        disable=not progress or not group.is_main,
         leave=False,
     )
     t0 = time.perf_counter()
     pending = sorted(x for x in snapshots if x < n_tokens)
-    chunks = token_chunks(tok, source, seq_len, n_tokens, progress)
-    while True:
+    chunks = token_chunks(tok, source, seq_len, n_tokens, progress and group.is_main)
+    for i in itertools.count():
         batch = [c for _, c in zip(range(batch_size), chunks)]
         if not batch:
             break
+        if not group.mine(i):  # another process's batch; the bar shows the whole stream
+            bar.update(sum(len(c) for c in batch))
+            continue
         padded = pad_right(batch, tok.pad_token_id or 0)
         ids, mask = padded.input_ids, padded.attention_mask
         with Trace(model, module, retain_input=True, retain_output=False, stop=True) as tr:
             model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-        k = tr.input[mask.to(device).bool()].to(torch.float32)  # (N, d)
+        k = tr.input[mask.to(tr.input.device).bool()].to(torch.float32)  # (N, d), on the layer's device
         kk = (k.T @ k).to(torch.float64).cpu()  # (d, d)
         total = kk if total is None else total.add_(kk)
         count += k.shape[0]
@@ -442,14 +456,20 @@ def collect_second_moment(
                     SecondMoment(mom2=(total / count).to(torch.float32), count=count, identity=snap_id)
                 )
         bar.update(k.shape[0])
-        bar.set_postfix_str(f"{count / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
+        bar.set_postfix_str(f"{bar.n / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
     bar.close()
+    if group.world > 1:  # add the processes' sums and counts
+        d = module_io(model, layer, spec)[0]
+        total = group.all_sum(torch.zeros(d, d, dtype=torch.float64) if total is None else total)
+        count = int(group.all_sum(torch.tensor([count], dtype=torch.float64)).item())
     if count == 0 or total is None:
         raise StatsError(f"statistics source {source.name} produced no text; pass a non-empty --stats-data")
     elapsed = time.perf_counter() - t0
     log.info("statistics: %d tokens in %.1f s (%.0f tok/s)", count, elapsed, count / max(elapsed, 1e-9))
     ident = dict(identity or {})
     ident.update(collected_tokens=count, seconds=round(elapsed, 2))
+    if group.world > 1:
+        ident["processes"] = group.world
     return SecondMoment(mom2=(total / count).to(torch.float32), count=count, identity=ident)
 
 
@@ -521,11 +541,14 @@ def get_second_moment(
     use_cache: bool = True,
     progress: bool = False,
     notify: Callable[[str], None] | None = None,
+    group: Group = SINGLE,
 ) -> SecondMoment:
     """Cached E[k kᵀ] for ``layer``: computed once per (weights, layer, data, budget, dtype, tokenizer).
 
     ``n_tokens`` None takes the source's default budget (100,000 tokens of a corpus, 16,384 of
     sampled text). ``notify`` receives one line naming the statistics text and why it was chosen.
+    ``group``: the torchrun processes that share the pass (``collect_second_moment``); rank 0 writes
+    the cache entry, under the same identity as one process would.
     """
     spec = get_spec(model, spec)
     check_layer(model, layer)
@@ -536,9 +559,11 @@ def get_second_moment(
     seq_len = source.identity["seq_len"] if source._chunks is not None else min(seq_len, max_positions(model))
     identity = stats_identity(model, tok, layer, source, n_tokens=n_tokens, seq_len=seq_len, spec=spec)
     hit = load_cached(identity) if use_cache else None
+    if not group.all_true(hit is not None):
+        hit = None  # every process takes part in the pass, or none does
     line = f"{source.describe()}; {n_tokens:,} tokens at layer {layer}" + (", cached" if hit else "")
     log.info(line)
-    if notify is not None:
+    if notify is not None and group.is_main:
         notify(line)
     if hit is not None:
         return hit
@@ -552,12 +577,14 @@ def get_second_moment(
         spec=spec,
         progress=progress,
         identity=identity,
+        group=group,
     )
-    if use_cache:
+    if use_cache and group.is_main:
         try:
             save_cached(identity, sm)
         except OSError as e:
             log.warning("could not cache statistics: %s", e)
+    group.barrier()  # the entry is written before any process goes on to use it
     return sm
 
 

@@ -24,6 +24,7 @@ from ..errors import AuditError
 from ..hooks import TraceDict
 from ..neighbours import candidate_subject
 from ..patch import Patch, RankOneDelta
+from ..placement import input_device
 from ..rome import compute_key
 from ..tokens import pad_id, pad_right
 
@@ -275,7 +276,7 @@ def scan(
     batches: Iterable[tuple[list[list[int]], str]],
 ) -> None:
     """Run each batch of token sequences to the highest edited module and add its keys to ``reach``."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     modules = sorted(set(reach.modules), key=_layer_order(model))
     pad = pad_id(tok)
     for seqs, source in batches:

@@ -16,6 +16,7 @@ from ..models import model_identity
 from ..neighbours import fits, is_name_like, names_in, near_subject_texts, neighbour_template
 from ..opening import is_opening
 from ..patch import Patch
+from ..placement import input_device
 from ..refs import PatchesLike, PatchLike, resolve_patch
 from ..rome import filled_keys
 from ..stats import DEFAULT_SEQ_LEN, max_positions, text_source, token_chunks
@@ -226,7 +227,7 @@ def perplexity(model: Any, seqs: Sequence[Sequence[int]]) -> float:
     """exp(mean next-token NLL) over ``seqs`` (each predicted from its own start)."""
     if not seqs:
         return math.nan
-    device = next(model.parameters()).device
+    device = input_device(model)
     nll, count = 0.0, 0
     for s in seqs:
         ids = torch.tensor([list(s)], device=device)

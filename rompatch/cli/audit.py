@@ -13,7 +13,15 @@ from ..models import load_model
 from ..patch import save_patch
 from ..refs import resolve_patch
 from ..stats import check_stats_data
-from .common import device_option, dtype_option, echo_json, info, json_option, revision_option
+from .common import (
+    device_option,
+    dtype_option,
+    echo_json,
+    info,
+    json_option,
+    placement_options,
+    revision_option,
+)
 
 _T = Thresholds()
 # The verdict's thresholds as options: (field, what a warning means); defaults from Thresholds.
@@ -82,11 +90,12 @@ def _threshold_options(f):
 )
 @revision_option
 @device_option
+@placement_options
 @dtype_option
 @json_option
 def audit(
     patch, model, on, stats_data, tokens, top, leaks, paraphrases, output, attach, strict, seed, revision, device,
-    dtype, as_json, **thresholds,
+    placement, dtype, as_json, **thresholds,
 ) -> None:  # fmt: skip
     """What PATCH changes beyond its own fact: where it fires, what else it changes, and a verdict.
 
@@ -106,7 +115,7 @@ def audit(
     if output is not None and Path(output).is_dir():
         raise click.UsageError(f"--output {output} is a folder; pass a file name such as audit.json")
     check_stats_data(stats_data)
-    m, tok = load_model(model or p.base["model"], device=device, dtype=dtype)
+    m, tok = load_model(model or p.base["model"], device=device, dtype=dtype, **placement)
     report = audit_patch(
         m,
         tok,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -20,6 +22,39 @@ dtype_option = click.option(
     type=click.Choice(["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"]),
     help="Weights dtype to load the model in.",
 )
+
+
+def placement_options(f: Callable) -> Callable:
+    """--device-map, --max-memory and --offload-folder, passed to the command as one keyword,
+    ``placement`` (``load_model``'s keywords: ``load_model(m, device=..., **placement)``)."""
+
+    @click.option(
+        "--device-map",
+        default=None,
+        metavar="STRATEGY|FILE|JSON",
+        help="Spread the model over GPUs, CPU memory and disk with accelerate instead of --device: "
+        "auto, balanced, sequential, or a JSON map of module -> device (0, cuda:1, cpu, disk).",
+    )
+    @click.option(
+        "--max-memory",
+        default=None,
+        metavar="DEV=SIZE,...",
+        help="With --device-map: memory per device, like 0=20GiB,1=20GiB,cpu=64GiB.",
+    )
+    @click.option(
+        "--offload-folder",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="With --device-map: where offloaded weights may be written (default: a temporary folder).",
+    )
+    @functools.wraps(f)
+    def wrapper(*args: Any, device_map: Any, max_memory: Any, offload_folder: Any, **kw: Any) -> Any:
+        placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+        return f(*args, placement=placement, **kw)
+
+    return wrapper
+
+
 model_argument = click.argument("model", default=DEFAULT_MODEL, metavar="MODEL")
 revision_option = click.option(
     "--revision", default=None, help="Hub revision (branch, tag or commit) for Hub references."

@@ -11,6 +11,7 @@ from ..apply import patched
 from ..arch import EditTarget
 from ..constants import DEFAULT_SAMPLED_TOKENS, DEFAULT_STATS_TOKENS
 from ..create import Editor
+from ..distributed import joining, rank_device
 from ..methods.memit import MEMITEditor, MEMITHyperParams
 from ..models import load_model
 from ..opening import edit_groups
@@ -19,7 +20,15 @@ from ..refs import resolve_patch
 from ..request import EditRequest, load_requests
 from ..rome import ROMEHyperParams
 from ..stats import check_stats_data, get_second_moment
-from .common import device_option, dtype_option, echo_json, info, json_option, model_argument
+from .common import (
+    device_option,
+    dtype_option,
+    echo_json,
+    info,
+    json_option,
+    model_argument,
+    placement_options,
+)
 
 stats_options = [
     click.option(
@@ -136,6 +145,7 @@ def _apply(opts):
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @device_option
+@placement_options
 @dtype_option
 @json_option
 def create(
@@ -164,6 +174,7 @@ def create(
     output,
     overwrite,
     device,
+    placement,
     dtype,
     as_json,
 ) -> None:
@@ -190,7 +201,7 @@ def create(
     _check_output(out, many_files=many_files, overwrite=overwrite)
     if not no_mom2:
         check_stats_data(stats_data, text_field=stats_text_field)  # fail before loading the model
-    m, tok = load_model(model, device=device, dtype=dtype)
+    m, tok = load_model(model, device=device, dtype=dtype, **placement)
     hp = ROMEHyperParams(
         layer=layer,
         seed=seed,
@@ -357,36 +368,49 @@ def _line(e: dict) -> str:
 )
 @_apply(stats_options)
 @device_option
+@placement_options
 @dtype_option
 @json_option
-def stats(model, layers, stats_data, stats_tokens, stats_text_field, device, dtype, as_json) -> None:
-    """Precompute and cache second-moment statistics E[kkᵀ] for MODEL's edit layer(s)."""
+def stats(
+    model, layers, stats_data, stats_tokens, stats_text_field, device, placement, dtype, as_json
+) -> None:
+    """Precompute and cache second-moment statistics E[kkᵀ] for MODEL's edit layer(s).
+
+    \b
+    Under torchrun the processes share the pass and rank 0 writes the cache entry:
+    torchrun --standalone --nproc-per-node 2 -m rompatch stats MODEL --stats-data FILE
+    """
     check_stats_data(stats_data, text_field=stats_text_field)
-    m, tok = load_model(model, device=device, dtype=dtype)
-    results = []
-    for layer in layers or (None,):
-        target = EditTarget.resolve(m, layer=layer)
-        layer = target.layer
-        sm = get_second_moment(
-            m,
-            tok,
-            layer,
-            spec=target.spec,
-            stats_data=stats_data,
-            n_tokens=stats_tokens,
-            text_field=stats_text_field,
-            progress=True,
-            notify=info,
-        )
-        rec = {"layer": layer, **sm.record()}
-        results.append(rec)
-        if not as_json:
-            src = rec.get("data_source")
-            secs = sm.identity.get("seconds")
-            when = f"computed in {secs} s" if secs is not None else "cached"
-            click.echo(f"layer {layer}: {sm.count:,} tokens of {src}, {when}; sha256 {rec['sha256'][:16]}…")
-    if as_json:
-        echo_json(results)
+    with joining(device) as group:
+        m, tok = load_model(model, device=rank_device(device), dtype=dtype, **placement)
+        results = []
+        for layer in layers or (None,):
+            target = EditTarget.resolve(m, layer=layer)
+            layer = target.layer
+            sm = get_second_moment(
+                m,
+                tok,
+                layer,
+                spec=target.spec,
+                stats_data=stats_data,
+                n_tokens=stats_tokens,
+                text_field=stats_text_field,
+                progress=True,
+                notify=info,
+                group=group,
+            )
+            rec = {"layer": layer, **sm.record()}
+            results.append(rec)
+            if not as_json and group.is_main:
+                src = rec.get("data_source")
+                secs = sm.identity.get("seconds")
+                when = f"computed in {secs} s" if secs is not None else "cached"
+                procs = f" by {group.world} processes" if group.world > 1 and secs is not None else ""
+                click.echo(
+                    f"layer {layer}: {sm.count:,} tokens of {src}, {when}{procs}; sha256 {rec['sha256'][:16]}…"
+                )
+        if as_json and group.is_main:
+            echo_json(results)
 
 
 COMMANDS = [create, stats]

@@ -7,8 +7,17 @@ from pathlib import Path
 import click
 
 from ..constants import DEFAULT_STATS_TOKENS
+from ..distributed import joining
 from ..evaluation.suite import DEFAULT_GEN_LENGTH, EvalSettings, SuiteResult, run_suite
-from .common import device_option, dtype_option, echo_json, info, json_option, model_argument
+from .common import (
+    device_option,
+    dtype_option,
+    echo_json,
+    info,
+    json_option,
+    model_argument,
+    placement_options,
+)
 
 
 # The options are declarations: blocks of the same shape (type, default, help) repeat no logic.
@@ -112,6 +121,7 @@ from .common import device_option, dtype_option, echo_json, info, json_option, m
 @click.option("--plot/--no-plot", default=True, show_default=True, help="Write a PNG plot into --out.")
 @click.option("--label", default=None, help="Model name in the summary table (default: MODEL).")
 @device_option
+@placement_options
 @dtype_option
 @json_option
 def eval_cmd(model, data_path, no_mom2, out_dir, as_json, **options):
@@ -121,9 +131,14 @@ def eval_cmd(model, data_path, no_mom2, out_dir, as_json, **options):
     CounterFact: efficacy, paraphrase and neighborhood scores and magnitudes, S, fluency GE
     (and consistency RS with --snippets). zsRE: efficacy, paraphrase and specificity as
     token-level accuracy. With --out DIR an interrupted run resumes where it stopped.
+    Under torchrun the processes share the records and rank 0 writes the results:
+    torchrun --standalone --nproc-per-node 2 -m rompatch eval MODEL --data FILE --out DIR
     """
     settings = EvalSettings(model=model, data=data_path, mom2=not no_mom2, out_dir=out_dir, **options)
-    run = run_suite(settings, notify=info)
+    with joining(options.get("device")) as group:  # under torchrun: the records are shared
+        run = run_suite(settings, notify=info, group=group)
+    if not group.is_main:
+        return
     if run.plot is not None:
         info(f"plot: {run.plot}")
     if as_json:

@@ -8,7 +8,15 @@ from ..apply import patched
 from ..models import load_model
 from ..predict import greedy, top_next_tokens
 from ..refs import resolve_patches
-from .common import device_option, dtype_option, echo_json, json_option, model_argument, revision_option
+from .common import (
+    device_option,
+    dtype_option,
+    echo_json,
+    json_option,
+    model_argument,
+    placement_options,
+    revision_option,
+)
 
 
 def _run(model, tok, prompt: str, top_k: int, max_new_tokens: int) -> dict:
@@ -39,17 +47,18 @@ def _print(label: str, r: dict) -> None:
 @click.option("--force", is_flag=True, help="Apply patches even if base fingerprints differ.")
 @revision_option
 @device_option
+@placement_options
 @dtype_option
 @json_option
 def predict(
-    model, prompts, patch_refs, top_k, max_new_tokens, force, revision, device, dtype, as_json
+    model, prompts, patch_refs, top_k, max_new_tokens, force, revision, device, placement, dtype, as_json
 ) -> None:
     """Top next tokens and the greedy continuation of each --prompt.
 
     With --patch, prints the result without and with the patches, so you see what they change.
     """
     patches = resolve_patches(patch_refs, revision=revision)
-    m, tok = load_model(model, device=device, dtype=dtype)
+    m, tok = load_model(model, device=device, dtype=dtype, **placement)
     results = []
     for prompt in prompts:
         r = {"prompt": prompt, "base": _run(m, tok, prompt, top_k, max_new_tokens)}

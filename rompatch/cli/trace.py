@@ -12,7 +12,16 @@ from ..models import load_model
 from ..tracing.known_facts import trace_known
 from ..tracing.plotting import save_with_figures
 from ..tracing.trace import trace_fact
-from .common import device_option, dtype_option, echo_json, info, json_option, model_argument, revision_option
+from .common import (
+    device_option,
+    dtype_option,
+    echo_json,
+    info,
+    json_option,
+    model_argument,
+    placement_options,
+    revision_option,
+)
 
 
 def _kinds(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -72,6 +81,7 @@ def _positive_option(flag: str, help: str):
 @click.option("--no-plot", is_flag=True, help="Write no PNGs (matplotlib not needed).")
 @revision_option
 @device_option
+@placement_options
 @dtype_option
 @json_option
 def trace(
@@ -92,6 +102,7 @@ def trace(
     no_plot,
     revision,
     device,
+    placement,
     dtype,
     as_json,
 ) -> None:
@@ -125,7 +136,7 @@ def trace(
         batch_size=batch_size,
         seed=seed,
     )
-    m, tok = load_model(model, device=device, dtype=dtype, revision=revision)
+    m, tok = load_model(model, device=device, dtype=dtype, revision=revision, **placement)
     if known_file is None:
         result = _trace_prompt(m, tok, prompt, subject, target, settings)
     else:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..create import Editor
+from ..distributed import SINGLE, Group
 from ..errors import EvalError, RequestError
 from ..request import EditRequest
 from ..rome import ROMEHyperParams
@@ -37,7 +38,7 @@ from ..stats import SecondMoment
 from .edits import edit_summary, measured_edit
 from .fluency import Consistency, GenerationSettings, fluency
 from .metrics import harmonic_mean
-from .records import CASES_FILE, append_record, check_config, read_cases, read_json, write_results
+from .records import CASES_FILE, PART_FILE, append_record, check_config, read_cases, read_json, write_results
 from .zsre import evaluate_zsre, is_zsre, prepare_zsre
 
 log = logging.getLogger(__name__)
@@ -327,24 +328,40 @@ def _done_cases(out: Path | None, config: Mapping[str, Any]) -> dict[str, dict[s
     return {str(c["case_id"]): c for c in read_cases(out / CASES_FILE)}
 
 
+def _merge_parts(out: Path) -> None:
+    """Add the cases in torchrun processes' part files that ``cases.jsonl`` lacks, then remove the
+    parts (a run that was stopped before rank 0 gathered them leaves them behind)."""
+    parts = sorted(out.glob(PART_FILE.format(rank="*")))
+    if not parts:
+        return
+    have = {str(c["case_id"]) for c in read_cases(out / CASES_FILE)}
+    for part in parts:
+        for c in read_cases(part):
+            if str(c["case_id"]) not in have:
+                append_record(out / CASES_FILE, c)
+                have.add(str(c["case_id"]))
+    for part in parts:
+        part.unlink()
+
+
 def _collect(
     cases: Iterator[dict[str, Any]],
     done: dict[str, dict[str, Any]],
     *,
-    out: Path | None,
+    path: Path | None,
     on_case: Callable[[dict[str, Any]], None] | None,
     bar: Any,
-) -> tuple[int, float]:
-    """Add each case to ``done`` (and append it to ``out/cases.jsonl``) as it finishes.
-    Returns (cases computed, seconds taken)."""
+) -> tuple[list[dict[str, Any]], float]:
+    """Add each case to ``done`` (and append it to ``path``) as it finishes.
+    Returns (the cases computed, seconds taken)."""
     t0 = time.perf_counter()
-    computed = 0
+    computed: list[dict[str, Any]] = []
     try:
         for c in cases:
             done[str(c["case_id"])] = c
-            computed += 1
-            if out is not None:
-                append_record(out / CASES_FILE, c)
+            computed.append(c)
+            if path is not None:
+                append_record(path, c)
             if on_case is not None:
                 on_case(c)
             bar.update(1)
@@ -383,6 +400,7 @@ def run_evaluation(
     progress: bool = False,
     model_label: str = "model",
     on_case: Callable[[dict[str, Any]], None] | None = None,
+    group: Group = SINGLE,
 ) -> dict[str, Any]:
     """Evaluate every record (resuming from ``out_dir/cases.jsonl``) and summarise.
 
@@ -390,16 +408,26 @@ def run_evaluation(
     there are skipped (the folder's ``config.json`` must match ``config``); at the end
     ``results.json`` (summary + cases) and ``summary.md`` are written atomically.
     Returns {"summary", "cases", "config", "markdown", "seconds", "computed"}.
+
+    ``group`` (torchrun, ``rompatch.distributed``): the records still to do are dealt out
+    round-robin; each process appends its cases to its own part file, and at the end every process
+    gets all cases while rank 0 adds them to ``cases.jsonl`` and writes the results. A stopped
+    run resumes with any number of processes.
     """
     from tqdm.auto import tqdm
 
     check_kind(kind)
     config = dict(config or {})
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None and group.is_main:
+        check_config(out, config)  # rank 0 writes config.json before the others read it
+        _merge_parts(out)
+    group.barrier()
     done = _done_cases(out, config)
     todo = [r for r in records if str(r.get("case_id")) not in done]
-    if done:
+    if done and group.is_main:
         log.info("resuming: %d of %d cases already done", len(records) - len(todo), len(records))
+    todo = todo[group.rank :: group.world]
     if kind == "counterfact":
         cases = evaluate_counterfact(
             model, tok, todo, hparams=hparams, stats=stats, generation=generation, consistency=consistency,
@@ -409,10 +437,27 @@ def run_evaluation(
         cases = evaluate_zsre(
             model, tok, todo, hparams=hparams, stats=stats, target=zsre_target, batch_size=batch_size
         )
-    bar = tqdm(
-        total=len(records), initial=len(records) - len(todo), desc=kind, unit="case", disable=not progress
+    if group.world == 1:
+        bar = tqdm(
+            total=len(records), initial=len(records) - len(todo), desc=kind, unit="case", disable=not progress
+        )
+    else:  # rank 0's own share
+        desc = f"{kind} (rank 0 of {group.world})"
+        bar = tqdm(total=len(todo), desc=desc, unit="case", disable=not progress or not group.is_main)
+    path = (
+        None if out is None else out / (CASES_FILE if group.world == 1 else PART_FILE.format(rank=group.rank))
     )
-    computed, seconds = _collect(cases, done, out=out, on_case=on_case, bar=bar)
+    mine, seconds = _collect(cases, done, path=path, on_case=on_case, bar=bar)
+    computed = len(mine)
+    if group.world > 1:
+        shares = group.all_gather(mine)
+        computed = sum(len(x) for x in shares)
+        for share in shares:
+            for c in share:
+                done[str(c["case_id"])] = c
+        if out is not None and group.is_main:
+            _merge_parts(out)
+        group.barrier()
     finished = [done[str(r.get("case_id"))] for r in records if str(r.get("case_id")) in done]
     summary = run_summary(finished)
     generation_dict = None if generation is None else generation.to_dict()
@@ -429,7 +474,7 @@ def run_evaluation(
         "seconds": round(seconds, 1),
         "computed": computed,
     }
-    if out is not None:
+    if out is not None and group.is_main:
         write_results(out, result)
     return result
 

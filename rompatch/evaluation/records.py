@@ -20,6 +20,8 @@ from ..errors import EvalError, RompatchError
 log = logging.getLogger(__name__)
 
 CASES_FILE = "cases.jsonl"
+# A torchrun process's cases (rank r) until rank 0 adds them to CASES_FILE (rompatch.distributed).
+PART_FILE = "cases.part-{rank}.jsonl"
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "summary.md"
@@ -126,6 +128,7 @@ def write_results(out_dir: Path, result: Mapping[str, Any]) -> None:
 
 __all__ = [
     "CASES_FILE",
+    "PART_FILE",
     "CONFIG_FILE",
     "RESULTS_FILE",
     "SUMMARY_FILE",

@@ -44,6 +44,7 @@ from ..arch import get_spec
 from ..create import Editor
 from ..errors import EvalError
 from ..patch import Patch, load_patch, save_patch
+from ..placement import param_value
 from ..request import EditRequest
 from ..rome import ROMEHyperParams, compute_key
 from ..stats import SecondMoment
@@ -342,7 +343,7 @@ def run_sequential(
     run.read_logs()
     run.t0 = time.perf_counter()
     run.baselines(progress)  # on the unedited model, before any saved patch is re-applied
-    run.weight0 = model.get_parameter(param).detach().float().cpu().clone()
+    run.weight0 = param_value(model, param).detach().float().cpu().clone()
     try:
         run.reapply_logged()
         stopped_early = run.edit_rest(progress=progress, max_seconds=max_seconds)

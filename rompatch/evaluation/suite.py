@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..create import Editor
+from ..distributed import SINGLE, Group, rank_device
 from ..errors import EvalError, require_matplotlib
 from ..models import load_model
 from ..rome import ROMEHyperParams
@@ -55,6 +56,7 @@ class EvalSettings:
     plot: bool = True  # a PNG plot into out_dir
     label: str | None = None  # the model's name in the summary (default: model)
     device: str | None = None
+    placement: dict[str, Any] | None = None  # load_model's device_map, max_memory, offload_folder
     dtype: str | None = None
 
     @property
@@ -73,9 +75,12 @@ class SuiteResult:
     sequential: bool
 
 
-def load_editor(s: EvalSettings, *, notify: Callable[[str], None] | None = None) -> Editor:
-    """Load the model; its ``Editor`` resolves the layer and gets the statistics (``s.mom2``)."""
-    model, tok = load_model(s.model, device=s.device, dtype=s.dtype)
+def load_editor(
+    s: EvalSettings, *, notify: Callable[[str], None] | None = None, group: Group = SINGLE
+) -> Editor:
+    """Load the model (under torchrun, onto this process's GPU); its ``Editor`` resolves the layer
+    and gets the statistics (``s.mom2``), shared by ``group``'s processes."""
+    model, tok = load_model(s.model, device=rank_device(s.device), dtype=s.dtype, **(s.placement or {}))
     hp = ROMEHyperParams(
         layer=s.layer,
         mom2_adjustment=s.mom2,
@@ -89,7 +94,8 @@ def load_editor(s: EvalSettings, *, notify: Callable[[str], None] | None = None)
         stats_data=s.stats_data,
         stats_tokens=s.stats_tokens,
         progress=True,
-        notify=notify,
+        notify=notify if group.is_main else None,
+        group=group,
     )
 
 
@@ -140,8 +146,15 @@ def spare_fluency_prompts(kind: str, records: Sequence[Mapping[str, Any]], n: in
     return [p for r in spare for p in r.get("generation_prompts", [])]
 
 
-def run_suite(s: EvalSettings, *, notify: Callable[[str], None] | None = None) -> SuiteResult:
-    """Evaluate ROME edits as ``s`` says: per record before and after its edit, or sequentially."""
+def run_suite(
+    s: EvalSettings, *, notify: Callable[[str], None] | None = None, group: Group = SINGLE
+) -> SuiteResult:
+    """Evaluate ROME edits as ``s`` says: per record before and after its edit, or sequentially.
+
+    ``group``: torchrun processes that share the records (``run_evaluation``); a sequential run is
+    one chain of edits and takes one process."""
+    if s.sequential and group.world > 1:
+        raise EvalError("--sequential is one chain of edits on one model; run it without torchrun")
     kind, records = _read_records(s)
     consistency = Consistency.load(s.snippets, s.tfidf) if s.snippets and kind == "counterfact" else None
     generation = (
@@ -150,7 +163,7 @@ def run_suite(s: EvalSettings, *, notify: Callable[[str], None] | None = None) -
         else None
     )
     check_stats_data(s.stats_data)
-    editor = load_editor(s, notify=notify)
+    editor = load_editor(s, notify=notify, group=group)
     common: dict[str, Any] = {
         "kind": kind,
         "hparams": editor.hparams,
@@ -172,8 +185,10 @@ def run_suite(s: EvalSettings, *, notify: Callable[[str], None] | None = None) -
             title = f"{s.model_label}: {s.sequential} sequential edits"
             plot = plot_sequential(res, out / f"eval-sequential-{kind}.png", title=title)
     else:
-        res = run_evaluation(m, tok, records, consistency=consistency, model_label=s.model_label, **common)
-        if s.out_dir and s.plot:
+        res = run_evaluation(
+            m, tok, records, consistency=consistency, model_label=s.model_label, group=group, **common
+        )
+        if s.out_dir and s.plot and group.is_main:
             plot = plot_distributions(res, out / f"eval-{kind}.png", title=f"{s.model_label}: {kind}")
     return SuiteResult(
         kind=kind, hparams=editor.hparams, result=res, plot=plot, sequential=bool(s.sequential)

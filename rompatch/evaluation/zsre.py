@@ -29,6 +29,7 @@ import torch
 
 from ..create import Editor
 from ..errors import EvalError
+from ..placement import input_device
 from ..request import EditRequest
 from ..rome import ROMEHyperParams
 from ..stats import SecondMoment
@@ -79,7 +80,7 @@ def teacher_forced_correct(
     model: Any, tok: Any, items: Sequence[tuple[str, str]], *, batch_size: int = 64
 ) -> list[list[bool]]:
     """For each (prompt, answer): is each answer token the argmax given prompt + previous answer tokens?"""
-    device = next(model.parameters()).device
+    device = input_device(model)
     enc = []
     for prompt, answer in items:
         pids = encode(tok, prompt)

@@ -28,6 +28,7 @@ from ..arch import ModelSpec, get_spec, num_layers
 from ..atomic import atomic_write
 from ..errors import TraceError
 from ..models import model_identity
+from ..placement import input_device
 from ..tokens import encode
 from .trace import (
     CATEGORIES,
@@ -36,7 +37,6 @@ from .trace import (
     TraceSettings,
     answer_ids,
     eval_mode,
-    model_device,
     resolve_noise,
     subject_range,
     trace_prompt,
@@ -116,7 +116,7 @@ def predicts_attribute(model: Any, tok: Any, prompt: str, attribute: str) -> boo
     """
     ids = encode(tok, prompt)
     target = answer_ids(tok, prompt, attribute)
-    x = torch.tensor([ids + target[:-1]], device=model_device(model))
+    x = torch.tensor([ids + target[:-1]], device=input_device(model))
     with eval_mode(model):
         logits = model(input_ids=x, use_cache=False).logits[0]
     pred = logits[len(ids) - 1 :].argmax(-1).tolist()

@@ -64,6 +64,7 @@ from ..constants import data_dir
 from ..errors import ArchitectureError, RequestError, TraceError
 from ..hooks import Trace, TraceDict
 from ..models import cache_kwarg, model_identity
+from ..placement import input_device
 from ..stats import max_positions, text_lines
 from ..tokens import find_subject, target_ids, token_spans
 
@@ -196,7 +197,7 @@ def embedding_std(
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise TraceError("no text to measure the embedding std on; pass non-empty texts")
-    device = model_device(model)
+    device = input_device(model)
     limit = min(max_positions(model), STD_MAX_LENGTH)
     chunks, n = [], 0
     for text in texts:
@@ -208,7 +209,7 @@ def embedding_std(
             continue
         with Trace(model, spec.embed, stop=True) as t:
             model(input_ids=enc["input_ids"].to(device), use_cache=False)
-        e = t.output[0][keep.to(device)].double().cpu()  # (n, D)
+        e = t.output[0][keep.to(t.output.device)].double().cpu()  # (n, D)
         chunks.append(e)
         n += e.shape[0]
         if n >= max_tokens:
@@ -255,10 +256,6 @@ def resolve_noise(
 
 
 # ------------------------------------------------------------------------------------- engine
-
-
-def model_device(model: Any) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _first(x: Any) -> torch.Tensor:
@@ -316,7 +313,7 @@ class CausalTracer:
         self.token_ids = ids
         self.tokens = _token_labels(tok, prompt, ids, spans)
         self.subject_range = subject_range(tok, prompt, subject)
-        self.device = model_device(model)
+        self.device = input_device(model)
         self.input_ids = torch.tensor([ids], device=self.device)
         self.names = {
             "hidden": [spec.block(i) for i in range(self.n_layers)],
@@ -549,14 +546,14 @@ class CausalTracer:
                 r, tt = rows[name]
                 r.extend(range(c * S, (c + 1) * S))
                 tt.extend([t % T] * S)
-        index = {
-            name: (
-                torch.tensor(r, device=self.device),
-                torch.tensor(tt, device=self.device) - t0,  # position in the fed tokens
-                self.clean[name][torch.tensor(tt, device=self.device)],  # (k, D) clean values
+        index = {}  # on each module's own device (a device map may spread the blocks)
+        for name, (r, tt) in rows.items():
+            dev = self.clean[name].device
+            index[name] = (
+                torch.tensor(r, device=dev),
+                torch.tensor(tt, device=dev) - t0,  # position in the fed tokens
+                self.clean[name][torch.tensor(tt, device=dev)],  # (k, D) clean values
             )
-            for name, (r, tt) in rows.items()
-        }
         corrupt = self._corrupt_edit(n, t0)
 
         def edit(output: Any, name: str) -> Any:

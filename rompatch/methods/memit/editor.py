@@ -36,6 +36,7 @@ from ...errors import RequestError
 from ...hooks import TraceDict
 from ...models import applied_on_disk, model_identity
 from ...patch import ParamInfo, Patch, RankOneDelta, new_patch
+from ...placement import input_device, param_value
 from ...refs import PatchesLike
 from ...request import EditRequest
 from ...rome import ValueTask, averaged_key, compute_values, default_chunk, usable_templates, validate_request
@@ -113,7 +114,7 @@ class MEMITEditor:
             text, _, last = subject_span(self.tok, t.replace("{}", req.prompt), req.subject)
             seqs.append(list(self.tok(text, add_special_tokens=True)["input_ids"]))
             idx.append(last)
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
         batch = pad_right(seqs, pad_id(self.tok)).to(device)
         key_mod = self.spec.mlp_out_module(layer)
         out_mod = f"{self.spec.layers}.{self.targets[-1].layer}"
@@ -212,7 +213,7 @@ class MEMITEditor:
         kept = [usable_templates(self.tok, r, self.templates)[0] for r in reqs]
         lineage = applied_on_disk(self.model) + [p.id for p in applied_patches(self.model)]
         params = {
-            t.parameter: ParamInfo.of(self.model.get_parameter(t.parameter).data, self.spec.layout)
+            t.parameter: ParamInfo.of(param_value(self.model, t.parameter), self.spec.layout)
             for t in self.targets
         }
         deltas_by_layer: list[list[RankOneDelta]] = []
