@@ -2,12 +2,15 @@
 
 Per-case results are appended to bench/results/counterfact-<config>.jsonl as they finish (one
 line per case, tracked in git), so an interrupted run, even in a later session, resumes where it
-stopped. ``ROMPATCH_BENCH_SHARD=i/n`` lets n single-threaded workers share the pending cases.
+stopped. Under torchrun the processes share the pending cases (``rompatch.distributed``), each
+appending whole lines to the same file::
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m bench.bench_counterfact
 
 Issue 15 runs the same records with other settings, each into its own file:
 ``ROMPATCH_BENCH_MODEL=gemma3-270m`` (default smollm2-135m; the file gets the model's name) and
 ``ROMPATCH_BENCH_NEIGHBOURS=N`` (``ROMEHyperParams.neighbours``; the file gets ``-nbN``).
-``ROMPATCH_BENCH_DEVICE=cuda`` computes on a GPU (same files; several shard workers can share it).
+``ROMPATCH_BENCH_DEVICE=cuda`` computes on a GPU (same files; torchrun processes each take their own).
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ TIMING_NOTES = {
     "gemma3-270m": "2 torch threads, alone on the 2 cores for most records (about 20 with one thread "
     "beside another job)",
 }
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def _pct(cases: list, key: str, when: str = "post") -> str:
@@ -90,6 +97,7 @@ def run(
     neighbours: int | None = None,
 ) -> dict:
     from rompatch.arch import default_layer
+    from rompatch.distributed import joining, rank_device
     from rompatch.evaluation.evaluate import (
         evaluate_counterfact,
         load_counterfact,
@@ -105,32 +113,31 @@ def run(
     if neighbours is None:
         neighbours = int(os.environ.get("ROMPATCH_BENCH_NEIGHBOURS", "0"))
     records = load_counterfact(str(data_file("counterfact/counterfact_subset.json")), limit=limit)
-    model, tok = load_model(model_name, device=os.environ.get("ROMPATCH_BENCH_DEVICE", "cpu"))
-    layer = default_layer(model) if layer is None else layer
-    hp = ROMEHyperParams(layer=layer, optim_autocast="bfloat16" if fast else "none", neighbours=neighbours)
-    t_stats = time.perf_counter()
-    stats = get_second_moment(model, tok, layer, n_tokens=DEFAULT_STATS_TOKENS)
-    t_stats = time.perf_counter() - t_stats
-    WORK.mkdir(exist_ok=True)
-    prefix = "" if model_name == "smollm2-135m" else f"{model_name}-"
-    nb = f"-nb{neighbours}" if neighbours else ""
-    out = WORK / f"counterfact-{prefix}L{layer}{'-fast' if fast else ''}{nb}.jsonl"
-    done = {}
-    if out.is_file():
-        for line in out.read_text().splitlines():
-            c = json.loads(line)
-            done[c["case_id"]] = c
-    todo = [r for r in records if r["case_id"] not in done]
-    shard = os.environ.get("ROMPATCH_BENCH_SHARD")  # "i/n": this worker takes every n-th pending case
-    if shard:
-        i, n = (int(x) for x in shard.split("/"))
-        todo = todo[i::n]
-    t0 = time.perf_counter()
-    with open(out, "a") as f:
-        for c in evaluate_counterfact(model, tok, todo, hparams=hp, stats=stats):
-            f.write(json.dumps(c) + "\n")  # one write per line: safe with concurrent shard workers
-            f.flush()
-            done[c["case_id"]] = c
+    device = os.environ.get("ROMPATCH_BENCH_DEVICE", "cpu")
+    with joining(device) as group:  # one process, or torchrun's
+        model, tok = load_model(model_name, device=rank_device(device))
+        layer = default_layer(model) if layer is None else layer
+        hp = ROMEHyperParams(
+            layer=layer, optim_autocast="bfloat16" if fast else "none", neighbours=neighbours
+        )
+        t_stats = time.perf_counter()
+        stats = get_second_moment(model, tok, layer, n_tokens=DEFAULT_STATS_TOKENS, group=group)
+        t_stats = time.perf_counter() - t_stats
+        WORK.mkdir(exist_ok=True)
+        prefix = "" if model_name == "smollm2-135m" else f"{model_name}-"
+        nb = f"-nb{neighbours}" if neighbours else ""
+        out = WORK / f"counterfact-{prefix}L{layer}{'-fast' if fast else ''}{nb}.jsonl"
+        done = {c["case_id"]: c for c in _read(out)}
+        todo = [r for r in records if r["case_id"] not in done][group.rank :: group.world]
+        t0 = time.perf_counter()
+        with open(out, "a") as f:
+            for c in evaluate_counterfact(model, tok, todo, hparams=hp, stats=stats):
+                f.write(json.dumps(c) + "\n")  # one write per line: safe with concurrent processes
+                f.flush()
+        group.barrier()
+        if not group.is_main:
+            return {}
+    done = {c["case_id"]: c for c in _read(out)}
     cases = [done[r["case_id"]] for r in records if r["case_id"] in done]
     s = summarize(cases)
     big = [c for c in cases if update_too_large(c)]
@@ -204,3 +211,7 @@ def run(
         "markdown": "\n".join(md),
         "summary": s,
     }
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m bench.bench_counterfact
+    run()

@@ -7,12 +7,13 @@
     generations made as in the paper (top-5 sampling, 100 tokens including the prompt).
 
 Every part is resumable (bench/_work/eval-*-L<layer>), so a rerun continues instead of starting over.
-Long parts can be shared by single-threaded workers, one process each, which ``run()`` then merges::
+Long parts can be shared by single-threaded processes with torchrun (``rompatch.distributed``: the
+records are dealt out, rank 0 gathers them into the part's folder)::
 
-    ROMPATCH_BENCH_SHARD=0/2 python -c "import bench.bench_eval_suite as b; b.work('zsre')" &
-    ROMPATCH_BENCH_SHARD=1/2 python -c "import bench.bench_eval_suite as b; b.work('zsre')" &
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m bench.bench_eval_suite zsre
 
-Parts: ``zsre``, ``counterfact`` and ``sequential`` (not shardable). Wall time per part is the union
+Parts: ``zsre``, ``counterfact`` and ``sequential`` (one process). Cases that earlier runs left in
+``shard-*`` folders (workers of the home-made ROMPATCH_BENCH_SHARD split this replaced) are merged in. Wall time per part is the union
 of its workers' running intervals (bench/_work/eval-suite-times-L<layer>.json). A part run by
 ``run()`` itself can be limited with ROMPATCH_BENCH_ZSRE_MIN, _SEQ_MIN, _CF_MIN (minutes; 0: only
 summarise what is there).
@@ -85,20 +86,14 @@ def _minutes(name: str) -> float | None:
     return float(v) if v else None
 
 
-def _shard() -> tuple[int, int]:
-    i, n = (int(x) for x in os.environ.get("ROMPATCH_BENCH_SHARD", "0/1").split("/"))
-    if not 0 <= i < n:
-        raise SystemExit(f"ROMPATCH_BENCH_SHARD={i}/{n}: expected i/n with 0 <= i < n")
-    return i, n
-
-
 class _Setup:
     """The model, statistics and configuration every part shares (loaded once per process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, group=None) -> None:
         import torch
 
         from rompatch.arch import default_layer
+        from rompatch.distributed import SINGLE, rank_device
         from rompatch.evaluation.evaluate import load_records
         from rompatch.models import load_model
         from rompatch.rome import ROMEHyperParams
@@ -111,11 +106,13 @@ class _Setup:
         FIGURES.mkdir(exist_ok=True)
         # ROMPATCH_BENCH_DEVICE=cuda runs the workers on a GPU (several worker processes can share one).
         self.model, self.tok = load_model(
-            "smollm2-135m", device=os.environ.get("ROMPATCH_BENCH_DEVICE", "cpu")
+            "smollm2-135m", device=rank_device(os.environ.get("ROMPATCH_BENCH_DEVICE", "cpu"))
         )
         self.layer = default_layer(self.model)
         self.hp = ROMEHyperParams(layer=self.layer)
-        self.stats = get_second_moment(self.model, self.tok, self.layer, n_tokens=DEFAULT_STATS_TOKENS)
+        self.stats = get_second_moment(
+            self.model, self.tok, self.layer, n_tokens=DEFAULT_STATS_TOKENS, group=group or SINGLE
+        )
         self.base_cfg = {
             "model": "smollm2-135m",
             "hparams": self.hp.to_dict(),
@@ -211,57 +208,39 @@ def _wall(layer: int, part: str) -> tuple[float, float, int]:
     return wall, busy, len(iv)
 
 
-def _pending(out: Path, records: list, n: int) -> list:
-    """Records not done by another run's workers (shard folders other than ``shard-{j}of{n}``).
-
-    Every worker of one n-way run computes the same list, so ``pending[i::n]`` splits it without
-    overlap, while results of earlier runs (another n, another machine) are kept and not redone.
-    """
-    from rompatch.evaluation.records import CASES_FILE, read_cases
-
-    own = {f"shard-{j}of{n}" for j in range(n)}
-    other = {
-        str(c["case_id"])
-        for f in out.glob(f"shard-*/{CASES_FILE}")
-        if f.parent.name not in own
-        for c in read_cases(f)
-    }
-    return [r for r in records if str(r["case_id"]) not in other]
-
-
 def work(part: str, setup: _Setup | None = None) -> None:
-    """This worker's share (ROMPATCH_BENCH_SHARD=i/n) of ``part``, resumable, in its own folder."""
+    """This process's share of ``part``, resumable, in the part's folder: all of it when run alone;
+    under torchrun the records dealt to its rank (``rompatch.distributed``)."""
+    from rompatch.distributed import joining
     from rompatch.evaluation.evaluate import run_evaluation
 
     if part not in PARTS:
         raise SystemExit(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
-    st = setup or _Setup()
-    i, n = _shard()
-    with _Interval(st.layer, part) as iv:
-        if part == "sequential":
-            if n != 1:
-                raise SystemExit(
-                    "the sequential part is one chain of edits: run it without ROMPATCH_BENCH_SHARD"
-                )
-            st.sequential()
-        else:
+    with joining(os.environ.get("ROMPATCH_BENCH_DEVICE", "cpu")) as group:
+        if part == "sequential" and group.world > 1:
+            raise SystemExit("the sequential part is one chain of edits: run it without torchrun")
+        st = setup or _Setup(group)
+        with _Interval(st.layer, part) as iv:
+            if part == "sequential":
+                st.sequential()
+                return
+            if group.is_main:
+                _merge_legacy(st.out(part))
+            group.barrier()
             a = st.eval_args(part)
-            recs = _pending(st.out(part), a.pop("records"), n)[i::n]
-            run_evaluation(st.model, st.tok, recs, out_dir=st.out(part) / f"shard-{i}of{n}", hparams=st.hp,
+            run_evaluation(st.model, st.tok, a.pop("records"), out_dir=st.out(part), hparams=st.hp,
                            stats=st.stats, progress=True, model_label="SmolLM2-135M", on_case=iv.tick,
-                           **a)  # fmt: skip
+                           group=group, **a)  # fmt: skip
 
 
-def _merged(st: _Setup, part: str, minutes: float | None) -> dict:
-    """Merge the shards' cases into the part's folder, compute what is missing, and summarise."""
-    from rompatch.evaluation.evaluate import run_evaluation
+def _merge_legacy(out: Path) -> tuple[dict[str, str], int, int]:
+    """Merge the cases of the legacy ``shard-*`` folders into ``out/cases.jsonl``; returns their
+    provenance: case -> machine (folders shard-gpu* came from an H200), and for cases computed on
+    two machines, how many and how many with the same scores."""
     from rompatch.evaluation.records import CASES_FILE, read_cases
 
-    out = st.out(part)
     out.mkdir(parents=True, exist_ok=True)
     have = {str(c["case_id"]): c for c in read_cases(out / CASES_FILE)}
-    # Provenance: which machine a case was computed on (folders shard-gpu* came from an H200),
-    # and, for cases computed twice (on two machines), whether both gave the same scores.
     source: dict[str, str] = {}
     twice, same = 0, 0
     for f in sorted(out.glob(f"shard-*/{CASES_FILE}")):
@@ -276,6 +255,16 @@ def _merged(st: _Setup, part: str, minutes: float | None) -> dict:
     tmp = out / (CASES_FILE + ".tmp")
     tmp.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in have.values()), encoding="utf-8")
     tmp.replace(out / CASES_FILE)
+    return source, twice, same
+
+
+def _merged(st: _Setup, part: str, minutes: float | None) -> dict:
+    """Merge the legacy shards' cases into the part's folder, compute what is missing, and summarise."""
+    from rompatch.evaluation.evaluate import run_evaluation
+    from rompatch.evaluation.records import CASES_FILE, read_cases
+
+    out = st.out(part)
+    source, twice, same = _merge_legacy(out)
     a = st.eval_args(part)
     records = a.pop("records")
     kw = dict(out_dir=out, hparams=st.hp, stats=st.stats, model_label="SmolLM2-135M", **a)
@@ -434,3 +423,9 @@ def run() -> dict:
     )
     return {"setup": setup, "rows": rows, "markdown": "\n".join(md),
             "summary": {"zsre": zs, "counterfact": fs, "sequential": s["checkpoints"]}}  # fmt: skip
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m bench.bench_eval_suite PART
+    import sys
+
+    work(sys.argv[1] if len(sys.argv) > 1 else "zsre")

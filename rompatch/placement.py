@@ -263,3 +263,17 @@ def parse_max_memory(spec: str | dict | None) -> dict[int | str, str] | None:
             key = int(key.split(":", 1)[1])
         out[key] = size
     return out
+
+
+def describe(model: nn.Module) -> str | None:
+    """One line on where a dispatched model's modules sit ('device map: 14 modules on cpu, 20 on
+    disk'), or None for a model on one device."""
+    dm = getattr(model, "hf_device_map", None)
+    if not dm:
+        return None
+    counts: dict[str, int] = {}
+    for dev in dm.values():
+        name = f"cuda:{dev}" if isinstance(dev, int) else str(dev)
+        counts[name] = counts.get(name, 0) + 1
+    parts = ", ".join(f"{n} on {d}" for d, n in counts.items())
+    return f"device map: {len(dm)} modules: {parts}"

@@ -4,7 +4,7 @@ Each page is one test, with the page's path as its id. Its runnable blocks run i
 temporary folder holding a copy of the repository's ``patches/`` (so ``patches/eiffel-tower-rome.safetensors``
 means there what it means in a checkout), with:
 
-* ``rompatch`` and ``python`` on PATH running this checkout, as after ``pip install -e .``;
+* ``rompatch``, ``python`` and ``torchrun`` on PATH running this checkout, as after ``pip install -e .``;
 * the Hugging Face Hub replaced by the test server (``hub_env``, ``tests/helpers/hubserver/``): ``HF_ENDPOINT``
   points at it and ``HF_TOKEN`` belongs to user ``alice``, so examples push to and pull from ``alice/...``
   repos, and nothing reaches the network;
@@ -196,6 +196,9 @@ exec "{python}" -c 'import sys; from rompatch.cli.main import cli; cli(sys.argv[
 _SHIM_PYTHON = """#!/bin/sh
 exec "{python}" "$@"
 """
+_SHIM_TORCHRUN = """#!/bin/sh
+exec "{python}" -m torch.distributed.run "$@"
+"""
 # Around each command: restore the variables and folder the previous commands left, run the command
 # with every assignment exported (set -a), then save them again.
 _SHELL = """set -a
@@ -220,7 +223,9 @@ class PageRunner:
         shutil.copytree(REPO / "patches", self.work / "patches")
         bin_dir = root / "bin"
         bin_dir.mkdir()
-        for shim, text in (("rompatch", _SHIM_ROMPATCH), ("python", _SHIM_PYTHON), ("python3", _SHIM_PYTHON)):
+        shims = (("rompatch", _SHIM_ROMPATCH), ("python", _SHIM_PYTHON), ("python3", _SHIM_PYTHON),
+                 ("torchrun", _SHIM_TORCHRUN))  # fmt: skip
+        for shim, text in shims:
             (bin_dir / shim).write_text(text.format(python=sys.executable))
             (bin_dir / shim).chmod(0o755)
         self.state = root / "shell-state.sh"

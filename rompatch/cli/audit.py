@@ -11,6 +11,7 @@ from ..atomic import atomic_write
 from ..audit import DEFAULT_AUDIT_TOKENS, Thresholds, attach_audit, audit_patch, render
 from ..models import load_model
 from ..patch import save_patch
+from ..placement import describe
 from ..refs import resolve_patch
 from ..stats import check_stats_data
 from .common import (
@@ -19,6 +20,7 @@ from .common import (
     echo_json,
     info,
     json_option,
+    note_placement,
     placement_options,
     revision_option,
 )
@@ -116,6 +118,7 @@ def audit(
         raise click.UsageError(f"--output {output} is a folder; pass a file name such as audit.json")
     check_stats_data(stats_data)
     m, tok = load_model(model or p.base["model"], device=device, dtype=dtype, **placement)
+    note_placement(describe(m))
     report = audit_patch(
         m,
         tok,

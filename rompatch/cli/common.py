@@ -62,6 +62,13 @@ revision_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON to stdout.")
 
 
+def note_placement(line: str | None) -> None:
+    """Tell the user where a model loaded with --device-map sits (``rompatch.placement.describe``;
+    None for a model on one device: nothing to say)."""
+    if line is not None:
+        info(line)
+
+
 def echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
 

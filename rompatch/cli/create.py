@@ -16,6 +16,7 @@ from ..methods.memit import MEMITEditor, MEMITHyperParams
 from ..models import load_model
 from ..opening import edit_groups
 from ..patch import Patch, new_patch, save_patch
+from ..placement import describe
 from ..refs import resolve_patch
 from ..request import EditRequest, load_requests
 from ..rome import ROMEHyperParams
@@ -27,6 +28,7 @@ from .common import (
     info,
     json_option,
     model_argument,
+    note_placement,
     placement_options,
 )
 
@@ -202,6 +204,7 @@ def create(
     if not no_mom2:
         check_stats_data(stats_data, text_field=stats_text_field)  # fail before loading the model
     m, tok = load_model(model, device=device, dtype=dtype, **placement)
+    note_placement(describe(m))
     hp = ROMEHyperParams(
         layer=layer,
         seed=seed,
@@ -383,6 +386,7 @@ def stats(
     check_stats_data(stats_data, text_field=stats_text_field)
     with joining(device) as group:
         m, tok = load_model(model, device=rank_device(device), dtype=dtype, **placement)
+        note_placement(describe(m))
         results = []
         for layer in layers or (None,):
             target = EditTarget.resolve(m, layer=layer)

@@ -6,6 +6,7 @@ import click
 
 from ..apply import patched
 from ..models import load_model
+from ..placement import describe
 from ..predict import greedy, top_next_tokens
 from ..refs import resolve_patches
 from .common import (
@@ -14,6 +15,7 @@ from .common import (
     echo_json,
     json_option,
     model_argument,
+    note_placement,
     placement_options,
     revision_option,
 )
@@ -59,6 +61,7 @@ def predict(
     """
     patches = resolve_patches(patch_refs, revision=revision)
     m, tok = load_model(model, device=device, dtype=dtype, **placement)
+    note_placement(describe(m))
     results = []
     for prompt in prompts:
         r = {"prompt": prompt, "base": _run(m, tok, prompt, top_k, max_new_tokens)}

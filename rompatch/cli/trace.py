@@ -9,6 +9,7 @@ import click
 from ..constants import TRACE_BATCH_SIZE, TRACE_KINDS, TRACE_NOISE, TRACE_SAMPLES, TRACE_WINDOW
 from ..errors import TraceError, require_matplotlib
 from ..models import load_model
+from ..placement import describe
 from ..tracing.known_facts import trace_known
 from ..tracing.plotting import save_with_figures
 from ..tracing.trace import trace_fact
@@ -19,6 +20,7 @@ from .common import (
     info,
     json_option,
     model_argument,
+    note_placement,
     placement_options,
     revision_option,
 )
@@ -137,6 +139,7 @@ def trace(
         seed=seed,
     )
     m, tok = load_model(model, device=device, dtype=dtype, revision=revision, **placement)
+    note_placement(describe(m))
     if known_file is None:
         result = _trace_prompt(m, tok, prompt, subject, target, settings)
     else:

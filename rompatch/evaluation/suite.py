@@ -18,6 +18,7 @@ from ..create import Editor
 from ..distributed import SINGLE, Group, rank_device
 from ..errors import EvalError, require_matplotlib
 from ..models import load_model
+from ..placement import describe
 from ..rome import ROMEHyperParams
 from ..stats import check_stats_data
 from .evaluate import load_records, run_evaluation
@@ -81,6 +82,9 @@ def load_editor(
     """Load the model (under torchrun, onto this process's GPU); its ``Editor`` resolves the layer
     and gets the statistics (``s.mom2``), shared by ``group``'s processes."""
     model, tok = load_model(s.model, device=rank_device(s.device), dtype=s.dtype, **(s.placement or {}))
+    where = describe(model)
+    if where is not None and notify is not None and group.is_main:
+        notify(where)
     hp = ROMEHyperParams(
         layer=s.layer,
         mom2_adjustment=s.mom2,
