@@ -98,12 +98,12 @@ def test_offloaded_values_are_the_checkpoint_values(models):
 
 
 @pytest.mark.parametrize("layer", [1, 2], ids=["edited-layer-on-disk", "edited-layer-resident"])
-def test_statistics_and_patches_are_bit_identical(models, folder, layer):
+def test_statistics_and_patches_are_bit_identical(models, folder, layer, text_file):
     plain, mapped, tok, _ = models
     before = _weights_sha(folder)
     hp = dataclasses.replace(HP, layer=layer)
-    st = get_second_moment(plain, tok, layer, n_tokens=2000)
-    st_mapped = get_second_moment(mapped, tok, layer, n_tokens=2000)
+    st = get_second_moment(plain, tok, layer, stats_data=str(text_file), n_tokens=2000)
+    st_mapped = get_second_moment(mapped, tok, layer, stats_data=str(text_file), n_tokens=2000)
     assert torch.equal(st.mom2, st_mapped.mom2) and st.identity == st_mapped.identity
     p1 = create_patch(plain, tok, [REQ], hparams=hp, stats=st)
     p2 = create_patch(mapped, tok, [REQ], hparams=hp, stats=st_mapped)
@@ -113,12 +113,12 @@ def test_statistics_and_patches_are_bit_identical(models, folder, layer):
     assert _weights_sha(folder) == before
 
 
-def test_apply_and_revert_on_an_offloaded_weight(models, folder):
+def test_apply_and_revert_on_an_offloaded_weight(models, folder, text_file):
     plain, mapped, tok, _ = models
     before = _weights_sha(folder)
     base = _logits(plain, tok)
     hp = dataclasses.replace(HP, layer=1)
-    st = get_second_moment(plain, tok, 1, n_tokens=2000)
+    st = get_second_moment(plain, tok, 1, stats_data=str(text_file), n_tokens=2000)
     patch = create_patch(plain, tok, [REQ], hparams=hp, stats=st)
     name = patch.deltas[0].parameter
     assert is_offloaded(mapped, name)
@@ -151,14 +151,33 @@ def test_write_param_on_an_offloaded_weight_is_read_by_the_forward_pass(models):
     assert torch.equal(_logits(mapped, tok), _logits(plain, tok))
 
 
-def test_load_patched_with_a_device_map(models, folder, tmp_path):
+def test_load_patched_with_a_device_map(models, folder, tmp_path, text_file):
     plain, _, tok, _ = models
     hp = dataclasses.replace(HP, layer=1)
-    patch = create_patch(plain, tok, [REQ], hparams=hp, stats=get_second_moment(plain, tok, 1, n_tokens=2000))
+    patch = create_patch(
+        plain,
+        tok,
+        [REQ],
+        hparams=hp,
+        stats=get_second_moment(plain, tok, 1, stats_data=str(text_file), n_tokens=2000),
+    )
     f = save_patch(patch, tmp_path / "p.safetensors")
     m, _ = load_patched(folder, [f], device_map=half_on_disk(plain.config.num_hidden_layers))
     with patched(plain, patch):
         assert torch.equal(_logits(m, tok), _logits(plain, tok))
+
+
+def test_memit_with_a_device_map_is_bit_identical(models, text_file):
+    from rompatch.methods.memit import MEMITEditor, MEMITHyperParams
+
+    plain, mapped, tok, _ = models
+    hp = MEMITHyperParams(
+        layers=(1, 2), v_steps=10, v_lr=3.0, context_length_params=((3, 2),), mom2_update_weight=10.0
+    )
+    stats = {x: get_second_moment(plain, tok, x, stats_data=str(text_file), n_tokens=2000) for x in (1, 2)}
+    p1 = MEMITEditor(plain, tok, hparams=hp, stats=stats).patch([REQ])
+    p2 = MEMITEditor(mapped, tok, hparams=hp, stats=stats).patch([REQ])
+    assert p1.id == p2.id and is_offloaded(mapped, p1.deltas[0].parameter)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -290,7 +309,7 @@ def gpu_map(n_layers: int) -> dict[str, int | str]:
 
 
 @needs_cuda
-def test_device_map_on_cuda_edits_applies_and_traces(folder, tmp_path):
+def test_device_map_on_cuda_edits_applies_and_traces(folder, tmp_path, text_file):
     from rompatch.tracing.trace import CausalTracer
 
     plain, tok = load_model(folder, device="cuda")
@@ -298,8 +317,8 @@ def test_device_map_on_cuda_edits_applies_and_traces(folder, tmp_path):
     assert is_offloaded(mapped, "model.layers.1.mlp.down_proj.weight")  # CPU memory, computed on the GPU
     assert input_device(mapped).type == "cuda"
     hp = dataclasses.replace(HP, layer=1)
-    st = get_second_moment(plain, tok, 1, n_tokens=2000)
-    st_mapped = get_second_moment(mapped, tok, 1, n_tokens=2000)
+    st = get_second_moment(plain, tok, 1, stats_data=str(text_file), n_tokens=2000)
+    st_mapped = get_second_moment(mapped, tok, 1, stats_data=str(text_file), n_tokens=2000)
     assert torch.allclose(st.mom2, st_mapped.mom2, rtol=1e-4, atol=1e-6)
     p1 = create_patch(plain, tok, [REQ], hparams=hp, stats=st)
     p2 = create_patch(mapped, tok, [REQ], hparams=hp, stats=st)

@@ -120,9 +120,10 @@ class MEMITEditor:
         out_mod = f"{self.spec.layers}.{self.targets[-1].layer}"
         with TraceDict(self.model, [key_mod, out_mod], retain_input=True) as tr:
             self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        rows, cols = torch.arange(len(seqs), device=device), torch.tensor(idx, device=device)
-        keys = tr[key_mod].input[rows, cols].double().cpu()
-        resid = tr[out_mod].output[rows, cols].double().cpu()
+        rows, cols = torch.arange(len(seqs)), torch.tensor(idx)
+        k, h = tr[key_mod].input, tr[out_mod].output  # each on its own module's device
+        keys = k[rows.to(k.device), cols.to(k.device)].double().cpu()
+        resid = h[rows.to(h.device), cols.to(h.device)].double().cpu()
         return averaged_key(keys, templates, self.hparams.key_prompt_weight), resid.mean(0)
 
     # -- the edit -------------------------------------------------------------------------------
