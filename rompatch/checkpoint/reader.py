@@ -57,6 +57,8 @@ class Checkpoint:
                 raise CheckpointError(
                     f"{index_path}: not a valid safetensors index ({e}); re-download or re-save the checkpoint"
                 ) from None
+            for rel in set(weight_map.values()):
+                self._check_shard_name(rel)
             self.files = sorted(set(weight_map.values()))
             return weight_map
         if (self.path / SAFE_WEIGHTS).is_file():
@@ -67,6 +69,25 @@ class Checkpoint:
             f"{self.path}: no {SAFE_WEIGHTS} or {SAFE_INDEX}; pass a Hugging Face model folder saved with "
             "safetensors (save_pretrained)"
         )
+
+    def _check_shard_name(self, rel: Any) -> None:
+        """A shard the index lists is a relative path that stays inside the folder, symlinks resolved:
+        a crafted index must not make rompatch read, copy or replace a file anywhere else."""
+        if not isinstance(rel, str) or not rel or "\x00" in rel or "\\" in rel:
+            raise CheckpointError(
+                f"{self.path}: {SAFE_INDEX} lists a shard that is not a file name ({rel!r}); re-download or "
+                "re-save the checkpoint"
+            )
+        p = Path(rel)
+        root = self.path.resolve()
+        inside = (
+            not p.is_absolute() and ".." not in p.parts and (self.path / p).resolve().is_relative_to(root)
+        )
+        if not inside:
+            raise CheckpointError(
+                f"{self.path}: {SAFE_INDEX} lists shard {rel!r}, outside the checkpoint folder; refusing to read "
+                "it (a crafted or broken index): re-download or re-save the checkpoint"
+            )
 
     def _read_shard(self, rel: str) -> None:
         f = self.path / rel

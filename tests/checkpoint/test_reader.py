@@ -69,3 +69,38 @@ def test_not_a_checkpoint(tmp_path):
     (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(CheckpointError, match="not a valid safetensors file"):
         open_checkpoint(bad)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../../payload/evil.safetensors",
+        "/abs/evil.safetensors",
+        "../../etc/passwd",
+        "sub/../../x.safetensors",
+        7,
+    ],
+    ids=["dotdot", "absolute", "etc-passwd", "dotdot-inside", "not-a-string"],
+)
+def test_index_shard_names_must_stay_inside_the_folder(tmp_path, bad):
+    """Issue 17, failure 1: a crafted index names a shard outside the checkpoint folder. Nothing is read
+    or written outside it, the error is one line, and it shows no file's bytes."""
+    from tests.helpers.ckpt import make_ckpt
+
+    model, folder = make_ckpt(tmp_path / "dir" / "deep")
+    victim = tmp_path / "dir" / "payload" / "evil.safetensors"
+    victim.parent.mkdir(parents=True)
+    victim.write_bytes(b"precious")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    key = next(iter(index["weight_map"]))
+    index["weight_map"][key] = bad
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = tmp_path / "dir" / "deep" / "out"
+    with pytest.raises(CheckpointError) as ei:
+        apply_to_checkpoint(folder, [vector_patch(model)], out)
+    msg = str(ei.value)
+    assert "outside the checkpoint folder" in msg or "not a file name" in msg
+    assert len(msg.splitlines()) == 1 and "precious" not in msg
+    assert victim.read_bytes() == b"precious" and not out.exists()
+    with pytest.raises(CheckpointError):
+        open_checkpoint(folder)
