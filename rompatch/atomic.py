@@ -22,11 +22,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _STAGE_MARK = ".rompatch-staging"
+_RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE). False where unsupported."""
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """Linux renameat2(a, b, flags). False where the call or the flag is unsupported; OSError otherwise."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.renameat2
@@ -34,12 +35,33 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     at_fdcwd = -100
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
         return False
-    raise OSError(err, os.strerror(err), str(a))
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE). False where unsupported."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def _rename_new(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``, which must not exist: FileExistsError if it does, even if it appeared
+    a moment ago (Linux renameat2 RENAME_NOREPLACE, atomic). Where that call is missing, a check just
+    before a plain rename narrows the window (a plain rename would replace an empty folder)."""
+    try:
+        if _renameat2(tmp, out, _RENAME_NOREPLACE):
+            return
+    except OSError as e:
+        if e.errno == errno.EEXIST:
+            raise FileExistsError(errno.EEXIST, "already exists", str(out)) from None
+        raise
+    if out.exists() or out.is_symlink():
+        raise FileExistsError(errno.EEXIST, "already exists", str(out))
+    os.rename(tmp, out)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -66,12 +88,22 @@ def _clean_stale(out: Path) -> None:
 
 
 @contextmanager
-def staged_folder(out: str | os.PathLike, *, error: type[Exception] = OSError) -> Iterator[Path]:
+def staged_folder(
+    out: str | os.PathLike,
+    *,
+    error: type[Exception] = OSError,
+    may_replace: Callable[[Path], None] | None = None,
+) -> Iterator[Path]:
     """Yield an empty staging folder next to ``out``; on success, it becomes ``out`` in one rename, or
     replaces an existing ``out`` in one atomic swap (two renames where the system has none).
 
+    Replacing is the caller's decision, taken again at the moment of the swap: with ``may_replace``
+    None an existing ``out`` is never replaced, even one that appeared while writing (``error`` is
+    raised and nothing is replaced); otherwise ``may_replace(out)`` runs just before the swap and
+    raises to refuse (the folder found there may not be the one checked before writing).
+
     On any error (or a kill) ``out`` is left as it was and the staging folder is removed (by the next
-    run, after a kill). ``error``: raised (with a message) when ``out`` appears while writing.
+    run, after a kill).
     """
     out = Path(os.path.abspath(Path(out).expanduser()))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,19 +116,26 @@ def staged_folder(out: str | os.PathLike, *, error: type[Exception] = OSError) -
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
         (tmp / _STAGE_MARK).unlink()
-        _swap_into_place(tmp, out, error)
+        _swap_into_place(tmp, out, error, may_replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _swap_into_place(tmp: Path, out: Path, error: type[Exception]) -> None:
-    if not out.exists():
+def _swap_into_place(
+    tmp: Path, out: Path, error: type[Exception], may_replace: Callable[[Path], None] | None
+) -> None:
+    if may_replace is None or not (out.exists() or out.is_symlink()):
         try:
-            os.rename(tmp, out)
+            _rename_new(tmp, out)
         except OSError as e:
-            raise error(f"{out} appeared while writing it ({e.strerror}); nothing was replaced") from None
-    elif _exchange(tmp, out):
+            raise error(
+                f"{out} appeared while writing it ({e.strerror}); nothing was replaced, run again "
+                "(with --overwrite to replace it)"
+            ) from None
+        return
+    may_replace(out)  # the policy, on what is there now
+    if _exchange(tmp, out):
         (tmp / _STAGE_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         shutil.rmtree(tmp, ignore_errors=True)  # the previous `out`
     else:  # no atomic swap here: two renames, with the old folder kept until the new one is in place

@@ -67,6 +67,11 @@ def test_staged_folder_replaces_atomically_and_leaves_nothing_on_error(tmp_path)
             (tmp / "b").write_text("2")
             raise RuntimeError("boom")
     assert sorted(p.name for p in out.iterdir()) == ["a"] and leftovers(tmp_path) == []
-    with staged_folder(out, error=_MyError) as tmp:  # an existing folder is swapped, not merged
+    with pytest.raises(_MyError, match="appeared while writing"):  # by default an existing folder stays
+        with staged_folder(out, error=_MyError) as tmp:
+            (tmp / "c").write_text("3")
+    assert sorted(p.name for p in out.iterdir()) == ["a"] and leftovers(tmp_path) == []
+    checked = []
+    with staged_folder(out, error=_MyError, may_replace=checked.append) as tmp:  # swapped, not merged
         (tmp / "c").write_text("3")
-    assert sorted(p.name for p in out.iterdir()) == ["c"] and leftovers(tmp_path) == []
+    assert sorted(p.name for p in out.iterdir()) == ["c"] and leftovers(tmp_path) == [] and checked == [out]

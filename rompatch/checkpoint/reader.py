@@ -72,14 +72,20 @@ class Checkpoint:
 
     def _check_shard_name(self, rel: Any) -> None:
         """A shard the index lists is a relative path that stays inside the folder, symlinks resolved:
-        a crafted index must not make rompatch read, copy or replace a file anywhere else."""
+        a crafted index must not make rompatch read, copy or replace a file anywhere else. A snapshot
+        in the Hugging Face cache (``models--*/snapshots/REV``) links its files to the repository's
+        ``blobs/``: there the repository's cache folder is the limit."""
         if not isinstance(rel, str) or not rel or "\x00" in rel or "\\" in rel:
             raise CheckpointError(
                 f"{self.path}: {SAFE_INDEX} lists a shard that is not a file name ({rel!r}); re-download or "
                 "re-save the checkpoint"
             )
         p = Path(rel)
-        root = self.path.resolve()
+        snapshots = self.path.parent
+        hf_cache = snapshots.name == "snapshots" and snapshots.parent.name.startswith(
+            ("models--", "datasets--")
+        )
+        root = (snapshots.parent if hf_cache else self.path).resolve()
         inside = (
             not p.is_absolute() and ".." not in p.parts and (self.path / p).resolve().is_relative_to(root)
         )

@@ -103,7 +103,11 @@ def staged_output(
     once the block succeeds; ``out`` is checked first (:func:`check_output`)."""
     out = Path(os.path.abspath(Path(out).expanduser()))
     check_output(out, overwrite=overwrite, protect=protect)
-    with staged_folder(out, error=CheckpointError) as tmp:
+
+    def may_replace(found: Path) -> None:  # again at the swap: what is there now may have appeared meanwhile
+        check_output(found, overwrite=overwrite, protect=protect)
+
+    with staged_folder(out, error=CheckpointError, may_replace=may_replace if overwrite else None) as tmp:
         yield tmp
 
 

@@ -269,7 +269,8 @@ def export_peft(
         uniform_rank=uniform_rank,
     )
     _check_target(out)
-    with staged_folder(out, error=ExportError) as tmp:  # an existing export is swapped atomically
+    # an existing export is swapped atomically, checked again at the swap
+    with staged_folder(out, error=ExportError, may_replace=_check_target) as tmp:
         meta = {
             "format": "pt",
             "rompatch_version": __version__,

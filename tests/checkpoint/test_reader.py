@@ -79,8 +79,9 @@ def test_not_a_checkpoint(tmp_path):
         "../../etc/passwd",
         "sub/../../x.safetensors",
         7,
+        "link.safetensors",
     ],
-    ids=["dotdot", "absolute", "etc-passwd", "dotdot-inside", "not-a-string"],
+    ids=["dotdot", "absolute", "etc-passwd", "dotdot-inside", "not-a-string", "symlink-out"],
 )
 def test_index_shard_names_must_stay_inside_the_folder(tmp_path, bad):
     """Issue 17, failure 1: a crafted index names a shard outside the checkpoint folder. Nothing is read
@@ -91,6 +92,7 @@ def test_index_shard_names_must_stay_inside_the_folder(tmp_path, bad):
     victim = tmp_path / "dir" / "payload" / "evil.safetensors"
     victim.parent.mkdir(parents=True)
     victim.write_bytes(b"precious")
+    (folder / "link.safetensors").symlink_to(victim)  # a link inside the folder that leaves it
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     key = next(iter(index["weight_map"]))
     index["weight_map"][key] = bad

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -10,7 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from rompatch.checkpoint.operations import apply_to_checkpoint, revert_checkpoint
+from rompatch.errors import CheckpointError
 from rompatch.patch import save_patch
 from tests.helpers import vector_patch
 from tests.helpers.ckpt import (
@@ -118,3 +122,83 @@ def test_hardlinked_inputs_are_never_modified(tmp_path):
     res = apply_to_checkpoint(base, [p1], tmp_path / "copied", link=False)
     assert res.stats.linked == []
     assert all((tmp_path / "copied" / f.name).stat().st_ino != f.stat().st_ino for f in weight_files(base))
+
+
+# ------------------------------------------------------------------ issue 17, failure 2: OUT races
+
+
+def _during_write(monkeypatch, action):
+    """Run ``action`` while apply writes its staging folder (after the up-front checks, before the swap)."""
+    from rompatch.checkpoint.operations import StackWrite
+
+    real = StackWrite.write
+
+    def write(self, *a, **kw):
+        out = real(self, *a, **kw)
+        action()
+        return out
+
+    monkeypatch.setattr(StackWrite, "write", write)
+
+
+def test_out_that_appears_while_applying_is_never_replaced(tmp_path, monkeypatch):
+
+    model, base = make_ckpt(tmp_path)
+    out = tmp_path / "race" / "x"
+
+    def appear():
+        out.mkdir(parents=True)
+        (out / "precious.txt").write_text("data")
+
+    _during_write(monkeypatch, appear)
+    with pytest.raises(CheckpointError, match="appeared while writing"):
+        apply_to_checkpoint(base, [vector_patch(model)], out)
+    assert (out / "precious.txt").read_text() == "data" and sorted(p.name for p in out.iterdir()) == [
+        "precious.txt"
+    ]
+    assert leftovers(out.parent) == []
+
+
+def test_an_empty_folder_that_appears_is_not_replaced_either(tmp_path, monkeypatch):
+
+    model, base = make_ckpt(tmp_path)
+    out = tmp_path / "x"
+    _during_write(monkeypatch, out.mkdir)  # a plain rename would replace an empty folder
+    with pytest.raises(CheckpointError, match="appeared while writing"):
+        apply_to_checkpoint(base, [vector_patch(model)], out)
+    assert out.is_dir() and not any(out.iterdir())
+
+
+def test_overwrite_checks_again_what_is_there_at_the_swap(tmp_path, monkeypatch):
+
+    model, base = make_ckpt(tmp_path)
+    out = tmp_path / "x"
+
+    def appear():
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+
+    _during_write(monkeypatch, appear)
+    with pytest.raises(CheckpointError, match="does not look like a model folder"):
+        apply_to_checkpoint(base, [vector_patch(model)], out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_two_applies_to_one_new_out_one_wins_the_other_fails_cleanly(tmp_path, monkeypatch):
+
+    model, base = make_ckpt(tmp_path)
+    out = tmp_path / "x"
+    first, second = vector_patch(model, seed=1), vector_patch(model, seed=2)
+    done = []
+
+    def other_apply():  # the second apply runs to completion while the first one is writing
+        if not done:
+            done.append(True)
+            apply_to_checkpoint(base, [second], out)
+
+    _during_write(monkeypatch, other_apply)
+    with pytest.raises(CheckpointError, match="appeared while writing"):
+        apply_to_checkpoint(base, [first], out)
+    record = json.loads((out / "rompatch.json").read_text())
+    assert [a["patch_id"] for a in record["applied"]] == [second.id]
+    assert file_shas(out) and leftovers(tmp_path) == []
