@@ -4,7 +4,7 @@ A randomly initialised model with TinyLlama-1.1B's shape (22 layers, hidden 2048
 tokens) is saved once as a model folder (bench/_work, float32 and bfloat16), then each measurement
 runs in a fresh process: load the folder, then either compute the statistics of the default layer
 (4,096 tokens of the tiny test corpus) or compute one edit with them (cached). Peak memory is the
-process's peak resident set (``ru_maxrss``), with the resident set after ``import torch`` and after
+process's peak resident set (VmHWM), with the resident set after ``import torch`` and after
 loading taken on the way, so the peak splits into interpreter + libraries, weights and the rest.
 
 Configurations: float32, bfloat16, and float32 with a device map that keeps the embeddings, the head
@@ -93,9 +93,13 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: Linux carries that over from the
+    parent through fork and exec, so a child of a large process reports the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def measure(args: dict) -> dict:

@@ -19,7 +19,7 @@ from ..patch import Patch, new_patch, save_patch
 from ..placement import describe
 from ..refs import resolve_patch
 from ..request import EditRequest, load_requests
-from ..rome import ROMEHyperParams
+from ..rome import ROMEHyperParams, validate_request
 from ..stats import check_stats_data, get_second_moment
 from .common import (
     device_option,
@@ -205,6 +205,8 @@ def create(
         check_stats_data(stats_data, text_field=stats_text_field)  # fail before loading the model
     m, tok = load_model(model, device=device, dtype=dtype, **placement)
     note_placement(describe(m))
+    for r in reqs:  # tokens: before the statistics, the heavy part
+        validate_request(tok, r)
     hp = ROMEHyperParams(
         layer=layer,
         seed=seed,
@@ -316,6 +318,17 @@ def _requests(requests_file, prompt, subject, target_new, target_true) -> list[E
 
 
 def _check_output(out: Path, *, many_files: bool, overwrite: bool) -> None:
+    """Before any heavy work: the output can be written (its nearest existing folder is a writable
+    folder) and is not replaced without --overwrite."""
+    above = next(p for p in [out.absolute().parent, *out.absolute().parents] if p.exists() or p == p.parent)
+    if not above.is_dir():
+        raise click.ClickException(
+            f"cannot write {out}: {above} is a file, not a folder; choose another output"
+        )
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise click.ClickException(
+            f"cannot write {out}: folder {above} is not writable; choose another output"
+        )
     if out.exists() and not overwrite:
         raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
     if many_files and out.exists() and not out.is_dir():

@@ -158,3 +158,21 @@ def test_cli_requests_file_sequential(tiny_folder, text_file, tmp_path):
     data = json.loads(r.stdout)
     assert len(data) == 2 and data[1]["lineage"] == [data[0]["id"]]
     assert data[0]["edits"][0]["subject"] == REQ.subject
+
+
+def test_cli_create_checks_tokens_and_output_before_the_statistics(tiny_folder, tmp_path, monkeypatch):
+    """Issue 17, failure 6: a target of special tokens only, or an output under a regular file, fails at
+    once, before any statistics are computed."""
+    import rompatch.create as create_mod
+
+    def no_stats(*a, **kw):
+        raise AssertionError("statistics computed before the cheap checks")
+
+    monkeypatch.setattr(create_mod, "get_second_moment", no_stats)
+    base = ["create", str(tiny_folder), "--prompt", REQ.prompt, "--subject", REQ.subject]
+    r = CliRunner().invoke(cli, [*base, "--target", "</s>", "-o", str(tmp_path / "x.safetensors")])
+    assert r.exit_code == 1 and "tokenizes to nothing" in r.stderr and "Traceback" not in r.output
+    (tmp_path / "afile").write_text("x")
+    r = CliRunner().invoke(cli, [*base, "--target", "Rome", "-o", str(tmp_path / "afile" / "x.safetensors")])
+    assert r.exit_code == 1 and "is a file, not a folder" in r.stderr and "Traceback" not in r.output
+    assert len(r.stderr.strip().splitlines()) == 1
