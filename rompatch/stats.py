@@ -213,9 +213,14 @@ def text_source(
             )
         try:
             with open(path, "rb") as f:
-                f.read(1)
+                head = f.read(1 << 16)
         except OSError as e:
             raise StatsError(f"cannot read statistics file {spec}: {e.strerror}") from None
+        if not _looks_like_text(head):
+            raise StatsError(
+                f"statistics file {spec} is not UTF-8 text (binary data in its first bytes); pass a plain "
+                "text or .jsonl file"
+            )
         sha = _file_sha([path])
         if path.suffix == ".jsonl":
             return TextSource(
@@ -235,6 +240,18 @@ def text_source(
             reason="--stats-data",
         )
     return _hf_source(spec, text_field)
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """Whether a file's first bytes are UTF-8 text: no NUL byte, and they decode (a character cut
+    at the end of the sample is allowed)."""
+    if b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start >= len(head) - 3 and e.reason == "unexpected end of data"
+    return True
 
 
 def _hf_source(spec: str, text_field: str) -> TextSource:

@@ -79,6 +79,19 @@ def test_check_stats_data_is_cheap_and_strict(tmp_path):
         check_stats_data(str(tmp_path / "missing.txt"))
 
 
+def test_a_statistics_file_of_random_bytes_is_refused(tmp_path):
+    """Issue 17, failure 6: a .txt of random bytes was accepted silently."""
+    import random
+
+    junk = tmp_path / "junk.txt"
+    junk.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(5000)))
+    with pytest.raises(StatsError, match="is not UTF-8 text"):
+        check_stats_data(str(junk))
+    ok = tmp_path / "ok.txt"
+    ok.write_bytes(("Zürich é " * 20000).encode())  # a multi-byte character may straddle the sample's end
+    check_stats_data(str(ok))
+
+
 # ------------------------------------------------------------------------------ cache and record
 
 
