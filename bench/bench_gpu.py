@@ -55,7 +55,7 @@ SHAPES = {
 }
 # Offloaded: a LLaMA-33B-shaped model (32.5B parameters, 65 GB in bf16), half its blocks in CPU memory.
 OFFLOADED = {
-    "LLaMA-30B class (32.5B), blocks 30-59 in CPU memory": (
+    "LLaMA-30B class (32.5B), second half of the blocks offloaded": (
         "llama",
         dict(
             num_hidden_layers=60,
@@ -215,7 +215,7 @@ def _offloaded(smoke: bool, device: torch.device, dtype: torch.dtype, notes: lis
         model.eval()
         build_s = time.perf_counter() - t
         main = 0 if device.type == "cuda" else "cpu"
-        away = "cpu" if device.type == "cuda" else "disk"  # on a CPU-only machine, offload means disk
+        away = "cpu" if device.type == "cuda" else "disk"  # CPU memory beside a GPU; disk on a CPU-only machine
         dm = {"model.embed_tokens": main, "model.rotary_emb": main, "model.norm": main, "lm_head": main}
         dm.update({f"model.layers.{i}": main if i < n // 2 else away for i in range(n)})
         with tempfile.TemporaryDirectory(prefix="rompatch-offload-") as off:
