@@ -215,7 +215,8 @@ def _offloaded(smoke: bool, device: torch.device, dtype: torch.dtype, notes: lis
         model.eval()
         build_s = time.perf_counter() - t
         main = 0 if device.type == "cuda" else "cpu"
-        away = "cpu" if device.type == "cuda" else "disk"  # CPU memory beside a GPU; disk on a CPU-only machine
+        # offloaded blocks: CPU memory beside a GPU; disk on a CPU-only machine
+        away = "cpu" if device.type == "cuda" else "disk"
         dm = {"model.embed_tokens": main, "model.rotary_emb": main, "model.norm": main, "lm_head": main}
         dm.update({f"model.layers.{i}": main if i < n // 2 else away for i in range(n)})
         with tempfile.TemporaryDirectory(prefix="rompatch-offload-") as off:
