@@ -36,8 +36,8 @@ WORK = Path(__file__).resolve().parent / "results"
 # How each model's full run shared the machine (its per-record seconds depend on it).
 TIMING_NOTES = {
     "smollm2-135m": "one torch thread (two workers shared the 2 cores)",
-    "gemma3-270m": "2 torch threads; records 1-145 alone on the 2 cores for the most part, records 146-272 "
-    "beside other jobs (tests, benchmarks), which inflates their seconds",
+    "gemma3-270m": "2 torch threads; records 1-145 alone on the 2 cores for the most part, records 146-292 "
+    "beside other jobs (tests, benchmarks), which inflates their seconds, 293-357 alone",
 }
 
 
