@@ -126,11 +126,11 @@ class _Sampler:
                 elif line.startswith("RssFile:"):
                     self.file = max(self.file, int(line.split()[1]) / 1024)
 
-    def __enter__(self) -> _Sampler:
+    def start(self) -> _Sampler:
         self._t.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
         self._stop.set()
         self._t.join()
         self.sample()
@@ -161,7 +161,7 @@ def measure(args: dict) -> dict:
         kw.update(device_map=dm)
     else:
         kw.update(device="cpu")
-    sampler = _Sampler().__enter__()
+    sampler = _Sampler().start()
     t0 = time.perf_counter()
     model, tok = load_model(args["folder"], **kw)
     loaded = _rss_mb()
@@ -181,7 +181,7 @@ def measure(args: dict) -> dict:
         req = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
         create_patch(model, tok, [req], hparams=hp, stats=stats)
         out["create_s"] = time.perf_counter() - t0
-    sampler.__exit__()
+    sampler.stop()
     out.update(peak_mb=_peak_mb(), peak_anon_mb=sampler.anon, peak_file_mb=sampler.file)
     out["threads"] = torch.get_num_threads()
     return out

@@ -320,7 +320,7 @@ def _requests(requests_file, prompt, subject, target_new, target_true) -> list[E
 def _check_output(out: Path, *, many_files: bool, overwrite: bool) -> None:
     """Before any heavy work: the output can be written (its nearest existing folder is a writable
     folder) and is not replaced without --overwrite."""
-    above = next(p for p in [out.absolute().parent, *out.absolute().parents] if p.exists() or p == p.parent)
+    above = next(p for p in out.absolute().parents if p.exists())  # the root always exists
     if not above.is_dir():
         raise click.ClickException(
             f"cannot write {out}: {above} is a file, not a folder; choose another output"
