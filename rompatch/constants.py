@@ -9,6 +9,8 @@ FORMAT_NAME = "rompatch"
 # Metadata key of a merged patch (rompatch.merge): its inputs and each matrix's condition number.
 MERGED_FROM = "merged_from"
 AUDIT = "audit"  # metadata key of an attached audit report (outside the content hash)
+# Metadata key of a signature over the patch id (rompatch.signing; outside the content hash).
+SIGNATURE = "signature"
 FORMAT_VERSION = "1.2"  # major.minor; a newer major is refused by load_patch; 1.1 added per-delta timings,
 # 1.2 optional per-delta keys (deltas.{i}.k)
 
