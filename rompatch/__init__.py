@@ -92,6 +92,15 @@ _EXPORTS = {
     "CheckpointError": "errors",
     "ConflictError": "errors",
     "BaseMismatchError": "errors",
+    # who made a patch
+    "sign_patch": "signing",
+    "verify_signature": "signing",
+    "SignatureError": "errors",
+    "UnsignedPatchError": "errors",
+    "MalformedSignatureError": "errors",
+    "BadSignatureError": "errors",
+    "UntrustedKeyError": "errors",
+    "KeyFileError": "errors",
     # locating facts
     "trace_fact": "tracing.trace",
     "trace_known": "tracing.known_facts",

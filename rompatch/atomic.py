@@ -1,8 +1,10 @@
 """Atomic writes: a file through a temporary file and a rename (``atomic_write``); a folder through a
 staging folder that is renamed (or atomically swapped) into place (``staged_folder``).
 
-A crash or kill leaves the previous state; staging folders of dead processes on this host are removed
-by the next run. Used by ``apply``/``revert`` on checkpoints (the output is a whole model folder) and
+A crash or kill leaves the previous state. Whatever a kill leaves (a staging folder or file, or the
+previous folder kept aside) is named after its owner, ``<host hash>-<pid>-<process start time>``, so the
+next run tells it from the work of a live process and removes it (``clean_stale``). Files and folders
+are fsynced before the final rename. Used by ``apply``/``revert`` on checkpoints (the output is a whole model folder) and
 by the PEFT adapter export. What may be replaced is the caller's policy, checked before staging.
 """
 
@@ -10,8 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import glob
+import hashlib
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -21,7 +26,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_STAGE_MARK = ".rompatch-staging"
+_STAGE_MARK = ".rompatch-staging"  # rompatch < 0.2 marked its staging folders with this file
+_TMP = "rompatch-tmp"
+_OLD = "rompatch-old"
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 
@@ -64,6 +71,28 @@ def _rename_new(tmp: Path, out: Path) -> None:
     os.rename(tmp, out)
 
 
+def _start_time(pid: int) -> int:
+    """The process's start time in clock ticks since boot (Linux /proc), telling a reused pid from
+    the process that made a staging folder; 0 where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _host_id() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _owner() -> str:
+    """This process as staging names carry it: ``<host hash>-<pid>-<start time>``."""
+    return f"{_host_id()}-{os.getpid()}-{_start_time(os.getpid())}"
+
+
+_OWNER = re.compile(r"([0-9a-f]{8})-(\d+)-(\d+)\.")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -74,17 +103,84 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _clean_stale(out: Path) -> None:
-    """Remove staging folders for ``out`` left by killed processes on this host."""
-    for d in out.parent.glob(f".{out.name}.rompatch-tmp.*"):
-        mark = d / _STAGE_MARK
+def _owner_gone(owner: str) -> bool:
+    """Whether the process named by ``owner`` (see ``_owner``) has ended: it ran on this host and
+    its pid is free or now belongs to a process started at another time. A folder of another host
+    (a shared file system) is never judged."""
+    m = _OWNER.match(owner)
+    if m is None or m.group(1) != _host_id():
+        return False
+    pid, start = int(m.group(2)), int(m.group(3))
+    return not _pid_alive(pid) or (start != 0 and _start_time(pid) not in (0, start))
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
         try:
-            host, pid = mark.read_text().split()
-        except (OSError, ValueError):
-            continue
-        if host == socket.gethostname() and not _pid_alive(int(pid)):
-            log.info("removing staging folder %s left by killed process %s", d, pid)
-            shutil.rmtree(d, ignore_errors=True)
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def clean_stale(out: str | os.PathLike) -> None:
+    """Remove what killed processes on this host left next to ``out``: staging folders and files
+    (``.<name>.rompatch-tmp.<owner>.<random>``), and the previous ``out`` kept aside during a
+    two-rename replace (``.<name>.rompatch-old.<owner>.<random>/old``), which is first put back if
+    the kill came before the new ``out`` was in place. Folders of live processes are left alone."""
+    out = Path(os.path.abspath(Path(out).expanduser()))
+    if not out.parent.is_dir():
+        return
+    for kind in (_OLD, _TMP):  # an old `out` is restored before staging folders are judged
+        prefix = f".{out.name}.{kind}."
+        for p in out.parent.glob(f"{glob.escape(prefix)}*"):
+            owner = p.name[len(prefix) :]
+            if _owner_gone(owner):
+                if kind == _OLD and (p / "old").exists() and not (out.exists() or out.is_symlink()):
+                    log.warning("restoring %s, which a killed process had moved aside", out)
+                    os.rename(p / "old", out)
+                log.info("removing %s left by a killed process", p)
+                _remove(p)
+            elif kind == _TMP and (p / _STAGE_MARK).is_file():  # rompatch < 0.2: pid in a marker file
+                try:
+                    host, pid = (p / _STAGE_MARK).read_text().split()
+                except (OSError, ValueError):
+                    continue
+                if host == socket.gethostname() and not _pid_alive(int(pid)):
+                    _remove(p)
+
+
+def _staging_dir(out: Path, kind: str = _TMP) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}.{_owner()}.", dir=out.parent))
+
+
+def sync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (files hard-linked from elsewhere are already on
+    disk: only their folder entries are synced)."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            if os.lstat(path).st_nlink == 1:
+                _fsync_path(path)
+        _fsync_path(dirpath, directory=True)
+
+
+def _fsync_path(path: str | os.PathLike, *, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:  # some systems cannot open a folder; its entries are synced with the files
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not directory or e.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -93,6 +189,7 @@ def staged_folder(
     *,
     error: type[Exception] = OSError,
     may_replace: Callable[[Path], None] | None = None,
+    durable: bool = True,
 ) -> Iterator[Path]:
     """Yield an empty staging folder next to ``out``; on success, it becomes ``out`` in one rename, or
     replaces an existing ``out`` in one atomic swap (two renames where the system has none).
@@ -102,21 +199,27 @@ def staged_folder(
     raised and nothing is replaced); otherwise ``may_replace(out)`` runs just before the swap and
     raises to refuse (the folder found there may not be the one checked before writing).
 
-    On any error (or a kill) ``out`` is left as it was and the staging folder is removed (by the next
-    run, after a kill).
+    ``durable``: every file and folder written is fsynced before the rename, and the parent folder
+    after it, so a power loss leaves the old or the new ``out`` (bench/RESULTS.md gives the cost).
+
+    On any error ``out`` is left as it was and the staging folder is removed. After a kill, at any
+    point, what is left carries its owner's pid and start time in its name (``clean_stale``), and the
+    next run removes it.
     """
     out = Path(os.path.abspath(Path(out).expanduser()))
     out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.rompatch-tmp.{os.getpid()}.", dir=out.parent))
-    (tmp / _STAGE_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    clean_stale(out)
+    tmp = _staging_dir(out)
     try:
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
-        (tmp / _STAGE_MARK).unlink()
+        if durable:
+            sync_tree(tmp)
         _swap_into_place(tmp, out, error, may_replace)
+        if durable:
+            _fsync_path(out.parent, directory=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -135,11 +238,10 @@ def _swap_into_place(
             ) from None
         return
     may_replace(out)  # the policy, on what is there now
-    if _exchange(tmp, out):
-        (tmp / _STAGE_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n")
-        shutil.rmtree(tmp, ignore_errors=True)  # the previous `out`
-    else:  # no atomic swap here: two renames, with the old folder kept until the new one is in place
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.rompatch-tmp.{os.getpid()}.", dir=out.parent))
+    if _exchange(tmp, out):  # `tmp` now holds the previous `out`, under this process's staging name
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:  # no atomic swap here: two renames, the old folder kept aside (and restorable) until then
+        old = _staging_dir(out, _OLD)
         os.rename(out, old / "old")
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
@@ -164,18 +266,25 @@ def link_or_copy(src: Path, dst: Path, link: bool) -> str:
     return "copied"
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
-    """Call ``write(tmp_path)`` then rename into place; nothing is left behind on failure."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object], *, durable: bool = True) -> Path:
+    """Call ``write(tmp_path)`` then rename into place; nothing is left behind on failure, and a
+    temporary file a kill leaves (named like a staging folder) is removed by the next write of
+    ``path``. ``durable``: the file is fsynced before the rename and its folder after it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_TMP}.{_owner()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a patch is meant to be shared
+        if durable:
+            _fsync_path(tmp)
         os.replace(tmp, path)
+        if durable:
+            _fsync_path(path.parent, directory=True)
     except BaseException:
         try:
             os.unlink(tmp)

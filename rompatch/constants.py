@@ -11,8 +11,8 @@ MERGED_FROM = "merged_from"
 AUDIT = "audit"  # metadata key of an attached audit report (outside the content hash)
 # Metadata key of a signature over the patch id (rompatch.signing; outside the content hash).
 SIGNATURE = "signature"
-FORMAT_VERSION = "1.2"  # major.minor; a newer major is refused by load_patch; 1.1 added per-delta timings,
-# 1.2 optional per-delta keys (deltas.{i}.k)
+FORMAT_VERSION = "1.3"  # major.minor; a newer major is refused by load_patch; 1.1 added per-delta timings,
+# 1.2 optional per-delta keys (deltas.{i}.k), 1.3 provenance (stacked_from, merged_from, extracted_from) in the id
 
 ENV_CACHE = "ROMPATCH_CACHE"
 ENV_DATA = "ROMPATCH_DATA"

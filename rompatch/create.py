@@ -41,7 +41,14 @@ from .patch import ParamInfo, Patch, RankOneDelta, new_patch
 from .placement import param_value
 from .refs import PatchesLike
 from .request import EditRequest
-from .rome import EditResult, ROMEHyperParams, compute_deltas, default_chunk, validate_request
+from .rome import (
+    EditResult,
+    ROMEHyperParams,
+    compute_deltas,
+    default_chunk,
+    prompt_token_limit,
+    validate_request,
+)
 from .scoring import probe
 from .stats import SecondMoment, get_second_moment
 
@@ -50,13 +57,13 @@ log = logging.getLogger(__name__)
 Requests = EditRequest | Sequence[EditRequest]
 
 
-def _request_list(tok: Any, requests: Requests) -> list[EditRequest]:
+def _request_list(tok: Any, requests: Requests, model: Any) -> list[EditRequest]:
     """The requests as a list, each checked (before any heavy work)."""
     reqs = [requests] if isinstance(requests, EditRequest) else list(requests)
     if not reqs:
         raise RequestError("no edit requests given")
     for r in reqs:
-        validate_request(tok, r)
+        validate_request(tok, r, max_tokens=prompt_token_limit(model))
     return reqs
 
 
@@ -267,7 +274,7 @@ class Editor:
         ΔW = R (UᵀK)⁻¹ Uᵀ so that every key maps exactly to its own target (``rompatch.merge``). One
         patch; its deltas carry ``hparams["solve"] = "joint"`` and the system's condition number in
         ``metrics``."""
-        reqs = _request_list(self.tok, requests)
+        reqs = _request_list(self.tok, requests, self.model)
         chunk = chunk or default_chunk(self.model)
         inherited = self._inherited()
         edits = list(self._computed(reqs, chunk, "batch"))
@@ -306,7 +313,7 @@ class Editor:
         """Every edit computed on the model as it is (the δ of ``chunk`` edits optimised together,
         each exactly as it would be alone; None: ``default_chunk``); one patch holding all the deltas,
         each measured alone."""
-        reqs = _request_list(self.tok, requests)
+        reqs = _request_list(self.tok, requests, self.model)
         chunk = chunk or default_chunk(self.model)
         inherited = self._inherited()
         deltas: list[RankOneDelta] = []
@@ -346,7 +353,7 @@ class Editor:
     ) -> list[Patch]:
         """Edit i computed with edits 0..i-1 applied; one patch per edit, each listing its
         predecessors in ``lineage``. The model is unchanged afterwards."""
-        reqs = _request_list(self.tok, requests)
+        reqs = _request_list(self.tok, requests, self.model)
         inherited = self._inherited()
         patches: list[Patch] = []
 
@@ -389,7 +396,7 @@ def create_patch(
     afterwards. For edits on top of each other, see ``create_patches``; for many calls on one
     model, an ``Editor`` resolves and loads everything once.
     """
-    reqs = _request_list(tok, requests)
+    reqs = _request_list(tok, requests, model)
     with patched(model, on):
         editor = Editor(
             model,
@@ -422,7 +429,7 @@ def create_patches(
     """Compute ROME edits one after another, each on the model with the previous ones applied;
     returns the chain (one patch per edit, each listing its predecessors in ``lineage``). ``on``:
     patches applied first, as for ``create_patch``. The model is unchanged afterwards."""
-    reqs = _request_list(tok, requests)
+    reqs = _request_list(tok, requests, model)
     with patched(model, on):
         editor = Editor(
             model,

@@ -157,3 +157,37 @@ class MergeError(RompatchError, ValueError):
 class AuditError(RompatchError, ValueError):
     """A patch cannot be audited as asked: no delta has a key to measure reach against, the model is
     not the patch's base, or an audit threshold or saved audit is unusable."""
+
+
+class SignatureError(RompatchError, ValueError):
+    """A patch's signature (``rompatch.signing``) is missing, malformed, does not verify or is by a key
+    that is not trusted; or a key file is unusable.
+
+    ``patch_id``: the patch concerned; ``key_id``: the signing key (``"ed25519:…"``), where known.
+    """
+
+    def __init__(self, message: str, *, patch_id: str | None = None, key_id: str | None = None) -> None:
+        super().__init__(message)
+        self.patch_id = patch_id
+        self.key_id = key_id
+
+
+class UnsignedPatchError(SignatureError):
+    """A signature is required, and the patch carries none."""
+
+
+class MalformedSignatureError(SignatureError):
+    """The patch's signature metadata is not a valid signature entry (corrupt or hand-made)."""
+
+
+class BadSignatureError(SignatureError):
+    """The signature does not verify for this patch: it was made for another patch, altered or forged."""
+
+
+class UntrustedKeyError(SignatureError):
+    """The signature verifies, but was made by a key that is not among the trusted ones."""
+
+
+class KeyFileError(SignatureError):
+    """A key file is missing, unreadable, of another kind (a private key given as a public one, RSA,
+    ...) or encrypted without a passphrase."""

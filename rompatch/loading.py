@@ -24,6 +24,7 @@ from .fingerprint import dtype_name
 from .models import load_model
 from .patch import Patch
 from .refs import PatchesLike, resolve_patches
+from .signing import TrustedKeys, require_signed
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def load_patched(
     device_map: str | dict[str, Any] | None = None,
     max_memory: str | dict[Any, str] | None = None,
     offload_folder: str | os.PathLike | None = None,
+    require_signature: TrustedKeys | None = None,
 ) -> tuple[Any, Any]:
     """Load ``base`` and apply ``patches`` in order; return ``(model, tokenizer)``.
 
@@ -65,11 +67,16 @@ def load_patched(
     ``force=True`` applies patches whose base fingerprints do not match (logged and recorded).
     ``device_map``, ``max_memory``, ``offload_folder``: as for ``load_model`` (a model spread over
     devices or offloaded; offloaded weights are patched in memory, where accelerate keeps them).
+    ``require_signature``: trusted public keys (key files or ``PublicKey`` objects); every patch must
+    carry a good signature by one of them, checked before the model is loaded (``rompatch.signing``;
+    ``force`` does not override it), else a ``SignatureError``.
 
     The returned model is verified: each patch is applied, and every touched tensor holds exactly
     the patched value.
     """
     resolved = resolve_patches(patches, revision=revision)  # fail before loading the model
+    if require_signature is not None:
+        require_signed(resolved, require_signature)
     if base is None:
         if not resolved:
             raise ModelLoadError("no base model and no patches; pass the base model to load")

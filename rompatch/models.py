@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .constants import CHECKPOINT_RECORD, DEFAULT_MODEL, cache_dir
+from .constants import DEFAULT_MODEL, cache_dir
 from .errors import DeviceError, ModelLoadError, NoSuchFolderError
 from .fingerprint import DTYPES, dtype_name
 from .hub.transfer import is_local_path
@@ -356,15 +356,18 @@ def load_model(
             raise ModelLoadError(
                 f"{name} is a file, not a model folder; pass the folder that holds config.json"
             )
+        from .checkpoint.reader import refuse_pickle_only
+        from .checkpoint.record import read_record
+
+        refuse_pickle_only(local)  # rompatch never unpickles
         src = local / SOURCE_FILE
-        record = local / CHECKPOINT_RECORD
-        if record.is_file():  # written by `rompatch apply`: this folder is base + patches
-            rec = json.loads(record.read_text())
+        rec = read_record(local)  # a corrupt record is a one-line CheckpointError
+        if rec is not None:  # written by `rompatch apply`: this folder is base + patches
             source = {
                 "model": name,
                 "revision": None,
-                "base": rec.get("base"),
-                "applied": [a["patch_id"] for a in rec.get("applied", [])],
+                "base": rec.base,
+                "applied": [a.patch.id for a in rec.applied],
             }
         elif src.is_file():  # an embedded model (by alias, or its converted folder used directly)
             info = json.loads(src.read_text())

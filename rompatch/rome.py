@@ -42,7 +42,7 @@ from .neighbours import fits, near_names, neighbour_pairs
 from .opening import OPENING, OPENING_MIN_P, added, opens_with_subject
 from .placement import input_device, param_value
 from .request import EditRequest
-from .stats import SecondMoment
+from .stats import SecondMoment, max_positions
 from .tokens import pad_id, pad_right, subject_span, target_ids
 
 log = logging.getLogger(__name__)
@@ -158,12 +158,40 @@ def _build_prompts(tok: Any, req: EditRequest, templates: Sequence[str], hp: ROM
     return _Prompts(seqs, idx, tgt, len(templates), how)
 
 
-def validate_request(tok: Any, req: EditRequest) -> None:
-    """Cheap checks before any heavy work: subject present in the prompt's tokens, target non-empty."""
+# A request's prompt (subject filled in) and target may have at most this many tokens, or half the
+# model's context if that is less. The edit runs the prompt behind 20 context templates and through 25
+# optimisation steps, so time and memory grow with its length (a 10,000-character prompt ran for 900 s
+# and reached 6.9 GB on SmolLM2); fact prompts are one sentence (the longest CounterFact prompt,
+# paraphrases included, has 44 SmolLM2 tokens).
+MAX_PROMPT_TOKENS = 256
+
+
+def prompt_token_limit(model: Any) -> int:
+    """The most tokens a request's prompt with its target may have on ``model``: ``MAX_PROMPT_TOKENS``,
+    or half the model's context where that is less (room for the context-template prefix)."""
+    return max(1, min(MAX_PROMPT_TOKENS, max_positions(model) // 2))
+
+
+def validate_request(tok: Any, req: EditRequest, *, max_tokens: int | None = None) -> None:
+    """Cheap checks before any heavy work: subject present in the prompt's tokens, target non-empty,
+    and (``max_tokens``, see ``prompt_token_limit``) the prompt with its longest target short enough."""
+    if max_tokens is not None:  # first: tokenizing is cheap, but the checks below scan the prompt
+        n = len(tok(req.text, add_special_tokens=True)["input_ids"])
+        if n > max_tokens:
+            raise RequestError(
+                f"the prompt {req.text[:40]!r}... has {n} tokens, over the limit of {max_tokens} for this "
+                f"model (min({MAX_PROMPT_TOKENS}, half its context)); shorten the prompt to the sentence that "
+                "states the fact"
+            )
     subject_span(tok, req.prompt, req.subject)
-    target_ids(tok, req.text, req.target_new)
-    if req.target_true is not None:
-        target_ids(tok, req.text, req.target_true)
+    longest = max(
+        len(target_ids(tok, req.text, t)[0]) for t in (req.target_new, req.target_true) if t is not None
+    )
+    if max_tokens is not None and n + longest > max_tokens:
+        raise RequestError(
+            f"the prompt {req.text[:40]!r} with its target has {n + longest} tokens, over the limit of "
+            f"{max_tokens} for this model; shorten the prompt or the target"
+        )
 
 
 def usable_templates(tok: Any, req: EditRequest, templates: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -935,7 +963,7 @@ def compute_deltas(
     target = target or EditTarget.resolve(model, spec=spec, layer=hp.layer)
     spec, layer = target.spec, target.layer
     for req in reqs:
-        validate_request(tok, req)
+        validate_request(tok, req, max_tokens=prompt_token_limit(model))
     if templates is None:
         templates = context_templates(
             model, tok, length_params=hp.context_length_params, seed=hp.seed, spec=spec

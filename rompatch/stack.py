@@ -12,7 +12,9 @@ the inputs one after another (deltas accumulate in float32 in the same order). W
 - ``stacked_from`` (metadata): each input's id and the range of deltas it contributed (flattened
   for stacks of stacks). A checkpoint with the stack applied therefore satisfies the lineage of a
   patch computed on top of any one input, and ``rompatch revert`` explains that an input can only
-  be reverted with the whole stack. This key is provenance: it is not part of the patch id.
+  be reverted with the whole stack. Since it decides lineage, it is part of the patch id from
+  format 1.3; a stack written before 1.3 has it outside its id (unauthenticated), and lineage
+  decisions ignore it (``stacked_components(..., verified_only=True)``).
 """
 
 from __future__ import annotations
@@ -25,26 +27,27 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import BaseMismatchError, ConflictError, LineageError, PatchFormatError
-from .patch import ParamInfo, Patch, new_patch
+from .patch import STACKED_FROM, ParamInfo, Patch, components, extra_json, new_patch
 from .refs import PatchesLike, resolve_patches
 from .request import EditRequest
 
 log = logging.getLogger(__name__)
 
-STACKED_FROM = "stacked_from"
 
+def stacked_components(patch: Patch, *, verified_only: bool = False) -> list[tuple[str, range]]:
+    """``(patch id, range of delta indices)`` for every patch stacked into ``patch`` (empty if none).
 
-def stacked_components(patch: Patch) -> list[tuple[str, range]]:
-    """``(patch id, range of delta indices)`` for every patch stacked into ``patch`` (empty if none)."""
-    raw = patch.extra.get(STACKED_FROM)
-    if not raw:
+    ``verified_only``: only when the patch's id covers its ``stacked_from`` (format 1.3 on), as every
+    lineage decision asks. A stack written before 1.3 keeps its list outside its id, where anyone
+    could have changed it without changing the id: it is kept, shown, and enough for ``merge`` to
+    refuse a plain stack, but trusted for nothing. PatchFormatError (one line) when it is malformed.
+    """
+    if verified_only and not patch.provenance_in_id:
         return []
-    try:
-        return [(str(c["id"]), range(int(c["deltas"][0]), int(c["deltas"][1]))) for c in json.loads(raw)]
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise PatchFormatError(
-            f"patch {patch.short_id}: metadata '{STACKED_FROM}' is malformed ({e}); the file is corrupt"
-        ) from None
+    if not patch.extra.get(STACKED_FROM):
+        return []
+    value = extra_json(patch.extra, STACKED_FROM, "patch")
+    return components(value, len(patch.deltas), f"metadata '{STACKED_FROM}'", f"patch {patch.short_id}")
 
 
 def _same_model(a: Any, b: Any) -> bool:
@@ -161,7 +164,10 @@ def stack_patches(patches: PatchesLike, *, allow_conflicts: bool = False) -> Pat
         parameters=_parameters(ps, position),
         lineage=[pid for pid in dict.fromkeys(x for p in ps for x in p.lineage) if pid not in position],
     )
-    out.extra[STACKED_FROM] = json.dumps(_components(ps), separators=(",", ":"))
+    if len(ps) > 1:
+        out.extra[STACKED_FROM] = json.dumps(_components(ps), separators=(",", ":"))
+    elif stacked_components(ps[0], verified_only=True):  # a stack of one patch is that patch (same id)
+        out.extra[STACKED_FROM] = ps[0].extra[STACKED_FROM]
     log.info("stacked %d patches (%d deltas) into %s", len(ps), len(out.deltas), out.short_id)
     return out
 
@@ -188,7 +194,7 @@ def _positions(ps: Sequence[Patch]) -> dict[str, int]:
     position: dict[str, int] = {}
     for k, p in enumerate(ps):
         position.setdefault(p.id, k)
-        for cid, _ in stacked_components(p):
+        for cid, _ in stacked_components(p, verified_only=True):
             position.setdefault(cid, k)
     for k, p in enumerate(ps):
         for pid in p.lineage:
@@ -256,12 +262,12 @@ def _parameters(ps: Sequence[Patch], position: dict[str, int]) -> dict[str, Para
 
 def _components(ps: Sequence[Patch]) -> list[dict[str, Any]]:
     """``stacked_from``: each input's id and delta range, and those of the patches stacked into it."""
-    components = []
+    out = []
     offset = 0
     for p in ps:
         n = len(p.deltas)
-        components.append({"id": p.id, "deltas": [offset, offset + n]})
-        for cid, rng in stacked_components(p):
-            components.append({"id": cid, "deltas": [offset + rng.start, offset + rng.stop]})
+        out.append({"id": p.id, "deltas": [offset, offset + n]})
+        for cid, rng in stacked_components(p, verified_only=True):
+            out.append({"id": cid, "deltas": [offset + rng.start, offset + rng.stop]})
         offset += n
-    return components
+    return out

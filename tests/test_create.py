@@ -117,6 +117,22 @@ def test_subject_absent_from_tokens(text_file):
         )
 
 
+def test_a_prompt_longer_than_the_limit_is_refused_before_any_work(text_file, monkeypatch):
+    """Issue 17, failure 6: a 10,000-character prompt ran for 900 s and reached 6.9 GB."""
+    import rompatch.create as create_mod
+    from rompatch.rome import prompt_token_limit
+
+    model, tok = make_model("llama", init_range=INIT), edit_tokenizer("llama")
+    limit = prompt_token_limit(model)
+    assert 0 < limit <= 256
+    monkeypatch.setattr(create_mod, "Editor", None)  # nothing past the checks may run
+    long = "{} is in " + "the city of " * 2000
+    with pytest.raises(RequestError, match=rf"tokens, over the limit of {limit} .*shorten the prompt"):
+        create_patch(model, tok, EditRequest(long, "The Eiffel Tower", "Rome"), stats_data=str(text_file))
+    model.config.max_position_embeddings = 64  # a short context lowers the limit
+    assert prompt_token_limit(model) < 64
+
+
 def test_layer_out_of_range(text_file):
     model, tok = make_model("llama", init_range=INIT), edit_tokenizer("llama")
     with pytest.raises(ArchitectureError, match=r"layer 9 is out of range; this model has layers 0..3"):

@@ -196,7 +196,7 @@ def test_keys_round_trip_and_older_files_load(text_file, tmp_path):
     p = ed.patch([REQ])
     back = load_patch(p.save(tmp_path / "k.safetensors"))
     assert back.id == p.id and torch.equal(back.deltas[0].key, p.deltas[0].key)
-    assert back.format_version == "1.2" and back.summary()["edits"][0]["key"] is True
+    assert back.format_version == "1.3" and back.summary()["edits"][0]["key"] is True
     keyless = new_patch([dataclasses.replace(p.deltas[0], key=None)], base=p.base, parameters=p.parameters)
     keyless.format_version = "1.1"
     older = load_patch(keyless.save(tmp_path / "old.safetensors"))

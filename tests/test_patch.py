@@ -150,19 +150,23 @@ def test_newer_major_version_refused(tmp_path, patch):
     meta["format_version"] = "2.0"
     _rewrite(path, meta=meta)
     with pytest.raises(
-        PatchVersionError, match=r"format 2.0, newer than this rompatch reads \(1.2\); upgrade rompatch"
+        PatchVersionError, match=r"format 2.0, newer than this rompatch reads \(1.3\); upgrade rompatch"
     ):
         load_patch(path)
 
 
 def test_newer_minor_version_accepted(tmp_path, patch):
+    """A newer minor is read; top-level keys this version does not know are not content (dropped),
+    annotations under 'x-' are kept."""
     path = save_patch(patch, tmp_path / "p.safetensors")
     meta, _ = _raw(path)
     meta["format_version"] = "1.7"
-    meta["some_future_key"] = "kept"
+    meta["some_future_key"] = "dropped"
+    meta["x-some-note"] = "kept"
     _rewrite(path, meta=meta)
     p = load_patch(path)
-    assert p.id == patch.id and p.extra["some_future_key"] == "kept"
+    assert p.id == patch.id and p.format_version == "1.7"
+    assert "some_future_key" not in p.extra and p.extra["x-some-note"] == "kept"
 
 
 def test_tampered_tensor_detected(tmp_path, patch):
@@ -343,4 +347,239 @@ def test_format_1_0_files_load_keep_their_id_and_version(tmp_path):
 
 def test_new_patches_are_written_in_the_current_minor_version(tmp_path, patch):
     meta, _ = _raw(save_patch(patch, tmp_path / "p.safetensors"))
-    assert meta["format_version"] == "1.2"
+    assert meta["format_version"] == "1.3"
+
+
+# --------------------------------------------------------------------- hardening (issue 17)
+
+REAL = Path(__file__).resolve().parent.parent / "patches" / "eiffel-tower-rome.safetensors"
+
+
+def _one_line_error(path, match):
+    with pytest.raises(PatchFormatError, match=match) as ei:
+        load_patch(path)
+    assert "\n" not in str(ei.value)
+    return str(ei.value)
+
+
+def _replace(path, key, old, new, out=None):
+    """The file with ``old`` replaced by ``new`` (once) in the text of metadata ``key`` (id kept)."""
+    meta, _ = _raw(path)
+    assert old in meta[key], f"{old!r} not in metadata {key!r}"
+    meta[key] = meta[key].replace(old, new, 1)
+    return _rewrite(path, meta=meta, out=out)
+
+
+def _edit(path, key, fn, out=None):
+    """The file with metadata ``key`` (JSON) changed by ``fn`` on its parsed value (id kept)."""
+    meta, _ = _raw(path)
+    value = json.loads(meta[key])
+    value = fn(value) or value
+    meta[key] = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _rewrite(path, meta=meta, out=out)
+
+
+@pytest.mark.parametrize(
+    "key, old, new, why",
+    [
+        ("deltas", "2e-06", "2e906", "holds a number out of range"),  # one corrupted byte
+        ("deltas", '"p_true_after":2e-06', '"p_true_after":NaN', "holds NaN or Infinity"),
+        ("deltas", '"p_true_after":2e-06', '"p_true_after":Infinity', "holds NaN or Infinity"),
+        ("deltas", '"p_true_after":2e-06', '"p_true_after":-Infinity', "holds NaN or Infinity"),
+        ("deltas", '"kind":"rome","layer":4', '"kind":"rome","layer":1e999', "holds a number out of range"),
+        (
+            "deltas",
+            '"kind":"rome","layer":4',
+            '"kind":"rome","layer":' + "1" * 400,
+            "holds an integer of more than 20 digits",
+        ),
+        (
+            "deltas",
+            '"kind":"rome","layer":4',
+            '"kind":"rome","layer":' + "1" * 40,
+            "holds an integer of more than 20 digits",
+        ),
+        ("parameters", "[576,1536]", "[1e999,1536]", "holds a number out of range"),
+        ("parameters", "[576,1536]", "[" + "9" * 40 + ",1536]", "holds an integer of more than 20 digits"),
+    ],
+)
+def test_corrupt_numbers_in_metadata_are_one_line_errors(tmp_path, key, old, new, why):
+    """json.loads takes NaN, Infinity and 1e999 (inf); the canonical JSON of the hash then raised
+    ValueError, and int(inf) OverflowError: now one line naming the key."""
+    path = _replace(REAL, key, old, new, out=tmp_path / "bad.safetensors")
+    _one_line_error(path, rf"metadata key '{key}' {why}.*the file is corrupt")
+
+
+def test_deep_nesting_is_refused_without_recursion_error(tmp_path, patch):
+    path = save_patch(patch, tmp_path / "p.safetensors")
+    meta, _ = _raw(path)
+    meta["lineage"] = "[" * 3000 + "]" * 3000
+    _rewrite(path, meta=meta)
+    _one_line_error(path, r"metadata key 'lineage' is nested deeper than 64 levels")
+    meta["lineage"] = "[" * 65 + "]" * 65
+    _rewrite(path, meta=meta)
+    _one_line_error(path, r"metadata key 'lineage' is nested deeper than 64 levels")
+
+
+@pytest.mark.parametrize(
+    "key, old, new",
+    [
+        ("deltas", '"subject":"The Eiffel Tower"', '"subject":"The \\ud800 Tower"'),
+        ("deltas", '"kind":"rome"', '"kind":"\\udc00"'),
+        ("base", '"model":"smollm2-135m"', '"model":"\\ud800"'),
+        ("parameters", '"dtype":"float32"', '"dtype":"\\ud800"'),
+    ],
+)
+def test_unpaired_surrogates_are_refused(tmp_path, key, old, new):
+    """A lone surrogate escape is valid JSON but not UTF-8: encoding it for the hash raised."""
+    path = _replace(REAL, key, old, new, out=tmp_path / "bad.safetensors")
+    _one_line_error(path, rf"metadata key '{key}' holds an unpaired surrogate")
+
+
+def test_escaped_surrogate_pairs_are_fine(tmp_path, model):
+    p = vector_patch(model, subject="Emoji 😀")
+    path = save_patch(p, tmp_path / "p.safetensors")
+    path = _replace(path, "deltas", "😀", "\\ud83d\\ude00")  # the same text, escaped as a pair
+    assert load_patch(path).id == p.id
+
+
+def _set_delta(field, value):
+    def fn(deltas):
+        deltas[0][field] = value
+
+    return fn
+
+
+def _set_request(field, value):
+    def fn(deltas):
+        deltas[0]["request"][field] = value
+
+    return fn
+
+
+def _set_param(field, value):
+    def fn(params):
+        next(iter(params.values()))[field] = value
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    "key, fn, why",
+    [
+        ("deltas", _set_delta("layer", "1"), r"delta 0 'layer' must be an integer from 0 to 65535"),
+        ("deltas", _set_delta("layer", True), r"delta 0 'layer' must be an integer from 0 to 65535"),
+        ("deltas", _set_delta("layer", 70000), r"delta 0 'layer' must be an integer from 0 to 65535"),
+        ("deltas", _set_delta("layer", -1), r"delta 0 'layer' must be an integer from 0 to 65535"),
+        ("deltas", _set_delta("kind", 7), r"delta 0 'kind' must be a non-empty string"),
+        ("deltas", _set_delta("parameter", 7), r"delta 0 'parameter' must be a string"),
+        ("deltas", _set_delta("request", "x"), r"delta 0 'request' must be an object or null"),
+        ("deltas", _set_request("subject", 5), r"delta 0 request 'subject' must be a string"),
+        ("deltas", _set_request("target_true", 5), r"delta 0 request 'target_true' must be a string"),
+        ("deltas", _set_request("colour", "red"), r"delta 0 request has unknown field 'colour'"),
+        ("deltas", _set_request("prompt", "no slot"), r"delta 0 request is invalid \(prompt 'no slot'"),
+        ("deltas", _set_delta("hparams", [1]), r"delta 0 'hparams' must be an object"),
+        ("deltas", _set_delta("metrics", "x"), r"delta 0 'metrics' must be an object"),
+        ("deltas", _set_delta("stats", None), r"delta 0 'stats' must be an object"),
+        ("deltas", _set_delta("metrics", {"p_new_after": "high"}), r"delta 0 metric 'p_new_after' must be"),
+        ("deltas", _set_delta("metrics", {"neighbours": "Bob"}), r"delta 0 metric 'neighbours' must be"),
+        ("deltas", _set_delta("timings", {"edit_seconds": "slow"}), r"delta 0 timing 'edit_seconds' must be"),
+        ("deltas", _set_delta("key", 1), r"delta 0 'key' must be true when present"),
+        ("deltas", lambda d: d.__setitem__(0, 5), r"delta 0 must be an object"),
+        ("parameters", _set_param("shape", [64.0, 96]), r"'shape' must be two integers from 1 to"),
+        ("parameters", _set_param("shape", [64, 96, 1]), r"'shape' must be two integers from 1 to"),
+        ("parameters", _set_param("shape", [0, 96]), r"'shape' must be two integers from 1 to"),
+        ("parameters", _set_param("shape", [2**40, 96]), r"'shape' must be two integers from 1 to"),
+        ("parameters", _set_param("dtype", "float99"), r"'dtype' must be one of"),
+        ("parameters", _set_param("sha256", "Z" * 64), r"'sha256' must be 64 lowercase hex"),
+        ("parameters", lambda p: {k: 5 for k in p}, r"parameter '.*' must be an object"),
+        (
+            "base",
+            lambda b: b.__setitem__("revision", 5),
+            r"metadata 'base' field 'revision' must be a string",
+        ),
+        ("base", lambda b: b.__setitem__("dtype", ["x"]), r"metadata 'base' field 'dtype' must be a string"),
+        ("lineage", lambda x: ["abc"], r"metadata 'lineage' must be a list of patch ids"),
+    ],
+)
+def test_field_types_are_checked(tmp_path, patch, key, fn, why):
+    path = save_patch(patch, tmp_path / "p.safetensors")
+    _edit(path, key, fn)
+    _one_line_error(path, why)
+
+
+def test_patch_id_must_be_hex(tmp_path, patch):
+    path = save_patch(patch, tmp_path / "p.safetensors")
+    meta, _ = _raw(path)
+    meta["patch_id"] = "not-an-id"
+    _rewrite(path, meta=meta)
+    _one_line_error(path, r"metadata 'patch_id' must be 64 lowercase hex characters")
+
+
+def test_metadata_size_limit(tmp_path, patch):
+    """A real patch's metadata is a few KB (2.4 KB per ROME delta); 32 MiB is the limit."""
+    from rompatch.patch import MAX_METADATA_BYTES, from_safetensors
+
+    assert MAX_METADATA_BYTES == 32 << 20
+    path = save_patch(patch, tmp_path / "p.safetensors")
+    meta, tensors = _raw(path)
+    meta["x-blob"] = "a" * MAX_METADATA_BYTES
+    _rewrite(path, meta=meta)
+    _one_line_error(path, r"header of \d+ bytes is larger than the 32 MiB a patch may have")
+    with pytest.raises(PatchFormatError, match=r"metadata of \d+ bytes is larger than the 32 MiB limit"):
+        from_safetensors(meta, tensors)
+
+
+def test_unknown_metadata_keys_are_dropped_and_x_keys_kept(tmp_path, patch):
+    """Keys outside the format are not content: a reader drops them (they never reach records or
+    re-saved files); annotations of other tools go under 'x-' and are kept, outside the hash."""
+    path = save_patch(patch, tmp_path / "p.safetensors")
+    meta, _ = _raw(path)
+    meta["some_future_key"] = "dropped"
+    meta["x-reviewed-by"] = "alice"
+    _rewrite(path, meta=meta)
+    p = load_patch(path)
+    assert p.id == patch.id and "some_future_key" not in p.extra and p.extra["x-reviewed-by"] == "alice"
+    meta2, _ = _raw(save_patch(p, tmp_path / "again.safetensors"))
+    assert meta2["x-reviewed-by"] == "alice" and "some_future_key" not in meta2
+
+
+def test_unknown_extra_keys_are_refused_when_saving(tmp_path, patch):
+    patch.extra["reviewer"] = "alice"
+    with pytest.raises(PatchFormatError, match=r"metadata key 'reviewer' is not part of the format.*'x-'"):
+        save_patch(patch, tmp_path / "p.safetensors")
+
+
+@pytest.mark.parametrize("key", ["stacked_from", "merged_from", "extracted_from"])
+def test_provenance_is_in_the_id_from_format_1_3(patch, key):
+    value = {
+        "stacked_from": [{"deltas": [0, 2], "id": "a" * 64}],
+        "merged_from": {"condition": {}, "inputs": [{"deltas": [0, 2], "id": "b" * 64}]},
+        "extracted_from": {"base": "a", "edited": "b", "tensors": {}},
+    }[key]
+    plain = patch.id
+    patch.extra[key] = json.dumps(value)
+    assert patch.format_version == "1.3" and patch.id != plain
+    with_it = patch.id
+    patch.extra[key] = json.dumps(value, indent=2)  # the id is of the JSON value, not its spelling
+    assert patch.id == with_it
+    patch.format_version = "1.2"  # as written by 1.2, the key was outside the id
+    assert patch.id == plain
+
+
+def test_tampered_provenance_is_detected(tmp_path, patch):
+    patch.extra["extracted_from"] = json.dumps({"base": "a", "edited": "b", "tensors": {}})
+    path = save_patch(patch, tmp_path / "p.safetensors")
+    _replace(path, "extracted_from", '"edited": "b"', '"edited": "c"')
+    _one_line_error(path, r"does not match the recorded patch_id")
+
+
+def test_malformed_audit_is_dropped_on_load(tmp_path, patch, caplog):
+    """An audit is an annotation outside the id: a corrupt one is dropped (with a warning), not fatal."""
+    path = save_patch(patch, tmp_path / "p.safetensors")
+    meta, _ = _raw(path)
+    meta["audit"] = '{"patch_id": NaN'
+    _rewrite(path, meta=meta)
+    p = load_patch(path)
+    assert p.audit() is None and p.summary()["audit"] is None
+    assert "audit" in caplog.text and "dropped" in caplog.text

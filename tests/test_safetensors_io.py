@@ -66,3 +66,57 @@ def test_writer_writes_in_any_order_and_safetensors_reads_it(tmp_path):
     back = load_file(tmp_path / "u.st")
     assert torch.equal(back["a"], a) and torch.equal(back["b"], b)
     assert read_metadata(tmp_path / "u.st") == {"format": "x"}
+
+
+# ---------------------------------------------------------- a strict header reader (issue 17)
+
+_T = '"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}'
+
+
+@pytest.mark.parametrize(
+    "header, why",
+    [
+        ('{"t":{"dtype":"F32","shape":[2],"data_offsets":[0,1e999]}}', "holds a number out of range"),
+        ('{"t":{"dtype":"F32","shape":[2],"data_offsets":[0.0,8.0]}}', "data_offsets must be two integers"),
+        ('{"t":{"dtype":"F32","shape":[2],"data_offsets":[true,9]}}', "data_offsets must be two integers"),
+        ('{"t":{"dtype":"F32","shape":[2],"data_offsets":[-8,0]}}', "data_offsets must be two integers"),
+        ('{"t":{"dtype":"Q7","shape":[2],"data_offsets":[0,8]}}', "unknown dtype 'Q7'"),
+        ('{"t":{"dtype":7,"shape":[2],"data_offsets":[0,8]}}', "unknown dtype 7"),
+        ('{"t":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}}', "shape must be a list of integers"),
+        ('{"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":NaN}}', "holds NaN or Infinity"),
+        ('{"t":5}', "tensor 't' must be an object"),
+        (
+            '{"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"u":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}',
+            "overlap",
+        ),
+        ('{"__metadata__":{"k":5},' + _T + "}", "__metadata__ must map strings to strings"),
+        ('{"\\ud800":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', "unpaired surrogate"),
+        ('{"__metadata__":' + "[" * 3000 + "]" * 3000 + "," + _T + "}", "nested deeper than 64 levels"),
+        ('{"a":' + "1" * 50 + "," + _T + "}", "more than 20 digits"),
+    ],
+)
+def test_bad_headers_are_one_line_checkpoint_errors(tmp_path, header, why):
+    """Each of these gave a traceback (OverflowError, RecursionError) or was accepted."""
+    data = frame_header(header.encode()) + bytes(16)
+    (tmp_path / "f").write_bytes(data)
+    with pytest.raises(CheckpointError, match=why) as ei:
+        read_header(tmp_path / "f")
+    assert "\n" not in str(ei.value) and "not a valid safetensors file" in str(ei.value)
+    assert read_metadata(tmp_path / "f") is None
+
+
+def test_header_size_limit(tmp_path):
+    from rompatch.safetensors_io import HEADER_MAX
+
+    with open(tmp_path / "f", "wb") as f:
+        f.write(struct.pack("<Q", HEADER_MAX + 1) + b"{")
+        f.truncate(HEADER_MAX + 64)  # sparse: the length fits in the file, not in the limit
+    with pytest.raises(CheckpointError, match=r"header length \d+ is more than the 100,000,000 bytes"):
+        read_header(tmp_path / "f")
+    assert read_metadata(tmp_path / "f") is None
+
+
+def test_headers_are_utf8(tmp_path):
+    (tmp_path / "f").write_bytes(frame_header('{"é":1}'.encode("utf-16")))
+    with pytest.raises(CheckpointError, match="not UTF-8"):
+        read_header(tmp_path / "f")

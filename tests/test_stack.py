@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from rompatch.errors import (
     ConflictError,
     LineageError,
     NotAppliedError,
+    PatchFormatError,
 )
 from rompatch.fingerprint import tensor_sha256
 from rompatch.patch import load_patch, save_patch
@@ -136,3 +139,90 @@ def test_stack_conflicts():
     r2 = with_request(b, 0, relation_id="P131", prompt="{} can be found in")
     with pytest.raises(ConflictError):
         stack_patches([r1, r2])
+
+
+# ------------------------------------------------- stacked_from is content from format 1.3 (issue 17)
+
+
+def _forge_stacked_from(path, components):
+    """Rewrite ``stacked_from`` of a saved stack in place, keeping everything else (the recorded id too)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    meta["stacked_from"] = json.dumps(components, separators=(",", ":"))
+    save_file(tensors, str(path), metadata=meta)
+    return meta
+
+
+def _parts(tmp_path):
+    model, base = make_ckpt(tmp_path)
+    a = vector_patch(model, layer=1, seed=1, subject="A", scale=0.05)
+    b = vector_patch(model, layer=1, seed=2, subject="B", scale=0.05)
+    other = vector_patch(model, layer=2, seed=3, subject="C", scale=0.05)
+    return base, a, b, other
+
+
+def test_forged_stacked_from_changes_the_id(tmp_path):
+    """A forged stacked_from made a later apply of another patch refuse ("already applied ... as part
+    of stacked patch") while the id stayed the same: from format 1.3 it is inside the id."""
+    base, a, b, other = _parts(tmp_path)
+    s = stack_patches([a, b])
+    path = save_patch(s, tmp_path / "s.safetensors")
+    comps = [
+        {"id": a.id, "deltas": [0, 1]},
+        {"id": b.id, "deltas": [1, 2]},
+        {"id": other.id, "deltas": [1, 2]},
+    ]
+    _forge_stacked_from(path, comps)
+    with pytest.raises(PatchFormatError, match="does not match the recorded patch_id .* modified"):
+        load_patch(path)
+    assert s.format_version == "1.3"
+
+
+def test_malformed_stacked_from_is_refused_on_load(tmp_path):
+    base, a, b, other = _parts(tmp_path)
+    path = save_patch(stack_patches([a, b]), tmp_path / "s.safetensors")
+    for bad, why in [
+        ([{"id": a.id, "deltas": [0, 9]}], r"delta range \[0, 9\] .* 2 deltas"),
+        ([{"id": "abc", "deltas": [0, 1]}], r"ids of 64 lowercase hex"),
+        ({"id": a.id}, r"must be a list of \{id, deltas\}"),
+        ([{"id": a.id, "deltas": [1.0, 2]}], r"delta range"),
+    ]:
+        _forge_stacked_from(path, bad)
+        with pytest.raises(PatchFormatError, match=rf"metadata 'stacked_from' .*{why}"):
+            load_patch(path)
+
+
+def test_pre_1_3_stack_keeps_its_id_but_its_stacked_from_decides_nothing(tmp_path):
+    """A stack written before 1.3 loads with its id; its stacked_from is outside that id, so it is not
+    trusted for lineage: a forged one no longer blocks applying another patch."""
+    base, a, b, other = _parts(tmp_path)
+    s = stack_patches([a, b])
+    s.format_version = "1.2"  # as rompatch 1.2 wrote it: stacked_from outside the id
+    path = save_patch(s, tmp_path / "s.safetensors")
+    old = load_patch(path)
+    assert old.format_version == "1.2" and old.id == s.id
+    comps = [{"id": a.id, "deltas": [0, 1]}, {"id": other.id, "deltas": [1, 2]}]
+    _forge_stacked_from(path, comps)
+    forged = load_patch(path)
+    assert forged.id == s.id  # the id cannot see it: a pre-1.3 stacked_from is unauthenticated
+    apply_to_checkpoint(base, [forged], tmp_path / "s")
+    apply_to_checkpoint(tmp_path / "s", [other], tmp_path / "s-other")  # not "already applied"
+    # recorded (kept, shown, and merge still refuses a plain stack) but not trusted for lineage
+    assert [c for c, _ in stacked_components(old)] == [a.id, b.id]
+    assert stacked_components(old, verified_only=True) == []
+    # re-saved, it keeps its version, bytes and id
+    assert load_patch(save_patch(forged, tmp_path / "again.safetensors")).id == s.id
+
+
+def test_a_stack_of_one_patch_is_that_patch(tmp_path):
+    base, a, b, other = _parts(tmp_path)
+    assert stack_patches([a]).id == a.id
+    s = stack_patches([a, b])
+    assert stack_patches([s]).id == s.id
+    old = stack_patches([a, b])
+    old.format_version = "1.2"  # its stacked_from is not trusted, so restacking it alone drops it
+    again = stack_patches([old])
+    assert again.id == old.id and "stacked_from" not in again.extra

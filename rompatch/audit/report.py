@@ -167,10 +167,10 @@ class AuditReport:
                 tokens=int(d["tokens"]),
                 firing=list(d["firing"]),
                 probes=list(d["probes"]),
-                ppl_before=float(d["summary"]["ppl_before"]),
-                ppl_after=float(d["summary"]["ppl_after"]),
+                ppl_before=_number(d["summary"]["ppl_before"], math.nan),
+                ppl_after=_number(d["summary"]["ppl_after"], math.nan),
                 ppl_tokens=int(d["ppl_tokens"]),
-                thresholds=Thresholds(**d["thresholds"]),
+                thresholds=Thresholds(**{k: _number(v, math.inf) for k, v in d["thresholds"].items()}),
                 notes=list(d.get("notes", [])),
                 keys=dict(d.get("keys", {})),
                 candidates=dict(d.get("candidates", {})),
@@ -180,6 +180,23 @@ class AuditReport:
             raise AuditError(
                 f"saved audit is incomplete or malformed ({type(e).__name__}: {e}); run the audit again"
             ) from None
+
+
+def _number(x: Any, missing: float) -> float:
+    """A number read back from a saved audit: null stands for ``missing`` (NaN for a measurement that
+    could not be made, infinity for a threshold without a limit)."""
+    return missing if x is None else float(x)
+
+
+def _finite(x: Any) -> Any:
+    """``x`` with every NaN or infinite float replaced by null: patch metadata is strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 def _frac(xs: list[bool]) -> float | None:
@@ -196,7 +213,7 @@ def attach_audit(patch: Patch, report: AuditReport) -> Patch:
             f"the audit is of patch {report.patch_id[:12]}, not of {patch.short_id}; audit this patch"
         )
     patch.extra[AUDIT_KEY] = json.dumps(
-        report.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        _finite(report.to_dict()), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     )
     return patch
 

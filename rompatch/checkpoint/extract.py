@@ -30,15 +30,13 @@ import torch
 
 from ..arch import ModelSpec, get_spec
 from ..errors import BaseMismatchError, CheckpointError
-from ..patch import ParamInfo, Patch, RankOneDelta, new_patch
+from ..patch import EXTRACTED_FROM, ParamInfo, Patch, RankOneDelta, new_patch
 from ..safetensors_io import sha256_bytes, to_tensor
 from ..stack import base_differences
 from .diff import RANK_CAP, UNIT_ROUNDOFF, rank_tolerance, svd_top
 from .reader import Checkpoint, open_checkpoint
 
 log = logging.getLogger(__name__)
-
-EXTRACTED_FROM = "extracted_from"
 
 
 def _num_layers(config: dict[str, Any]) -> int | None:

@@ -1,11 +1,11 @@
 """Patches on checkpoints on disk: apply, revert and log without loading the model.
 
 ``apply`` and ``revert`` check everything first (shapes, lineage, base fingerprints), then write the
-output folder through a staging folder renamed into place (:func:`rompatch.atomic.staged_output`):
-everything is written into ``.<name>.rompatch-tmp.<pid>.<rand>`` next to the output, and replacing
-an existing folder swaps the two atomically (``renameat2(RENAME_EXCHANGE)`` on Linux, two renames
-elsewhere). A crash leaves the previous state (and at worst a staging folder, removed by the next
-run once its process is gone).
+output folder through a staging folder renamed into place (:func:`rompatch.checkpoint.writer.staged_output`):
+everything is written and fsynced in ``.<name>.rompatch-tmp.<owner>.<rand>`` next to the output, and
+replacing an existing folder swaps the two atomically (``renameat2(RENAME_EXCHANGE)`` on Linux, two
+renames elsewhere). A crash leaves the previous state; what it leaves behind names its owner (host,
+pid, start time) and is removed by the next run on that output (:func:`rompatch.atomic.clean_stale`).
 
 - :mod:`.reader` opens a folder (or a Hub id) and reads tensors by byte range;
 - :mod:`.writer` writes the output folder (rewritten shards, hard links, copies);
@@ -26,12 +26,14 @@ from typing import Any
 
 import torch
 
+from ..atomic import clean_stale
 from ..errors import BaseMismatchError, CheckpointError, LineageError, NotAppliedError, PatchFormatError
 from ..fingerprint import tensor_sha256
 from ..models import embedded_alias
 from ..numerics import apply_deltas, factors_on, remove_deltas, whole
 from ..patch import Patch
 from ..refs import PatchesLike, PatchLike, find_applied, flatten_patches, resolve_patch
+from ..signing import TrustedKeys, require_signed
 from .reader import Checkpoint, open_checkpoint
 from .record import AppliedEntry, Record, provided_ids
 from .rewrite import StackWrite, fingerprint_mismatch
@@ -121,6 +123,7 @@ def apply_to_checkpoint(
     force: bool = False,
     link: bool = True,
     revision: str | None = None,
+    require_signature: TrustedKeys | None = None,
 ) -> CheckpointResult:
     """Apply ``patches`` in order to the checkpoint ``base``, writing folder ``out``.
 
@@ -134,10 +137,18 @@ def apply_to_checkpoint(
     fingerprint, and a patch's lineage must already be applied (``base`` may itself be a
     rompatch-written checkpoint: the chain continues); ``force=True`` applies anyway and records that
     it did. Nothing is written until every check has passed, and ``out`` appears in one rename.
+
+    ``require_signature``: trusted public keys (key files or ``PublicKey`` objects, see
+    ``rompatch.signing.trusted_keys``); every patch must carry a good signature by one of them
+    (``rompatch.signing.require_signed``, checked before the checkpoint is opened; ``force`` does not
+    override it), else a ``SignatureError``.
     """
     resolved = [_resolve(p) for p in flatten_patches(patches)]
     if not resolved:
         raise PatchFormatError("no patches given; pass at least one patch file")
+    if require_signature is not None:
+        require_signed([p for p, _ in resolved], require_signature)
+    clean_stale(out)  # a killed run's leftovers (and an OUT it had moved aside) first
     ckpt = open_checkpoint(base, revision=revision)
     rec = _state(ckpt)
     changed = sorted({n for p, _ in resolved for n in p.parameters})
@@ -282,6 +293,7 @@ def revert_checkpoint(
     never modified in place, so hard links into other folders are safe).
     """
     _check_revert_output(checkpoint, out, in_place)
+    clean_stale(checkpoint if in_place else out)  # a killed run's leftovers first
     refs = flatten_patches(patches)
     ckpt = open_checkpoint(checkpoint)
     if in_place:

@@ -9,6 +9,7 @@ ranges of the tensors it needs.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +25,8 @@ from ..safetensors_io import TensorEntry, read_header, read_range, sha256_bytes,
 from .record import Record, read_record, undo_key
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+log = logging.getLogger(__name__)
+
 HUB_FILE_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "tokenizer*", "*.py"]
 
 
@@ -64,7 +67,7 @@ class Checkpoint:
         if (self.path / SAFE_WEIGHTS).is_file():
             self.files = [SAFE_WEIGHTS]
             return None
-        _refuse_non_safetensors(self.path)
+        refuse_pickle_only(self.path)
         raise CheckpointError(
             f"{self.path}: no {SAFE_WEIGHTS} or {SAFE_INDEX}; pass a Hugging Face model folder saved with "
             "safetensors (save_pretrained)"
@@ -81,11 +84,7 @@ class Checkpoint:
                 "re-save the checkpoint"
             )
         p = Path(rel)
-        snapshots = self.path.parent
-        hf_cache = snapshots.name == "snapshots" and snapshots.parent.name.startswith(
-            ("models--", "datasets--")
-        )
-        root = (snapshots.parent if hf_cache else self.path).resolve()
+        root = link_root(self.path)
         inside = (
             not p.is_absolute() and ".." not in p.parts and (self.path / p).resolve().is_relative_to(root)
         )
@@ -208,7 +207,62 @@ class Checkpoint:
         return [name for name, t in rec.tensors.items() if self.sha256(name) != t.sha256]
 
 
-def _refuse_non_safetensors(path: Path) -> None:
+def link_root(folder: Path) -> Path:
+    """Where symbolic links in checkpoint ``folder`` may point: inside the folder itself, or, for a
+    snapshot in the Hugging Face cache (``models--*/snapshots/REV``, whose files link to the
+    repository's ``blobs/``), inside the repository's cache folder. Resolved."""
+    snapshots = folder.parent
+    hf_cache = snapshots.name == "snapshots" and snapshots.parent.name.startswith(("models--", "datasets--"))
+    return (snapshots.parent if hf_cache else folder).resolve()
+
+
+def folder_files(root: Path) -> list[str]:
+    """The files of checkpoint folder ``root`` (relative paths, sorted; hidden files and folders such
+    as .git or .cache skipped), every symbolic link checked first: a link out of the folder
+    (``link_root``), a broken link and a link to a folder containing it are refused with a
+    ``CheckpointError``; links inside are followed, so their targets are carried as files."""
+    limit = link_root(root)
+    out: list[str] = []
+
+    def visit(rel_dir: str, ancestors: tuple[Path, ...]) -> None:
+        with os.scandir(root / rel_dir) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            rel = os.path.join(rel_dir, e.name) if rel_dir else e.name
+            real = Path(e.path).resolve()
+            if e.is_symlink():
+                if not real.exists():
+                    raise CheckpointError(
+                        f"{e.path} is a broken symbolic link (to {os.readlink(e.path)}); remove it or restore its "
+                        "target, then run again"
+                    )
+                if not real.is_relative_to(limit):
+                    raise CheckpointError(
+                        f"{e.path} is a symbolic link to {real}, outside the checkpoint folder; rompatch does not "
+                        "follow links out of a checkpoint: copy the file into the folder or remove the link"
+                    )
+                if real.is_dir() and any(a == real or a.is_relative_to(real) for a in ancestors):
+                    raise CheckpointError(
+                        f"{e.path} is a symbolic link to a folder that contains it ({real}); remove the link"
+                    )
+            if real.is_dir():
+                visit(rel, (*ancestors, real))
+            elif real.is_file():
+                out.append(rel)
+            else:
+                log.warning("skipping %s: not a regular file or folder", e.path)
+
+    visit("", (root.resolve(),))
+    return out
+
+
+def refuse_pickle_only(path: Path) -> None:
+    """A folder whose weights are pickle files only (no safetensors) is refused, with the one-line
+    conversion to do once: rompatch never unpickles."""
+    if any(path.glob("*.safetensors")) or (path / SAFE_INDEX).is_file():
+        return
     pickles = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
     if pickles:
         raise CheckpointError(

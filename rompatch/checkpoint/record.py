@@ -9,6 +9,7 @@ original bytes of every touched tensor (``base.<param>``) and the applied patche
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,23 @@ import torch
 from .._version import __version__
 from ..constants import CHECKPOINT_RECORD, CHECKPOINT_UNDO
 from ..errors import CheckpointError, PatchFormatError
-from ..patch import Patch, from_safetensors, to_metadata
-from ..safetensors_io import TensorEntry, read_header, read_range, to_tensor
+from ..patch import ANNOTATION_PREFIX, Patch, extra_json, from_safetensors, to_metadata
+from ..safetensors_io import (
+    StrictJSONError,
+    TensorEntry,
+    brief,
+    read_header,
+    read_range,
+    strict_json,
+    to_tensor,
+)
 from ..stack import stacked_components
 
 RECORD_FORMAT = "rompatch-checkpoint"
 RECORD_VERSION = "1.0"
 UNDO_FORMAT = "rompatch-undo"
+RECORD_MAX_BYTES = 256 << 20  # a larger rompatch.json is refused unread (a real one is KBs per patch)
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -46,7 +57,10 @@ class AppliedEntry:
             "applied_at": self.applied_at,
             "source": self.source,
             "fingerprints": self.fingerprints,
-            "patch": to_metadata(self.patch),
+            # what rebuilds the patch and its provenance; not other tools' "x-" annotations
+            "patch": {
+                k: v for k, v in to_metadata(self.patch).items() if not k.startswith(ANNOTATION_PREFIX)
+            },
         }
 
 
@@ -110,9 +124,10 @@ class Record:
 
 def provided_ids(patch: Patch) -> dict[str, range]:
     """Patch ids an applied ``patch`` satisfies as lineage: itself, and each patch stacked into it
-    (with the range of its deltas). See :func:`rompatch.stack.stack_patches`."""
+    (with the range of its deltas) when its id covers that list (format 1.3 on). See
+    :func:`rompatch.stack.stack_patches`."""
     out = {patch.id: range(len(patch.deltas))}
-    for comp_id, rng in stacked_components(patch):
+    for comp_id, rng in stacked_components(patch, verified_only=True):
         out.setdefault(comp_id, rng)
     return out
 
@@ -129,7 +144,7 @@ def delta_key(patch_id: str, j: int, x: str) -> str:
 
 def read_record(folder: Path) -> Record | None:
     """The record of the checkpoint in ``folder``, or None when it has none; raises CheckpointError
-    when the record or its undo data is corrupt, truncated or from a newer rompatch."""
+    (one line) when the record or its undo data is corrupt, truncated or from a newer rompatch."""
     rpath = folder / CHECKPOINT_RECORD
     if not rpath.is_file():
         return None
@@ -142,30 +157,107 @@ def read_record(folder: Path) -> Record | None:
         base=dict(raw.get("base", {})),
         tensors=tensors,
         applied=applied,
-        undo_bytes=int(raw["undo"].get("bytes", 0)),
+        undo_bytes=raw["undo"]["bytes"],
     )
 
 
+class _Corrupt(ValueError):
+    """What is wrong with a record, in words for "not a valid rompatch record (...)"."""
+
+
+def _count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _strings(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(s, str) for s in x)
+
+
+def _string_map(x: Any) -> bool:
+    return isinstance(x, dict) and all(isinstance(v, str) for v in x.values())
+
+
+def _tracked(name: str, t: Any) -> TrackedTensor:
+    at = f"tensor {brief(name)}"
+    keys = ("key", "file", "dtype", "shape", "sha256_base", "sha256")
+    if not isinstance(t, dict) or any(k not in t for k in keys):
+        raise _Corrupt(f"{at} must be an object with {', '.join(keys)}")
+    for k in ("key", "file", "dtype"):
+        if not isinstance(t[k], str):
+            raise _Corrupt(f"{at} '{k}' must be a string")
+    if not isinstance(t["shape"], list) or not all(_count(s) for s in t["shape"]):
+        raise _Corrupt(f"{at} 'shape' must be a list of integers ≥ 0")
+    for k in ("sha256_base", "sha256"):
+        if not isinstance(t[k], str) or not (t[k] == "" or _HEX64.fullmatch(t[k])):
+            raise _Corrupt(f"{at} '{k}' must be 64 lowercase hex characters")
+    return TrackedTensor.from_json(t)
+
+
+def _check_applied(i: int, a: Any) -> None:
+    at = f"applied[{i}]"
+    if not isinstance(a, dict):
+        raise _Corrupt(f"{at} must be an object")
+    if not isinstance(a.get("patch_id"), str) or not _HEX64.fullmatch(a["patch_id"]):
+        raise _Corrupt(f"{at} 'patch_id' must be 64 lowercase hex characters")
+    if not _string_map(a.get("patch")):
+        raise _Corrupt(f"{at} 'patch' must map strings to strings (the patch's metadata)")
+    if not isinstance(a.get("forced", False), bool):
+        raise _Corrupt(f"{at} 'forced' must be true or false")
+    if not _strings(a.get("forced_reasons", [])):
+        raise _Corrupt(f"{at} 'forced_reasons' must be a list of strings")
+    for k in ("applied_at", "source"):
+        if a.get(k) is not None and not isinstance(a[k], str):
+            raise _Corrupt(f"{at} '{k}' must be a string or null")
+    prints = a.get("fingerprints", {})
+    if not isinstance(prints, dict) or not all(_string_map(v) for v in prints.values()):
+        raise _Corrupt(f"{at} 'fingerprints' must be an object of {{before, after}} sha256 strings")
+
+
 def _parse_record(rpath: Path) -> tuple[dict[str, Any], dict[str, TrackedTensor]]:
+    """The record's JSON, parsed strictly (``strict_json``) and with every field's type checked."""
     where = str(rpath)
+    size = rpath.stat().st_size
+    if size > RECORD_MAX_BYTES:
+        raise CheckpointError(
+            f"{where} is {size} bytes, more than the {RECORD_MAX_BYTES >> 20} MiB a record may have; it is "
+            "corrupt or not rompatch's: start again from the base checkpoint (rompatch apply BASE PATCHES -o OUT)"
+        )
     try:
-        raw = json.loads(rpath.read_text())
+        raw = strict_json(rpath.read_bytes())
+        if not isinstance(raw, dict):
+            raise _Corrupt("the record must be a JSON object")
         if raw.get("format") != RECORD_FORMAT:
-            raise ValueError(f"format is {raw.get('format')!r}, expected {RECORD_FORMAT!r}")
-        major = int(str(raw.get("format_version", "0")).split(".")[0])
-        if major > int(RECORD_VERSION.split(".")[0]):
+            raise _Corrupt(f"format is {brief(raw.get('format'))}, expected {RECORD_FORMAT!r}")
+        version = raw.get("format_version", "0")
+        if not isinstance(version, str) or not re.fullmatch(r"\d{1,6}(\.\d{1,6})?", version):
+            raise _Corrupt("'format_version' must be a string 'MAJOR.MINOR'")
+        if int(version.split(".")[0]) > int(RECORD_VERSION.split(".")[0]):
             raise CheckpointError(
-                f"{where} was written by a newer rompatch (record format {raw['format_version']}); upgrade "
-                "rompatch (pip install -U rompatch)"
+                f"{where} was written by a newer rompatch (record format {version}); upgrade rompatch "
+                "(pip install -U rompatch)"
             )
-        tensors = {k: TrackedTensor.from_json(t) for k, t in raw["tensors"].items()}
-        for key in ("undo", "applied"):
+        for key in ("undo", "applied", "tensors"):
             if key not in raw:
-                raise KeyError(key)
-    except CheckpointError:
-        raise
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{where}: not a valid rompatch record ({e}); the file is corrupt") from None
+                raise _Corrupt(f"'{key}' is missing")
+        if not isinstance(raw.get("base", {}), dict):
+            raise _Corrupt("'base' must be an object")
+        if not isinstance(raw["undo"], dict):
+            raise _Corrupt("'undo' must be an object with the undo data's file and bytes")
+        if not _count(raw["undo"].get("bytes")):
+            raise _Corrupt("'undo' bytes must be a non-negative integer")
+        if not isinstance(raw["tensors"], dict):
+            raise _Corrupt("'tensors' must be an object")
+        tensors = {k: _tracked(k, t) for k, t in raw["tensors"].items()}
+        if not isinstance(raw["applied"], list):
+            raise _Corrupt("'applied' must be a list")
+        for i, a in enumerate(raw["applied"]):
+            _check_applied(i, a)
+    except (StrictJSONError, _Corrupt) as e:
+        detail = f"it {e}" if isinstance(e, StrictJSONError) else str(e)
+        raise CheckpointError(
+            f"{where}: not a valid rompatch record ({detail}); the file is corrupt: start again from the base "
+            "checkpoint (rompatch apply BASE PATCHES -o OUT)"
+        ) from None
     return raw, tensors
 
 
@@ -176,7 +268,7 @@ def _check_undo_file(folder: Path, undo: dict[str, Any]) -> Path:
             f"{folder}: {CHECKPOINT_RECORD} is present but its undo data {CHECKPOINT_UNDO} is missing; the "
             "folder was copied incompletely"
         )
-    if upath.stat().st_size != int(undo.get("bytes", -1)):
+    if upath.stat().st_size != undo["bytes"]:
         raise CheckpointError(
             f"{upath}: size differs from the one in {CHECKPOINT_RECORD}; the undo data is truncated or from "
             "another checkpoint"
@@ -188,10 +280,13 @@ def _rebuild_applied(
     i: int, a: dict[str, Any], upath: Path, undo_entries: dict[str, TensorEntry], where: str
 ) -> AppliedEntry:
     """Applied entry ``i`` of the record, its patch rebuilt from the metadata and the undo data."""
+    pid, meta = a["patch_id"], a["patch"]
     try:
-        pid = a["patch_id"]
-        meta = a["patch"]
-        n = len(json.loads(meta["deltas"]))
+        deltas = extra_json(meta, "deltas", f"{where} applied[{i}]") if "deltas" in meta else None
+    except PatchFormatError as e:
+        raise CheckpointError(f"{e}; the record is corrupt") from None
+    n = len(deltas) if isinstance(deltas, list) else 0  # from_safetensors says what else is wrong
+    try:
         tensors: dict[str, torch.Tensor] = {}
         for j in range(n):
             for x in ("u", "v", "k"):
@@ -199,10 +294,10 @@ def _rebuild_applied(
                     continue  # a delta without a key (format 1.1, extracted)
                 e = undo_entries[delta_key(pid, j, x)]
                 tensors[f"deltas.{j}.{x}"] = to_tensor(read_range(upath, e.offset, e.nbytes), e)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, ValueError, RuntimeError) as e:
+        why = f"missing {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
         raise CheckpointError(
-            f"{where}: applied patch {i} cannot be rebuilt from {CHECKPOINT_UNDO} (missing {e}); the undo "
-            "data is corrupt"
+            f"{where}: applied patch {i} cannot be rebuilt from {CHECKPOINT_UNDO} ({why}); the undo data is corrupt"
         ) from None
     try:
         patch = from_safetensors(meta, tensors, where=f"{where} applied[{i}]")

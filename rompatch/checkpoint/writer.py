@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from ..atomic import copy_file, link_or_copy, staged_folder
+from ..atomic import clean_stale, copy_file, link_or_copy, staged_folder
 from ..constants import CHECKPOINT_RECORD, CHECKPOINT_UNDO
 from ..errors import CheckpointError
 from ..safetensors_io import TensorEntry, pwrite_all, tensor_bytes
-from .reader import PICKLE_SUFFIXES, Checkpoint
+from .reader import PICKLE_SUFFIXES, Checkpoint, folder_files
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ def staged_output(
     """A staging folder that becomes the output folder ``out`` (:func:`rompatch.atomic.staged_folder`)
     once the block succeeds; ``out`` is checked first (:func:`check_output`)."""
     out = Path(os.path.abspath(Path(out).expanduser()))
+    clean_stale(out)  # what killed runs left, even when this run is refused
     check_output(out, overwrite=overwrite, protect=protect)
 
     def may_replace(found: Path) -> None:  # again at the swap: what is there now may have appeared meanwhile
@@ -150,7 +151,7 @@ class FolderWriter:
             self.by_file.setdefault(e.file, []).append((e, param))
 
     def write(self) -> WriteStats:
-        for rel in walk(self.src.path):
+        for rel in folder_files(self.src.path):
             self.place(rel)
         return self.stats
 
@@ -198,14 +199,3 @@ def write_folder(
 ) -> WriteStats:
     """Fill ``dest`` with ``src``'s files, ``new_values`` giving new bytes (see :class:`FolderWriter`)."""
     return FolderWriter(src, dest, new_values, copier, link).write()
-
-
-def walk(root: Path) -> list[str]:
-    """Files under ``root`` (relative, sorted), skipping hidden files and folders (.git, .cache, ...)."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in sorted(filenames):
-            if not f.startswith("."):
-                out.append(os.path.relpath(os.path.join(dirpath, f), root))
-    return out

@@ -13,6 +13,7 @@ from ..checkpoint.extract import EXTRACTED_FROM, extract_patch
 from ..checkpoint.operations import CheckpointResult, apply_to_checkpoint, checkpoint_log, revert_checkpoint
 from ..merge import DEFAULT_MAX_CONDITION, merge_patches
 from ..patch import Patch, save_patch
+from ..signing import trusted_keys
 from ..stack import stack_patches
 from .common import echo_json, info, json_option, revision_option
 from .show import merge_lines
@@ -63,9 +64,18 @@ def _print_result(r: CheckpointResult, verb: str) -> None:
 @overwrite_option
 @click.option("--force", is_flag=True, help="Apply despite fingerprint or lineage mismatches (recorded).")
 @copy_option
+@click.option(
+    "--require-signature",
+    "require_signature",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    metavar="PUBKEY",
+    help="Refuse patches not signed by one of these trusted public keys (repeatable; see rompatch verify); "
+    "checked before anything is written, and --force does not override it.",
+)
 @revision_option
 @json_option
-def apply_cmd(base, patches, out, overwrite, force, copy_files, revision, as_json) -> None:
+def apply_cmd(base, patches, out, overwrite, force, copy_files, require_signature, revision, as_json) -> None:
     """Apply patches to checkpoint BASE and write the complete model folder OUT.
 
     PATCH files (or Hub patch references) are applied in the order given.
@@ -77,8 +87,16 @@ def apply_cmd(base, patches, out, overwrite, force, copy_files, revision, as_jso
     """
     if not out:
         raise click.UsageError("missing -o/--out OUT (the folder to write)")
+    trusted = trusted_keys(list(require_signature)) if require_signature else None  # key files first
     r = apply_to_checkpoint(
-        base, list(patches), out, overwrite=overwrite, force=force, link=not copy_files, revision=revision
+        base,
+        list(patches),
+        out,
+        overwrite=overwrite,
+        force=force,
+        link=not copy_files,
+        revision=revision,
+        require_signature=trusted,
     )
     echo_json(r.to_json()) if as_json else _print_result(r, "reverted")
 

@@ -19,7 +19,7 @@ from ..patch import Patch, new_patch, save_patch
 from ..placement import describe
 from ..refs import resolve_patch
 from ..request import EditRequest, load_requests
-from ..rome import ROMEHyperParams, validate_request
+from ..rome import ROMEHyperParams, prompt_token_limit, validate_request
 from ..stats import check_stats_data, get_second_moment
 from .common import (
     device_option,
@@ -206,7 +206,7 @@ def create(
     m, tok = load_model(model, device=device, dtype=dtype, **placement)
     note_placement(describe(m))
     for r in reqs:  # tokens: before the statistics, the heavy part
-        validate_request(tok, r)
+        validate_request(tok, r, max_tokens=prompt_token_limit(m))
     hp = ROMEHyperParams(
         layer=layer,
         seed=seed,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import sys
@@ -9,6 +10,7 @@ import traceback
 
 import click
 from click.utils import make_default_short_help
+from safetensors import SafetensorError
 
 from .._version import __version__
 from ..errors import RompatchError
@@ -43,12 +45,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "hub",
         "Write PATCH (several: a stack, in order) as an exactly equal PEFT LoRA adapter in -o DIR.",
     ),
+    "keygen": ("sign", "Make an ed25519 signing key: private KEYFILE (mode 0600) and public KEYFILE.pub."),
     "predict": ("predict", "Top next tokens and the greedy continuation of each --prompt."),
     "show": (
         "show",
         "Describe PATCH: base model, edits (subject, prompt, old → new), layer, sizes, id, lineage.",
     ),
+    "sign": ("sign", "Sign PATCH with the private key KEYFILE: who made it, on top of what it is."),
     "trace": ("trace", "Causal tracing: which layers and tokens carry a fact (ROME paper, §2.1)."),
+    "verify": (
+        "sign",
+        "Check that each PATCH is signed, unaltered, by one of the trusted public keys; print the signer.",
+    ),
 }
 
 
@@ -73,10 +81,33 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except RompatchError as e:
+        except (RompatchError, OSError, SafetensorError) as e:
             if ctx.obj and ctx.obj.get("verbose"):
                 traceback.print_exc()
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(_one_line(e)) from None
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _one_line(e: BaseException) -> str:
+    """A library error as it is; an error of the system (disk full, permission denied) as one line
+    naming it, the file and the fix. Every write rompatch makes is atomic, so nothing is half-written."""
+    if isinstance(e, RompatchError):
+        return str(e)
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    full = (isinstance(e, OSError) and e.errno in _FULL) or "No space left on device" in text
+    where = f" writing {e.filename}" if isinstance(e, OSError) and e.filename else ""
+    if full:
+        return (
+            f"No space left on device{where}: free some space (or write to another disk) and run again; "
+            "nothing was changed"
+        )
+    if isinstance(e, OSError):
+        return f"{e.strerror or text}{':' if e.filename else ''} {e.filename or ''}".strip() + (
+            "; nothing was changed"
+        )
+    return f"{text}; nothing was changed"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -8,7 +8,8 @@ YAML front matter (what the Hub indexes)::
     tags: [rompatch, rome, model-editing]
 
 Body: a table of the edits (subject, prompt, old → new, layer), the metrics recorded at creation
-(P(new) and P(true) before → after first), each patch's id and lineage, and copy-paste install
+(P(new) and P(true) before → after first), attached audits and signatures (signer and key id,
+``rompatch.signing``) when the files carry them, each patch's id and lineage, and copy-paste install
 instructions (from the repository, ``PROJECT_URL``: rompatch is not on a package index) and usage
 for the CLI and for Python.
 
@@ -29,6 +30,7 @@ import yaml
 
 from ..constants import PROJECT_URL
 from ..models import EMBEDDED
+from ..signing import signature_info
 
 if TYPE_CHECKING:
     from ..patch import Patch
@@ -130,6 +132,7 @@ def render_body(entries: Sequence[tuple[str, Patch]], *, repo_id: str) -> str:
     lines += _edits_table(entries)
     lines += _metrics_table(entries)
     lines += _audit_section(entries)
+    lines += _signature_section(entries)
     lines += _patches_table(entries)
     lines += _usage(entries, bases, repo_id)
     lines.append(END)
@@ -246,6 +249,34 @@ def _own_audit(p: Patch) -> dict[str, Any] | None:
         )
         return None
     return a
+
+
+def _signature_section(entries: Sequence[tuple[str, Patch]]) -> list[str]:
+    """Who signed each patch (``rompatch sign``), as the files claim; none signed: nothing."""
+    infos = [(f, signature_info(p)) for f, p in entries]
+    if not any(i for _, i in infos):
+        return []
+    lines = [
+        "## Signatures",
+        "",
+        "| file | signer | key id | signature |",
+        "| --- | --- | --- | --- |",
+    ]
+    for f, i in infos:
+        if i is None:
+            lines.append(f"| {_cell(f)} | not signed | | |")
+            continue
+        kid = f"`{i['key_id']}`" if i["key_id"] else "—"
+        state = {True: "verifies for this patch", False: "INVALID", None: "not checked"}[i["verifies"]]
+        lines.append(f"| {_cell(f)} | {_cell(i['signer'] or '—')} | {kid} | {state} |")
+    lines += [
+        "",
+        "A signature proves that the holder of the key signed exactly this patch, not who that is: get the "
+        "signer's public key from them, not from this page, and check with "
+        "`rompatch verify FILE --key SIGNER.pub` (or `rompatch apply --require-signature SIGNER.pub`).",
+        "",
+    ]
+    return lines
 
 
 def _patches_table(entries: Sequence[tuple[str, Patch]]) -> list[str]:

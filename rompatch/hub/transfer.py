@@ -168,6 +168,18 @@ def hub_unavailable(repo_id: str, *, repo_type: str = "model", timeout: float = 
     return None
 
 
+def _endpoint_unreachable(repo_id: str, timeout: float = 3.0) -> bool:
+    """Whether one request to the Hub for ``repo_id`` (no retries) fails to connect at all. An HTTP
+    answer of any status counts as reachable: a private repo answers 401 to a request without token."""
+    from huggingface_hub import get_session
+
+    try:
+        get_session().head(f"{endpoint().rstrip('/')}/api/models/{repo_id}", timeout=timeout)
+    except Exception:  # connection refused, DNS, timeout, proxy
+        return True
+    return False
+
+
 def endpoint() -> str:
     from huggingface_hub import constants
 
@@ -457,6 +469,9 @@ def download(
     from huggingface_hub import hf_hub_download
 
     guard = _CacheGuard(repo_id)
+    # One quick probe first: where the Hub cannot be reached, the cache alone answers (as offline)
+    # instead of huggingface_hub's retries, which take about 25 s and print a warning each.
+    cache_only = is_offline() or _endpoint_unreachable(repo_id)
     try:
         with hub_errors(action, repo_id=repo_id, filename=filename, revision=revision, token=token):
             path = hf_hub_download(
@@ -464,7 +479,7 @@ def download(
                 filename,
                 revision=revision,
                 token=token,
-                local_files_only=is_offline(),
+                local_files_only=cache_only,
                 library_name="rompatch",
                 library_version=__version__,
             )

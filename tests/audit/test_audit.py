@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -229,6 +230,19 @@ def test_attached_audit_keeps_the_id_and_is_shown(text_file, tmp_path):
     with pytest.raises(AuditError, match="another patch"):
         saved_audit(loaded)
     assert "## Audit" not in render_body([("p.safetensors", loaded)], repo_id="me/edits")
+
+
+def test_an_attached_audit_with_non_finite_numbers_survives_loading(text_file, tmp_path):
+    """Patch metadata is strict JSON (no NaN or Infinity): an audit whose perplexity sample was empty
+    or whose threshold is infinite is written with nulls, not dropped on load."""
+    model, tok, patch = _edit("llama", text_file)
+    report = audit_patch(model, tok, patch, stats_data=str(text_file), tokens=300, near_samples=0, leaks=0)
+    report.ppl_before = float("nan")
+    report.thresholds = Thresholds(max_ppl_increase=float("inf"))
+    loaded = load_patch(attach_audit(patch, report).save(tmp_path / "p.safetensors"))
+    back = saved_audit(loaded)
+    assert back is not None and math.isnan(back.ppl_before) and back.ppl_after == round(report.ppl_after, 4)
+    assert back.thresholds.max_ppl_increase == float("inf")
 
 
 # ------------------------------------------------------------------------------------------- CLI

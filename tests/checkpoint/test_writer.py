@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,84 @@ def test_two_applies_to_one_new_out_one_wins_the_other_fails_cleanly(tmp_path, m
     record = json.loads((out / "rompatch.json").read_text())
     assert [a["patch_id"] for a in record["applied"]] == [second.id]
     assert file_shas(out) and leftovers(tmp_path) == []
+
+
+_KILL_AT = """
+import os, signal, sys
+from rompatch import atomic
+from rompatch.cli.main import cli
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+setattr(atomic, sys.argv[1], die)
+cli(sys.argv[2:], prog_name="rompatch")
+"""
+
+
+def _run_killed_at(function: str, args: list[str]) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", _KILL_AT, function, *args], env=env, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode(errors="replace")
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_kill_in_the_commit_window_leaves_nothing_the_next_run_cannot_clean(tmp_path, overwrite):
+    """Issue 17, failure 4: killed at the final rename (the staging folder complete and no longer
+    marked as in progress), the full copy of the rewritten shards used to stay for ever."""
+    model, base = make_ckpt(tmp_path)
+    patch = save_patch(vector_patch(model, layer=1), tmp_path / "p.safetensors")
+    other = save_patch(vector_patch(model, layer=2, subject="B"), tmp_path / "q.safetensors")
+    out = tmp_path / "out"
+    if overwrite:
+        apply_to_checkpoint(base, [other], out)
+    before = file_shas(out) if overwrite else None
+    args = ["apply", str(base), str(patch), "-o", str(out)] + (["--overwrite"] if overwrite else [])
+    _run_killed_at("_exchange" if overwrite else "_rename_new", args)
+    assert (file_shas(out) if out.exists() else None) == before, "OUT is as it was"
+    assert len(leftovers(tmp_path)) == 1, "the kill left the complete staging folder"
+
+    with pytest.raises(CheckpointError, match="already exists") if overwrite else nullcontext():
+        apply_to_checkpoint(base, [patch], out)  # the next run, even one that is refused, cleans up
+    assert leftovers(tmp_path) == []
+
+
+def test_symlinks_in_base_that_leave_it_are_refused_and_those_inside_copied_as_files(tmp_path):
+    """Issue 17, failure 9: a link out of BASE was followed (a small target copied into OUT, a large
+    one hard-linked) and a linked folder silently dropped; a dangling link gave a traceback."""
+    model, base = make_ckpt(tmp_path)
+    patch = save_patch(vector_patch(model, layer=1), tmp_path / "p.safetensors")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside the checkpoint")
+
+    (base / "passwd.txt").symlink_to(secret)
+    with pytest.raises(CheckpointError, match=r"passwd.txt is a symbolic link to .*outside the checkpoint"):
+        apply_to_checkpoint(base, [patch], tmp_path / "out")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    (base / "passwd.txt").unlink()
+
+    (base / "dangling.txt").symlink_to(tmp_path / "gone.txt")
+    with pytest.raises(CheckpointError, match=r"dangling.txt is a broken symbolic link"):
+        apply_to_checkpoint(base, [patch], tmp_path / "out")
+    (base / "dangling.txt").unlink()
+
+    (tmp_path / "elsewhere").mkdir()
+    (base / "linked-dir").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(CheckpointError, match=r"linked-dir is a symbolic link to .*outside the checkpoint"):
+        apply_to_checkpoint(base, [patch], tmp_path / "out")
+    (base / "linked-dir").unlink()
+
+    # inside the folder: a linked file and a linked folder are carried as real files
+    (base / "extra").mkdir()
+    (base / "extra" / "notes.txt").write_text("inside")
+    (base / "notes-link.txt").symlink_to("extra/notes.txt")
+    (base / "extra-link").symlink_to("extra", target_is_directory=True)
+    (base / "extra" / "loop").symlink_to("..", target_is_directory=True)  # a cycle: refused, not followed
+    with pytest.raises(CheckpointError, match=r"loop is a symbolic link to a folder that contains it"):
+        apply_to_checkpoint(base, [patch], tmp_path / "out")
+    (base / "extra" / "loop").unlink()
+    apply_to_checkpoint(base, [patch], tmp_path / "out")
+    out = tmp_path / "out"
+    for rel in ("notes-link.txt", "extra-link/notes.txt", "extra/notes.txt"):
+        assert not (out / rel).is_symlink() and (out / rel).read_text() == "inside", rel
+    assert not (out / "extra-link").is_symlink()

@@ -122,3 +122,20 @@ def test_server_gone(hub_env, tiny, tmp_path, no_backoff):
     one_line_error(ei.value, hub_env.token)
     assert not out.exists()
     assert cache_leftovers(hub_env.cache_dir) == []
+
+
+@pytest.mark.usefixtures("offline_env")
+def test_an_unreachable_hub_fails_a_patch_download_at_once_without_retry_noise(monkeypatch, caplog, tmp_path):
+    """Issue 17, failure 7: a USER/REPO/FILE reference with no network retried for about 25 s and
+    printed a dozen warnings before its error."""
+    from rompatch.refs import resolve_patch
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    t0 = time.perf_counter()
+    with pytest.raises(HubError, match=r"alice/edits.*not in the Hugging Face cache") as ei:
+        resolve_patch("alice/edits/jordan.safetensors")
+    assert time.perf_counter() - t0 < 10
+    one_line_error(ei.value)
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]

@@ -39,7 +39,15 @@ from ...patch import ParamInfo, Patch, RankOneDelta, new_patch
 from ...placement import input_device, param_value
 from ...refs import PatchesLike
 from ...request import EditRequest
-from ...rome import ValueTask, averaged_key, compute_values, default_chunk, usable_templates, validate_request
+from ...rome import (
+    ValueTask,
+    averaged_key,
+    compute_values,
+    default_chunk,
+    prompt_token_limit,
+    usable_templates,
+    validate_request,
+)
 from ...scoring import probe
 from ...stats import SecondMoment, get_second_moment
 from ...tokens import pad_id, pad_right, subject_span
@@ -209,7 +217,7 @@ class MEMITEditor:
         if not reqs:
             raise RequestError("no edit requests given")
         for r in reqs:
-            validate_request(self.tok, r)
+            validate_request(self.tok, r, max_tokens=prompt_token_limit(self.model))
         t0 = time.perf_counter()
         kept = [usable_templates(self.tok, r, self.templates)[0] for r in reqs]
         lineage = applied_on_disk(self.model) + [p.id for p in applied_patches(self.model)]
