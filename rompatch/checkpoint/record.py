@@ -148,6 +148,8 @@ def read_record(folder: Path) -> Record | None:
     rpath = folder / CHECKPOINT_RECORD
     if not rpath.is_file():
         return None
+    _check_inside(folder, rpath)
+    _check_inside(folder, folder / CHECKPOINT_UNDO)
     raw, tensors = _parse_record(rpath)
     undo = _check_undo_file(folder, raw["undo"])
     entries, _ = read_header(undo)
@@ -259,6 +261,17 @@ def _parse_record(rpath: Path) -> tuple[dict[str, Any], dict[str, TrackedTensor]
             "checkpoint (rompatch apply BASE PATCHES -o OUT)"
         ) from None
     return raw, tensors
+
+
+def _check_inside(folder: Path, path: Path) -> None:
+    """The record and the undo data are the checkpoint's own files: a link out of the folder is refused."""
+    from .reader import link_root  # reader imports this module
+
+    if (path.exists() or path.is_symlink()) and not path.resolve().is_relative_to(link_root(folder)):
+        raise CheckpointError(
+            f"{path} is a symbolic link out of the checkpoint folder; rompatch reads its record and undo data "
+            "only from inside it: replace the link with the file, or start again from the base checkpoint"
+        )
 
 
 def _check_undo_file(folder: Path, undo: dict[str, Any]) -> Path:

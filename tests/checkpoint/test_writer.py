@@ -284,3 +284,45 @@ def test_symlinks_in_base_that_leave_it_are_refused_and_those_inside_copied_as_f
     for rel in ("notes-link.txt", "extra-link/notes.txt", "extra/notes.txt"):
         assert not (out / rel).is_symlink() and (out / rel).read_text() == "inside", rel
     assert not (out / "extra-link").is_symlink()
+
+
+def test_a_record_or_undo_file_linked_out_of_the_folder_is_refused(tmp_path):
+    """Issue 17, paths: the record and undo file names must resolve inside the checkpoint."""
+    import shutil as sh
+
+    model, base = make_ckpt(tmp_path)
+    patch = save_patch(vector_patch(model, layer=1), tmp_path / "p.safetensors")
+    out = tmp_path / "out"
+    apply_to_checkpoint(base, [patch], out)
+    for name in ("rompatch.json", "rompatch-undo.st"):
+        moved = tmp_path / f"elsewhere-{name}"
+        sh.move(out / name, moved)
+        (out / name).symlink_to(moved)
+        with pytest.raises(CheckpointError, match="symbolic link out of the checkpoint folder"):
+            revert_checkpoint(out, [patch], out=tmp_path / f"reverted-{name}")
+        (out / name).unlink()
+        sh.move(moved, out / name)
+
+
+def test_apply_and_revert_fsync_what_they_write_before_out_appears(tmp_path, monkeypatch):
+    """Issue 17, failure 10: apply and revert never called fsync, so a power loss was not covered."""
+    model, base = make_ckpt(tmp_path)
+    patch = save_patch(vector_patch(model, layer=1), tmp_path / "p.safetensors")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    r = apply_to_checkpoint(base, [patch], tmp_path / "out")
+    staged = [s for s in synced if ".rompatch-tmp." in s]
+    for rel in [*r.stats.rewritten, "rompatch.json", "rompatch-undo.st"]:
+        assert any(s.endswith("/" + rel) for s in staged), f"{rel} was not fsynced before the rename"
+    assert any(os.path.basename(s).startswith(".out.rompatch-tmp.") for s in staged), "the staging folder"
+    assert str(tmp_path) in synced, "and the parent folder after it"
+    synced.clear()
+    revert_checkpoint(tmp_path / "out", [patch], in_place=True)
+    assert any(s.endswith("/rompatch-undo.st") or s.endswith(".safetensors") for s in synced)
+    assert str(tmp_path) in synced
