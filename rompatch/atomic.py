@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,16 +34,28 @@ _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 
 
+# macOS renamex_np's flags for the same two operations
+_DARWIN_FLAGS = {_RENAME_NOREPLACE: 0x4, _RENAME_EXCHANGE: 0x2}  # RENAME_EXCL, RENAME_SWAP
+
+
 def _renameat2(a: Path, b: Path, flags: int) -> bool:
-    """Linux renameat2(a, b, flags). False where the call or the flag is unsupported; OSError otherwise."""
+    """rename(a, b) with ``flags`` (``_RENAME_NOREPLACE`` or ``_RENAME_EXCHANGE``), atomically: Linux
+    renameat2, macOS renamex_np. False where the call or the flag is unsupported (other systems, some
+    file systems); OSError when the rename itself fails."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
+        if sys.platform == "darwin":
+            fn = libc.renamex_np
+            fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint]
+            args: tuple = (os.fsencode(a), os.fsencode(b), _DARWIN_FLAGS[flags])
+        else:
+            fn = libc.renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            at_fdcwd = -100
+            args = (at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags)
     except (OSError, AttributeError):
         return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd = -100
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
+    if fn(*args) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
@@ -51,14 +64,16 @@ def _renameat2(a: Path, b: Path, flags: int) -> bool:
 
 
 def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE). False where unsupported."""
+    """Atomically swap two paths (renameat2 RENAME_EXCHANGE, renamex_np RENAME_SWAP). False where
+    unsupported."""
     return _renameat2(a, b, _RENAME_EXCHANGE)
 
 
 def _rename_new(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``, which must not exist: FileExistsError if it does, even if it appeared
-    a moment ago (Linux renameat2 RENAME_NOREPLACE, atomic). Where that call is missing, a check just
-    before a plain rename narrows the window (a plain rename would replace an empty folder)."""
+    a moment ago (renameat2 RENAME_NOREPLACE on Linux, renamex_np RENAME_EXCL on macOS: atomic). On
+    Windows a rename never replaces. Elsewhere a check just before a plain rename narrows the window
+    (a plain POSIX rename would replace an empty folder)."""
     try:
         if _renameat2(tmp, out, _RENAME_NOREPLACE):
             return
