@@ -156,28 +156,29 @@ def hub_unavailable(repo_id: str, *, repo_type: str = "model", timeout: float = 
     """
     if is_offline():
         return "HF_HUB_OFFLINE is set"
-    from huggingface_hub import get_session
-
-    url = f"{endpoint().rstrip('/')}/api/{repo_type}s/{repo_id}"
-    try:
-        r = get_session().head(url, timeout=timeout)
-    except Exception as e:  # connection refused, DNS, timeout, proxy: all mean "not reachable"
-        return f"the Hub at {endpoint()} did not answer ({type(e).__name__})"
+    r = _probe(repo_id, repo_type, timeout)
+    if isinstance(r, Exception):
+        return f"the Hub at {endpoint()} did not answer ({type(r).__name__})"
     if r.status_code >= 400:
         return f"the Hub at {endpoint()} has no readable {repo_type} {repo_id} (HTTP {r.status_code})"
     return None
 
 
-def _endpoint_unreachable(repo_id: str, timeout: float = 3.0) -> bool:
-    """Whether one request to the Hub for ``repo_id`` (no retries) fails to connect at all. An HTTP
-    answer of any status counts as reachable: a private repo answers 401 to a request without token."""
+def _probe(repo_id: str, repo_type: str, timeout: float) -> Any:
+    """One HEAD request on ``repo_id``'s API page (no retries): the response, or the exception that
+    stopped it (connection refused, DNS, timeout, proxy: the Hub is not reachable)."""
     from huggingface_hub import get_session
 
     try:
-        get_session().head(f"{endpoint().rstrip('/')}/api/models/{repo_id}", timeout=timeout)
-    except Exception:  # connection refused, DNS, timeout, proxy
-        return True
-    return False
+        return get_session().head(f"{endpoint().rstrip('/')}/api/{repo_type}s/{repo_id}", timeout=timeout)
+    except Exception as e:
+        return e
+
+
+def _endpoint_unreachable(repo_id: str, timeout: float = 3.0) -> bool:
+    """Whether one request to the Hub for ``repo_id`` fails to connect at all. An HTTP answer of any
+    status counts as reachable: a private repo answers 401 to a request without token."""
+    return isinstance(_probe(repo_id, "model", timeout), Exception)
 
 
 def endpoint() -> str:
