@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .errors import RequestError
-from .generate import sample_topk_ids
+from .generate import sample_topk_ids, sample_topk_rounds
 from .request import EditRequest
 from .tokens import encode, subject_span
 
@@ -103,15 +103,29 @@ def neighbour_template(req: EditRequest) -> str:
     return NEUTRAL_PREFIX + req.prompt if req.prompt.startswith("{}") else req.prompt
 
 
+def _near_prompts(subject: str, samples: int) -> list[str]:
+    return [p.format(subject) for p in NEAR_PROMPTS for _ in range(samples)]
+
+
+def _near_length(tok: Any, prompts: Sequence[str], new_tokens: int) -> int:
+    return max(len(encode(tok, p)) for p in prompts) + new_tokens
+
+
 @torch.no_grad()
 def near_subject_texts(
     model: Any, tok: Any, subject: str, *, samples: int, new_tokens: int, seed: int
 ) -> list[list[int]]:
     """Token sequences the model writes after ``NEAR_PROMPTS`` filled with ``subject`` (top-40
     sampling, seeded): where the model puts other names next to the subject's."""
-    prompts = [p.format(subject) for p in NEAR_PROMPTS for _ in range(samples)]
-    longest = max(len(encode(tok, p)) for p in prompts)
-    return sample_topk_ids(model, tok, prompts, max_out_len=longest + new_tokens, top_k=40, seed=seed)
+    prompts = _near_prompts(subject, samples)
+    return sample_topk_ids(
+        model, tok, prompts, max_out_len=_near_length(tok, prompts, new_tokens), top_k=40, seed=seed
+    )
+
+
+# Rounds of ``near_names`` sampled in one batch: all 8 rounds of 8 prompts, 64 rows (64 names took
+# 5 or more rounds for both models on CounterFact subjects; one batch of 64 rows was the fastest).
+ROUNDS_PER_BATCH = 8
 
 
 def near_names(
@@ -126,14 +140,19 @@ def near_names(
 ) -> list[str]:
     """Up to ``limit`` names the model writes next to ``subject``, in the order found: rounds of
     ``near_subject_texts`` (two samples of each prompt, seeds ``seed``, ``seed + 1``, ...) until
-    ``limit`` names are found or ``rounds`` rounds are done."""
+    ``limit`` names are found or ``rounds`` rounds are done. The rounds are sampled
+    ``ROUNDS_PER_BATCH`` at a time (``sample_topk_rounds``: the same texts, one batch)."""
+    prompts = _near_prompts(subject, 2)
+    length = _near_length(tok, prompts, new_tokens)
     names: list[str] = []
-    for r in range(rounds):
-        for seq in near_subject_texts(model, tok, subject, samples=2, new_tokens=new_tokens, seed=seed + r):
-            text = tok.decode(seq, skip_special_tokens=True)
-            names += [n for n in names_in(text, subject) if n not in names]
-        if len(names) >= limit:
-            break
+    for first in range(0, rounds, ROUNDS_PER_BATCH):
+        seeds = range(seed + first, seed + min(first + ROUNDS_PER_BATCH, rounds))
+        for texts in sample_topk_rounds(model, tok, prompts, seeds=seeds, max_out_len=length, top_k=40):
+            for seq in texts:
+                text = tok.decode(seq, skip_special_tokens=True)
+                names += [n for n in names_in(text, subject) if n not in names]
+            if len(names) >= limit:
+                return names[:limit]
     return names[:limit]
 
 

@@ -9,7 +9,15 @@ import pytest
 
 from rompatch.create import Editor
 from rompatch.errors import RequestError
-from rompatch.neighbours import candidate_subject, names_in, neighbour_pairs, neighbour_template
+from rompatch.generate import sample_topk_ids, sample_topk_rounds
+from rompatch.neighbours import (
+    candidate_subject,
+    names_in,
+    near_names,
+    near_subject_texts,
+    neighbour_pairs,
+    neighbour_template,
+)
 from rompatch.request import EditRequest
 from rompatch.rome import ROMEHyperParams, filled_keys
 from rompatch.stats import get_second_moment
@@ -91,3 +99,31 @@ def test_bad_neighbour_settings_are_refused(bad):
 
 def test_no_neighbours_by_default():
     assert ROMEHyperParams().neighbours == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text"])
+@pytest.mark.parametrize("n_prompts, batch_size", [(3, 16), (5, 4)])  # one batch; more prompts than a batch
+def test_rounds_sample_what_separate_calls_sample(arch, n_prompts, batch_size):
+    model, tok = edit_model(arch), edit_tokenizer(arch)
+    prompts = ["The Eiffel Tower is in", "Paris", "Michael Jordan plays the sport of", "A", "B c"][:n_prompts]
+    kw = dict(max_out_len=12, top_k=5, batch_size=batch_size)
+    rounds = sample_topk_rounds(model, tok, prompts, seeds=[3, 4, 9], **kw)
+    alone = [sample_topk_ids(model, tok, prompts, seed=s, **kw) for s in (3, 4, 9)]
+    assert rounds == alone
+    assert rounds[0] != rounds[1]  # the rounds differ: each has its own seed
+
+
+@pytest.mark.parametrize("limit", [1, 5, 40])
+def test_near_names_are_the_names_of_round_after_round(limit):
+    """Batching the rounds changes nothing: the names are those of rounds sampled one by one,
+    stopped at the first round that reaches ``limit``."""
+    model, tok = edit_model("llama"), edit_tokenizer("llama")
+    expected: list[str] = []
+    for r in range(8):
+        for seq in near_subject_texts(model, tok, "Michael Jordan", samples=2, new_tokens=32, seed=7 + r):
+            text = tok.decode(seq, skip_special_tokens=True)
+            expected += [n for n in names_in(text, "Michael Jordan") if n not in expected]
+        if len(expected) >= limit:
+            break
+    assert expected, "the tiny model named nobody: the test would not test anything"
+    assert near_names(model, tok, "Michael Jordan", limit=limit, seed=7) == expected[:limit]
