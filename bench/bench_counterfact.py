@@ -75,17 +75,21 @@ def compare_runs(model: str = "smollm2-135m") -> list[str]:
         "",
         f"{model}: configurations compared on the {len(common)} records every run holds (post-edit; "
         "'L4' = layer 4, 'nocap-ablation' = before max_update_ratio existed, 'nb64' = "
-        "neighbours 64):",
+        "neighbours 64, with neighbour_min_p 0.5; 'let go': edits that let go of some or all of their "
+        "neighbours to reach their fact):",
         "",
-        "| run | ES | PS | NS (pre) | S | updates at or above ‖W‖₂ |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| run | ES | PS | NS (pre) | S | updates at or above ‖W‖₂ | let go |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in runs.items():
         cs = [r[i] for i in common]
         es, ps, ns = (100 * statistics.fmean(c["post"][k] for c in cs) for k in ("ES", "PS", "NS"))
         pre = 100 * statistics.fmean(c["pre"]["NS"] for c in cs)
         big = sum(c["edit"]["update_spectral_norm"] >= 0.999 * c["edit"]["weight_spectral_norm"] for c in cs)
-        out.append(f"| {name} | {es:.1f} | {ps:.1f} | {ns:.1f} ({pre:.1f}) | {s(es, ps, ns):.1f} | {big} |")
+        let_go = sum(bool(c["edit"].get("neighbours_released")) for c in cs) if "nb" in name else "—"
+        out.append(
+            f"| {name} | {es:.1f} | {ps:.1f} | {ns:.1f} ({pre:.1f}) | {s(es, ps, ns):.1f} | {big} | {let_go} |"
+        )
     return out
 
 

@@ -75,6 +75,7 @@ NUMBER_METRICS = (
     "p_true_after",
     "neighbour_reach_before",
     "neighbour_reach_after",
+    "p_prompt_with_all_neighbours",
     "update_spectral_norm",
     "weight_spectral_norm",
     "v_norm",
@@ -599,9 +600,10 @@ def _check_values(i: int, hparams: dict, metrics: dict, timings: dict, where: st
     for k in NUMBER_METRICS:
         if metrics.get(k) is not None and not _is_number(metrics[k]):
             raise PatchFormatError(f"{at} metric {k!r} must be a number or null, got {brief(metrics[k])}")
-    names = metrics.get("neighbours")
-    if names is not None and not (isinstance(names, list) and all(isinstance(x, str) for x in names)):
-        raise PatchFormatError(f"{at} metric 'neighbours' must be a list of names, got {brief(names)}")
+    for k in ("neighbours", "neighbours_released"):
+        names = metrics.get(k)
+        if names is not None and not (isinstance(names, list) and all(isinstance(x, str) for x in names)):
+            raise PatchFormatError(f"{at} metric {k!r} must be a list of names, got {brief(names)}")
     if "before_merge" in metrics and not isinstance(metrics["before_merge"], dict):
         raise PatchFormatError(f"{at} metric 'before_merge' must be an object")
     for k, v in timings.items():

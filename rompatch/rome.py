@@ -21,6 +21,7 @@ gradients only. The replay is checked against a plain full forward once per edit
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -86,6 +87,11 @@ class ROMEHyperParams:
     # neighbour_max_cosine: aliases, not neighbours) are left out. 0: off.
     neighbours: int = 0
     neighbour_max_cosine: float = 0.9
+    # An edit kept away from its neighbours whose update ends at the size cap with P(target) on its
+    # prompt below this has missed its fact: it lets go of the half of its names whose keys are most
+    # like the subject's (they push u furthest from k*), then of all of them, and keeps the attempt
+    # with the highest P(target). 0: never let go.
+    neighbour_min_p: float = 0.5
     # A prompt that opens with a multi-token subject on a tokenizer without BOS, missed by the edit
     # (P(target) < opening.OPENING_MIN_P after the value optimisation): add a second delta keyed at
     # that prompt, orthogonal to the context templates' keys (rompatch.opening).
@@ -108,6 +114,10 @@ class ROMEHyperParams:
             raise RequestError(f"neighbours must be >= 0 (0 disables it), not {self.neighbours}")
         if not 0.0 < self.neighbour_max_cosine <= 1.0:
             raise RequestError(f"neighbour_max_cosine must be in (0, 1], not {self.neighbour_max_cosine}")
+        if not 0.0 <= self.neighbour_min_p <= 1.0:
+            raise RequestError(
+                f"neighbour_min_p must be in [0, 1] (0: never let go), not {self.neighbour_min_p}"
+            )
         if not 0.0 <= self.key_prompt_weight <= 1.0:
             raise RequestError(f"key_prompt_weight must be in [0, 1], not {self.key_prompt_weight}")
 
@@ -843,13 +853,38 @@ class _Prepared:
     templates: list[str]
     dropped: list[str]
     k_star: torch.Tensor
-    u: torch.Tensor
-    denom: float  # u · k*
-    reach: torch.Tensor  # (u·k_i)/(u·k*) per template, then the KL prompt
-    cap: float  # bound on ‖δ‖ from max_update_ratio
+    keys: torch.Tensor  # the subject's key in each template, then in the KL prompt
+    protect: torch.Tensor | None  # directions u must leave alone, besides the neighbours'
     w_spec: float
     seconds: float
     neighbours: _Neighbours | None = None
+    u: torch.Tensor = field(init=False)
+    denom: float = field(init=False)  # u · k*
+    reach: torch.Tensor = field(init=False)  # (u·k_i)/(u·k*) per template, then the KL prompt
+    cap: float = field(init=False)  # bound on ‖δ‖ from max_update_ratio
+
+    def solve(self, stats: SecondMoment | None, hp: ROMEHyperParams) -> _Prepared:
+        """u, u·k*, the reach per template and the cap on ‖δ‖, kept away from ``protect`` and the
+        neighbours' keys."""
+        near = self.neighbours
+        protect = self.protect
+        if near is not None and len(near.keys):
+            protect = near.keys if protect is None else torch.cat([protect.to(near.keys), near.keys])
+        self.u = solve_key(self.k_star, stats, hp, protect)
+        self.denom = float(self.u.double() @ self.k_star.detach().cpu().double())
+        # What the shipped update does at each optimised subject token: v (u·k_i) = δ (u·k_i)/(u·k*).
+        self.reach = (self.keys.detach().cpu().double() @ self.u.double()) / self.denom
+        # ‖v uᵀ‖₂ = ‖δ‖/(u·k*): cap it at max_update_ratio × ‖W‖₂ (0: no cap, only ROME's clamp).
+        self.cap = (
+            hp.max_update_ratio * self.w_spec * abs(self.denom) if hp.max_update_ratio > 0 else math.inf
+        )
+        if near is not None:
+            near.reach_after = (
+                (near.keys.double() @ self.u.double() / self.denom).abs().max().item()
+                if len(near.keys)
+                else 0.0
+            )
+        return self
 
 
 def _prepare(
@@ -870,20 +905,10 @@ def _prepare(
     keys = subject_keys(model, tok, req.subject, target.layer, filled, spec=target.spec)  # templates, then KL
     k_star = averaged_key(keys[:-1], kept, hp.key_prompt_weight)
     near = _neighbours(model, tok, req, k_star, stats, hp, target) if hp.neighbours else None
-    if near is not None and len(near.keys):
-        protect = near.keys if protect is None else torch.cat([protect.to(near.keys), near.keys])
-    u = solve_key(k_star, stats, hp, protect)
-    denom = float(u.double() @ k_star.detach().cpu().double())
-    # What the shipped update does at each optimised subject token: v (u·k_i) = δ (u·k_i)/(u·k*).
-    reach = (keys.detach().cpu().double() @ u.double()) / denom
     w_spec = spectral_norm(param_value(model, target.parameter), spectral_memo)
-    # ‖v uᵀ‖₂ = ‖δ‖/(u·k*): cap it at max_update_ratio × ‖W‖₂ (0: no cap, only ROME's clamp).
-    cap = hp.max_update_ratio * w_spec * abs(denom) if hp.max_update_ratio > 0 else math.inf
-    if near is not None:
-        near.reach_after = (
-            (near.keys.double() @ u.double() / denom).abs().max().item() if len(near.keys) else 0.0
-        )
-    return _Prepared(kept, dropped, k_star, u, denom, reach, cap, w_spec, time.perf_counter() - t0, near)
+    p = _Prepared(kept, dropped, k_star, keys, protect, w_spec, 0.0, near).solve(stats, hp)
+    p.seconds = time.perf_counter() - t0
+    return p
 
 
 @dataclass
@@ -895,14 +920,36 @@ class _Neighbours:
     keys: torch.Tensor  # (m, in) float64 CPU: each used name's key in the edit's prompt(s)
     reach_before: float  # max |reach| over those keys of the unconstrained u
     reach_after: float = 0.0
+    row_names: list[str] = field(default_factory=list)  # the name of each row of ``keys``
+    row_cosine: torch.Tensor | None = None  # (m,) |C⁻¹-cosine| of each row with k*
+    released: list[str] = field(default_factory=list)  # let go: the edit missed its fact with them
+    p_with_all: float | None = None  # P(target) on the prompt, kept away from every name
+
+    def keeping(self, share: float, p_with_all: float) -> _Neighbours:
+        """These neighbours with only ``share`` of the names (rounded down): those whose keys are most
+        like the subject's (largest |C⁻¹-cosine| over their rows) go first."""
+        cos = self.row_cosine if self.row_cosine is not None else torch.zeros(len(self.row_names))
+        worst: dict[str, float] = {}
+        for n, c in zip(self.row_names, cos.tolist()):
+            worst[n] = max(worst.get(n, 0.0), c)
+        kept = set(sorted(self.names, key=lambda n: worst[n])[: int(share * len(self.names))])
+        rows = torch.tensor([n in kept for n in self.row_names], dtype=torch.bool)
+        return _Neighbours(
+            [n for n in self.names if n in kept], self.aliases, self.keys[rows], self.reach_before,
+            row_names=[n for n in self.row_names if n in kept], row_cosine=cos[rows],
+            released=[n for n in self.names if n not in kept], p_with_all=p_with_all,
+        )  # fmt: skip
 
     def metrics(self) -> dict[str, Any]:
-        return {
+        out = {
             "neighbours": self.names,
             "neighbours_left_out": self.aliases,
             "neighbour_reach_before": round(self.reach_before, 4),
             "neighbour_reach_after": round(self.reach_after, 6),
         }
+        if self.released:
+            out.update(neighbours_released=self.released, p_prompt_with_all_neighbours=self.p_with_all)
+        return out
 
 
 def _neighbours(
@@ -934,7 +981,10 @@ def _neighbours(
     alias = {n for (_, n), c in zip(pairs, cos.tolist()) if abs(c) > hp.neighbour_max_cosine}
     keep = torch.tensor([n not in alias for _, n in pairs])
     used = [n for n in names if n not in alias]
-    return _Neighbours(used, sorted(alias), keys[keep], reach0)
+    return _Neighbours(
+        used, sorted(alias), keys[keep], reach0,
+        row_names=[n for _, n in pairs if n not in alias], row_cosine=cos.abs()[keep],
+    )  # fmt: skip
 
 
 def compute_deltas(
@@ -984,26 +1034,14 @@ def compute_deltas(
         for r in reqs
     ]
     t0 = time.perf_counter()
-    values = compute_values(
-        model,
-        tok,
-        [
-            ValueTask(
-                r, p.templates, p.k_star, p.reach.float() if hp.value_scaling == "per_key" else None, p.cap
-            )
-            for r, p in zip(reqs, preps)
-        ],
-        layer,
-        hp,
-        spec=spec,
-        progress=progress,
-    )
+    values = _values(model, tok, reqs, preps, layer, hp, spec, progress)
     share = (time.perf_counter() - t0) / len(reqs)
+    extra = _let_go(model, tok, reqs, preps, values, layer, hp, spec, stats)
     out = []
-    for r, p, (delta, _, diag) in zip(reqs, preps, values):
+    for i, (r, p, (delta, _, diag)) in enumerate(zip(reqs, preps, values)):
         v = (delta.cpu() / p.denom).to(torch.float32)
         diag.update(
-            seconds=round(p.seconds + share, 3),
+            seconds=round(p.seconds + share + extra.get(i, 0.0), 3),
             u_dot_k=round(p.denom, 6),
             k_norm=round(float(p.k_star.norm()), 4),
             v_norm=round(float(v.norm()), 4),
@@ -1044,6 +1082,47 @@ def compute_deltas(
                 res.metrics["opening_delta_skipped"] = str(e)
         out.append(res)
     return out
+
+
+def _values(model, tok, reqs, preps, layer, hp, spec, progress=None):
+    """``compute_values`` of the prepared edits."""
+    tasks = [
+        ValueTask(r, p.templates, p.k_star, p.reach.float() if hp.value_scaling == "per_key" else None, p.cap)
+        for r, p in zip(reqs, preps)
+    ]
+    return compute_values(model, tok, tasks, layer, hp, spec=spec, progress=progress)
+
+
+def _prompt_p(diag: dict[str, Any]) -> float:
+    """P(target) on the edit's own prompt after the δ optimisation (or its mean over the templates)."""
+    return diag.get("p_prompt_after_opt", diag["p_target_mean_after_opt"])
+
+
+def _let_go(model, tok, reqs, preps, values, layer, hp, spec, stats) -> dict[int, float]:
+    """``ROMEHyperParams.neighbour_min_p``: every edit kept away from its neighbours that ends at the
+    size cap below that P(target) on its prompt tries again with half of its names, then with none;
+    ``preps`` and ``values`` keep the attempt with the highest P(target). Returns the extra seconds
+    of each edit that tried again."""
+    extra: dict[int, float] = {}
+    first = {i: p.neighbours for i, p in enumerate(preps) if p.neighbours is not None and p.neighbours.names}
+    p_all = {i: _prompt_p(values[i][2]) for i in first}
+    for share in (0.5, 0.0):
+        missed = [
+            i for i in first if values[i][2]["delta_capped"] and _prompt_p(values[i][2]) < hp.neighbour_min_p
+        ]
+        if not missed:
+            break
+        t0 = time.perf_counter()
+        tries = [
+            dataclasses.replace(preps[i], neighbours=first[i].keeping(share, p_all[i])).solve(stats, hp)
+            for i in missed
+        ]
+        again = _values(model, tok, [reqs[i] for i in missed], tries, layer, hp, spec)
+        for i, p, val in zip(missed, tries, again):
+            extra[i] = extra.get(i, 0.0) + (time.perf_counter() - t0) / len(missed)
+            if _prompt_p(val[2]) > _prompt_p(values[i][2]):
+                preps[i], values[i] = p, val
+    return extra
 
 
 def opening_delta(

@@ -90,7 +90,14 @@ def test_aliases_are_left_out(text_file):
 
 
 @pytest.mark.parametrize(
-    "bad", [{"neighbours": -1}, {"neighbour_max_cosine": 0.0}, {"neighbour_max_cosine": 2}]
+    "bad",
+    [
+        {"neighbours": -1},
+        {"neighbour_max_cosine": 0.0},
+        {"neighbour_max_cosine": 2},
+        {"neighbour_min_p": -0.1},
+        {"neighbour_min_p": 1.5},
+    ],
 )
 def test_bad_neighbour_settings_are_refused(bad):
     with pytest.raises(RequestError, match="neighbour"):
@@ -127,3 +134,33 @@ def test_near_names_are_the_names_of_round_after_round(limit):
             break
     assert expected, "the tiny model named nobody: the test would not test anything"
     assert near_names(model, tok, "Michael Jordan", limit=limit, seed=7) == expected[:limit]
+
+
+def _edit(text_file, **kw):
+    model, tok = edit_model("llama"), edit_tokenizer("llama")
+    stats = get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=3000)
+    # a tight cap: every update ends at it, so an edit kept away from its neighbours misses its fact
+    hp = dataclasses.replace(HP, v_steps=6, neighbours=8, max_update_ratio=0.5, **kw)
+    (d,) = Editor(model, tok, hparams=hp, stats=stats).patch([REQ]).deltas
+    return model, tok, d
+
+
+def test_an_edit_that_misses_its_fact_lets_go_of_its_neighbours(text_file):
+    _, _, kept = _edit(text_file, neighbour_min_p=0.0)  # never let go: today's constrained edit
+    model, tok, d = _edit(text_file, neighbour_min_p=1.0)  # every capped edit has missed
+    m, first = d.metrics, kept.metrics
+    assert first["delta_capped"] and "neighbours_released" not in first
+    assert m["neighbours_released"], "nothing was let go: the test would not test anything"
+    assert sorted(m["neighbours"] + m["neighbours_released"]) == sorted(first["neighbours"])
+    assert m["p_prompt_with_all_neighbours"] == first["p_prompt_after_opt"]
+    assert m["p_prompt_after_opt"] > first["p_prompt_after_opt"]  # the attempt kept is the better one
+    if m["neighbours"]:  # the names still kept are still left exactly unchanged
+        keys = filled_keys(model, tok, neighbour_pairs(REQ, m["neighbours"]), 1).double()
+        reach = (keys @ d.u.double()) / float(d.u.double() @ d.key.double())
+        assert float(reach.abs().max()) < 1e-6
+    assert d.seconds > 0
+
+
+def test_an_edit_that_reaches_its_fact_keeps_every_neighbour(text_file):
+    _, _, d = _edit(text_file, neighbour_min_p=1e-9)  # P(target) is above this after any attempt
+    assert d.metrics["neighbours"] and "neighbours_released" not in d.metrics

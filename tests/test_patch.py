@@ -483,6 +483,16 @@ def _set_param(field, value):
         ("deltas", _set_delta("stats", None), r"delta 0 'stats' must be an object"),
         ("deltas", _set_delta("metrics", {"p_new_after": "high"}), r"delta 0 metric 'p_new_after' must be"),
         ("deltas", _set_delta("metrics", {"neighbours": "Bob"}), r"delta 0 metric 'neighbours' must be"),
+        (
+            "deltas",
+            _set_delta("metrics", {"neighbours_released": [1]}),
+            r"delta 0 metric 'neighbours_released' must be a list of names",
+        ),
+        (
+            "deltas",
+            _set_delta("metrics", {"p_prompt_with_all_neighbours": "low"}),
+            r"delta 0 metric 'p_prompt_with_all_neighbours' must be",
+        ),
         ("deltas", _set_delta("timings", {"edit_seconds": "slow"}), r"delta 0 timing 'edit_seconds' must be"),
         ("deltas", _set_delta("key", 1), r"delta 0 'key' must be true when present"),
         ("deltas", lambda d: d.__setitem__(0, 5), r"delta 0 must be an object"),

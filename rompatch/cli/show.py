@@ -103,6 +103,12 @@ def format_patch(patch: Patch) -> str:
                 f"      neighbours: {len(names)} names kept unchanged (reach {_g(m.get('neighbour_reach_before'))} "
                 f"→ {_g(m.get('neighbour_reach_after'))})" + (f": {shown}" if names else "")
             )
+        if isinstance(m.get("neighbours_released"), list) and m["neighbours_released"]:
+            gone = [str(x) for x in m["neighbours_released"]]
+            lines.append(
+                f"      neighbours let go: {len(gone)} (kept away from all, P(new) on the prompt was "
+                f"{_g(m.get('p_prompt_with_all_neighbours'))} at the size cap)"
+            )
         if "update_spectral_norm" in m:
             lines.append(
                 f"      ‖ΔW‖₂ {_g(m.get('update_spectral_norm'))} vs ‖W‖₂ {_g(m.get('weight_spectral_norm'))}; "

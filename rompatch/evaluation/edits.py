@@ -22,6 +22,7 @@ EDIT_METRICS = (
     "p_new_after",
     "delta_capped",
     "opening_delta",  # True when the edit has a second delta (rompatch.opening)
+    "neighbours_released",  # names an edit let go of to reach its fact (ROMEHyperParams.neighbour_min_p)
 )
 
 

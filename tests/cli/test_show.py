@@ -65,6 +65,14 @@ def test_show_random_file_one_line_error(runner, tmp_path):
         ({"p_new_before": 0.1, "p_new_after": None}, "P(new) 0.1 → ?"),
         ({"p_new_before": 0.1, "p_new_after": 0.9, "p_true_before": 0.5}, "P(true) 0.5 → ?"),
         ({"neighbours": ["Bob"]}, "neighbours: 1 names kept unchanged (reach ? → ?): Bob"),
+        (
+            {"neighbours": [], "neighbours_released": ["Bob", "Al"], "p_prompt_with_all_neighbours": 0.02},
+            "neighbours let go: 2 (kept away from all, P(new) on the prompt was 0.02 at the size cap)",
+        ),
+        (
+            {"neighbours_released": ["Bob"]},
+            "neighbours let go: 1 (kept away from all, P(new) on the prompt was ?",
+        ),
         ({"update_spectral_norm": 1.0}, "‖ΔW‖₂ 1 vs ‖W‖₂ ?; ? steps"),
         ({"update_spectral_norm": None, "weight_spectral_norm": None}, "‖ΔW‖₂ ? vs ‖W‖₂ ?"),
     ],
