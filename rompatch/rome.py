@@ -921,14 +921,14 @@ class _Neighbours:
     reach_before: float  # max |reach| over those keys of the unconstrained u
     reach_after: float = 0.0
     row_names: list[str] = field(default_factory=list)  # the name of each row of ``keys``
-    row_cosine: torch.Tensor | None = None  # (m,) |C⁻¹-cosine| of each row with k*
+    row_cosine: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # (m,) |C⁻¹-cosine| with k*
     released: list[str] = field(default_factory=list)  # let go: the edit missed its fact with them
     p_with_all: float | None = None  # P(target) on the prompt, kept away from every name
 
     def keeping(self, share: float, p_with_all: float) -> _Neighbours:
         """These neighbours with only ``share`` of the names (rounded down): those whose keys are most
         like the subject's (largest |C⁻¹-cosine| over their rows) go first."""
-        cos = self.row_cosine if self.row_cosine is not None else torch.zeros(len(self.row_names))
+        cos = self.row_cosine
         worst: dict[str, float] = {}
         for n, c in zip(self.row_names, cos.tolist()):
             worst[n] = max(worst.get(n, 0.0), c)
@@ -1118,8 +1118,9 @@ def _let_go(model, tok, reqs, preps, values, layer, hp, spec, stats) -> dict[int
             for i in missed
         ]
         again = _values(model, tok, [reqs[i] for i in missed], tries, layer, hp, spec)
+        each = (time.perf_counter() - t0) / len(missed)
         for i, p, val in zip(missed, tries, again):
-            extra[i] = extra.get(i, 0.0) + (time.perf_counter() - t0) / len(missed)
+            extra[i] = extra.get(i, 0.0) + each
             if _prompt_p(val[2]) > _prompt_p(values[i][2]):
                 preps[i], values[i] = p, val
     return extra
