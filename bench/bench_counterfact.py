@@ -55,13 +55,70 @@ def run_model(name: str) -> str:
     return (m.group(1) if m else None) or "smollm2-135m"
 
 
-def compare_runs(model: str = "smollm2-135m") -> list[str]:
-    """Markdown: every counterfact-*.jsonl of ``model`` in bench/results, scored over the records all of them hold."""
+# The rule, set before the full runs, for turning neighbours on by default for a model
+# (rompatch.arch.NEIGHBOUR_DEFAULTS): on every record, NS at least this much above plain ROME at the
+# same layer, with ES and PS each at most this much below (points).
+DEFAULT_RULE = {"NS": 1.0, "ES": -0.5, "PS": -0.5}
+
+
+def rule_check(run: dict[int, dict], plain: dict[int, dict]) -> tuple[dict[str, float], int, bool]:
+    """A neighbours run against its plain run, on the records both hold: the mean change in points of
+    each metric of ``DEFAULT_RULE``, how many records, and whether the rule holds on them."""
+    common = sorted(set(run) & set(plain))
+    if not common:
+        return {}, 0, False
+    gain = {
+        k: 100 * statistics.fmean(run[i]["post"][k] - plain[i]["post"][k] for i in common)
+        for k in DEFAULT_RULE
+    }
+    return gain, len(common), all(gain[k] >= DEFAULT_RULE[k] for k in DEFAULT_RULE)
+
+
+def read_runs(model: str) -> dict[str, dict[int, dict]]:
+    """Every counterfact-*.jsonl of ``model`` in bench/results: run name → case id → case."""
     runs = {}
     for f in sorted(WORK.glob("counterfact-*.jsonl")):
         name = f.stem.removeprefix("counterfact-")
         if run_model(name) == model:
             runs[name] = {c["case_id"]: c for c in map(json.loads, f.read_text().splitlines())}
+    return runs
+
+
+def neighbour_runs(runs: dict[str, dict[int, dict]]) -> list[tuple[str, str, int]]:
+    """(run, its plain run, N) for each neighbours run ('...-nbN') whose plain run is there."""
+    out = []
+    for name in runs:
+        m = re.fullmatch(r"(.+)-nb(\d+)", name)
+        if m and m.group(1) in runs:
+            out.append((name, m.group(1), int(m.group(2))))
+    return out
+
+
+def default_rule(runs: dict[str, dict[int, dict]], total: int) -> list[str]:
+    """Markdown: each neighbours run ('...-nbN') against its plain run, and whether the rule holds."""
+    out = []
+    for name, plain, _ in neighbour_runs(runs):
+        gain, n, holds = rule_check(runs[name], runs[plain])
+        if not n:
+            continue
+        does = "holds" if holds else "does not hold"
+        verdict = (
+            f"{does} on all {total} records: {'on' if holds else 'off'} by default for this model"
+            if n >= total
+            else f"{does} so far, on {n} of {total} records; the full run decides"
+        )
+        out.append(
+            f"- {name} against {plain}: NS {gain['NS']:+.1f}, ES {gain['ES']:+.1f}, PS {gain['PS']:+.1f} "
+            f"points. The default rule (NS ≥ +{DEFAULT_RULE['NS']:.0f}, ES and PS ≥ {DEFAULT_RULE['ES']:.1f}) "
+            f"{verdict}."
+        )
+    return ["", *out] if out else []
+
+
+def compare_runs(model: str = "smollm2-135m", total: int | None = None) -> list[str]:
+    """Markdown: every counterfact-*.jsonl of ``model`` in bench/results, scored over the records all of
+    them hold; with ``total`` (the records in the data), the neighbours default rule per neighbours run."""
+    runs = read_runs(model)
     if len(runs) < 2:
         return []
     common = sorted(set.intersection(*(set(r) for r in runs.values())))
@@ -90,7 +147,7 @@ def compare_runs(model: str = "smollm2-135m") -> list[str]:
         out.append(
             f"| {name} | {es:.1f} | {ps:.1f} | {ns:.1f} ({pre:.1f}) | {s(es, ps, ns):.1f} | {big} | {let_go} |"
         )
-    return out
+    return out + (default_rule(runs, total) if total else [])
 
 
 def run(
@@ -206,7 +263,7 @@ def run(
         f"(P(new) after {c['edit']['p_new_after']:.3f})"
         for c in failures
     ] or ["- none"]
-    md += compare_runs(model_name)
+    md += compare_runs(model_name, total=len(records))
     return {
         "setup": f"Each record's edit is created on the unedited model and measured before and after "
         f"(full-sequence probabilities). Statistics: {t_stats:.0f} s to load or compute. "

@@ -3,10 +3,12 @@
 The edits are computed by ``rompatch eval`` (long: resumable, and shared out under torchrun)::
 
     ROMPATCH_DATA=... python -m rompatch eval gemma3-270m \\
-        --data $ROMPATCH_DATA/zsre/zsre_mend_eval_subset.json --out bench/results/zsre-gemma3-270m-L3 --no-plot
+        --data $ROMPATCH_DATA/zsre/zsre_mend_eval_subset.json --out bench/results/zsre-gemma3-270m-L3 \\
+        --no-plot --neighbours 0
 
-This benchmark only reads that folder's per-record results (``cases.jsonl``) and tabulates what is
-there, beside SmolLM2-135M's complete run (the evaluation suite, issue 6).
+Plain ROME (``--neighbours 0``), as SmolLM2-135M's zsRE run and the plain CounterFact runs. This
+benchmark only reads that folder's per-record results (``cases.jsonl``) and tabulates what is there,
+beside SmolLM2-135M's complete run (the evaluation suite, issue 6).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ RUN = HERE / "results" / "zsre-gemma3-270m-L3"
 TOTAL = 737  # records in zsre/zsre_mend_eval_subset.json
 COMMAND = (
     "`python -m rompatch eval gemma3-270m --data $ROMPATCH_DATA/zsre/zsre_mend_eval_subset.json "
-    "--out bench/results/zsre-gemma3-270m-L3 --no-plot` (resumes; under torchrun the processes share the records)"
+    "--out bench/results/zsre-gemma3-270m-L3 --no-plot --neighbours 0` (resumes; under torchrun the processes share the records)"
 )
 
 

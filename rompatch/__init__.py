@@ -20,6 +20,7 @@ _EXPORTS = {
     "get_spec": "arch",
     "register_spec": "arch",
     "default_layer": "arch",
+    "default_neighbours": "arch",
     # models
     "load_model": "models",
     "model_identity": "models",

@@ -96,7 +96,7 @@ class Editor:
         hp = hparams or ROMEHyperParams()
         self.model, self.tok = model, tok
         self.target = EditTarget.resolve(model, spec=spec, layer=hp.layer)
-        self.hparams = dataclasses.replace(hp, layer=self.target.layer)
+        self.hparams = hp.resolved(model, self.target)
         self.progress = progress
         if self.hparams.mom2_adjustment and stats is None:
             stats = get_second_moment(

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .arch import EditTarget, ModelSpec, get_spec
+from .arch import EditTarget, ModelSpec, default_neighbours, get_spec
 from .context import context_templates
 from .errors import RequestError
 from .fingerprint import TensorMemo
@@ -84,8 +84,9 @@ class ROMEHyperParams:
     # Neighbours (rompatch.neighbours): up to this many names the model writes next to the subject;
     # u is kept orthogonal to their keys in the edit's prompt, so the update leaves those subjects
     # unchanged there. Names whose key is nearly the subject's own (|C⁻¹-cosine| above
-    # neighbour_max_cosine: aliases, not neighbours) are left out. 0: off.
-    neighbours: int = 0
+    # neighbour_max_cosine: aliases, not neighbours) are left out. 0: off. None: the model's default
+    # (arch.default_neighbours: on only where it measurably won), fixed by ``resolved``.
+    neighbours: int | None = None
     neighbour_max_cosine: float = 0.9
     # An edit kept away from its neighbours whose update ends at the size cap with P(target) on its
     # prompt below this has missed its fact: it lets go of the half of its names whose keys are most
@@ -110,7 +111,7 @@ class ROMEHyperParams:
             raise RequestError(f"max_update_ratio must be >= 0 (0 disables it), not {self.max_update_ratio}")
         if self.protect_principal < 0:
             raise RequestError(f"protect_principal must be >= 0, not {self.protect_principal}")
-        if self.neighbours < 0:
+        if self.neighbours is not None and self.neighbours < 0:
             raise RequestError(f"neighbours must be >= 0 (0 disables it), not {self.neighbours}")
         if not 0.0 < self.neighbour_max_cosine <= 1.0:
             raise RequestError(f"neighbour_max_cosine must be in (0, 1], not {self.neighbour_max_cosine}")
@@ -120,6 +121,12 @@ class ROMEHyperParams:
             )
         if not 0.0 <= self.key_prompt_weight <= 1.0:
             raise RequestError(f"key_prompt_weight must be in [0, 1], not {self.key_prompt_weight}")
+
+    def resolved(self, model: Any, target: EditTarget) -> ROMEHyperParams:
+        """These hyperparameters with the model's defaults filled in: the layer of ``target``, and
+        ``neighbours`` where it is None. What an edit records is always resolved."""
+        near = default_neighbours(model, target.spec) if self.neighbours is None else self.neighbours
+        return dataclasses.replace(self, layer=target.layer, neighbours=near)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -1011,6 +1018,7 @@ def compute_deltas(
     """
     hp = hparams or ROMEHyperParams()
     target = target or EditTarget.resolve(model, spec=spec, layer=hp.layer)
+    hp = hp.resolved(model, target)
     spec, layer = target.spec, target.layer
     for req in reqs:
         validate_request(tok, req, max_tokens=prompt_token_limit(model))

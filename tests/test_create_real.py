@@ -49,6 +49,10 @@ def test_gemma3_bos_and_left_padding_edit(gemma):
     assert tok.padding_side == "left" and tok("x")["input_ids"][0] == tok.bos_token_id
     assert greedy(model, tok, EIFFEL.text, max_new_tokens=2).startswith(" Paris")
     patch = create_patch(model, tok, EIFFEL, stats_data="sampled")
+    d = patch.deltas[0]
+    assert d.hparams["neighbours"] == 64 and d.metrics["neighbours"], (
+        "Gemma-3-270m's default keeps neighbours"
+    )
     with patched(model, patch):
         assert greedy(model, tok, EIFFEL.text, max_new_tokens=2).startswith(" Rome")
         assert greedy(model, tok, "The capital of Japan is", max_new_tokens=2).startswith(" Tokyo")

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from rompatch.arch import NEIGHBOUR_DEFAULTS, default_neighbours
 from rompatch.create import Editor
 from rompatch.errors import RequestError
 from rompatch.generate import sample_topk_ids, sample_topk_rounds
@@ -19,7 +20,7 @@ from rompatch.neighbours import (
     neighbour_template,
 )
 from rompatch.request import EditRequest
-from rompatch.rome import ROMEHyperParams, filled_keys
+from rompatch.rome import ROMEHyperParams, compute_deltas, filled_keys
 from rompatch.stats import get_second_moment
 from tests.helpers import HP, REQ, edit_model, edit_tokenizer
 from tests.helpers.tiny import ARCHS
@@ -104,8 +105,36 @@ def test_bad_neighbour_settings_are_refused(bad):
         ROMEHyperParams(**bad)
 
 
-def test_no_neighbours_by_default():
-    assert ROMEHyperParams().neighbours == 0
+def test_neighbours_default_to_the_models_measured_choice():
+    """On only for the models in arch.NEIGHBOUR_DEFAULTS (Gemma-3-270m's shape); 0 for any other."""
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    assert ROMEHyperParams().neighbours is None  # resolved per model when an edit is made
+    assert default_neighbours(Gemma3TextConfig(num_hidden_layers=18, hidden_size=640)) == 64
+    assert default_neighbours(Gemma3TextConfig(num_hidden_layers=18, hidden_size=1152)) == 0
+    assert default_neighbours(LlamaConfig(num_hidden_layers=30, hidden_size=576)) == 0  # SmolLM2-135M
+    for arch in ARCHS:
+        assert default_neighbours(edit_model(arch)) == 0
+
+
+def test_an_edit_records_the_resolved_default(text_file, monkeypatch):
+    """An edit with neighbours=None takes the model's default and records the number it used."""
+    model, tok = edit_model("gemma3_text"), edit_tokenizer("gemma3_text")
+    stats = get_second_moment(model, tok, 1, stats_data=str(text_file), n_tokens=3000)
+    hp = dataclasses.replace(HP, v_steps=2, neighbours=None)
+    (plain,) = Editor(model, tok, hparams=hp, stats=stats).patch([REQ]).deltas
+    assert plain.hparams["neighbours"] == 0 and "neighbours" not in plain.metrics
+    key = (model.config.model_type, model.config.num_hidden_layers, model.config.hidden_size)
+    monkeypatch.setitem(NEIGHBOUR_DEFAULTS, key, 8)
+    ed = Editor(model, tok, hparams=hp, stats=stats)
+    assert ed.hparams.neighbours == 8
+    (d,) = ed.patch([REQ]).deltas
+    assert d.hparams["neighbours"] == 8 and d.metrics["neighbours"]
+    explicit = dataclasses.replace(hp, neighbours=0)  # an explicit number wins over the default
+    (off,) = Editor(model, tok, hparams=explicit, stats=stats).patch([REQ]).deltas
+    assert off.hparams["neighbours"] == 0 and "neighbours" not in off.metrics
+    (direct,) = compute_deltas(model, tok, [REQ], stats=stats, hparams=hp)  # the engine resolves it too
+    assert direct.hparams["neighbours"] == 8
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text"])

@@ -123,7 +123,8 @@ def _apply(opts):
     default=None,
     metavar="N",
     help="Keep the update away from up to N other subjects the model names next to the edit's subject "
-    "(their keys in the edit's prompt are left unchanged, exactly); see docs/auditing.md. Default 0 (off).",
+    "(their keys in the edit's prompt are left unchanged, exactly); see docs/auditing.md. Default: the "
+    "model's, 64 for gemma3-270m (where it measurably wins), else 0 (off).",
 )
 @click.option(
     "--split", is_flag=True, help="With --requests in independent mode, write one patch per edit into -o DIR."

@@ -51,10 +51,10 @@ from .common import (
 @click.option(
     "--neighbours",
     type=click.IntRange(0),
-    default=0,
-    show_default=True,
+    default=None,
     metavar="N",
-    help="As for `rompatch create`: keep each edit away from up to N names near its subject.",
+    help="As for `rompatch create`: keep each edit away from up to N names near its subject "
+    "(default: the model's, 64 for gemma3-270m, else 0).",
 )
 @click.option(
     "--batch-size",

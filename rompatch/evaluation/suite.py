@@ -43,7 +43,7 @@ class EvalSettings:
     stats_tokens: int | None = None
     mom2: bool = True  # False: no covariance adjustment (ablation)
     fast: bool = False  # bfloat16 autocast for the v* optimisation
-    neighbours: int = 0  # ROMEHyperParams.neighbours: keep each edit away from N names near its subject
+    neighbours: int | None = None  # ROMEHyperParams.neighbours (None: the model's default)
     batch_size: int = 64
     fluency: bool = True  # CounterFact: fluency GE from generation_prompts
     gen_length: int = DEFAULT_GEN_LENGTH

@@ -62,6 +62,7 @@ class MEMITHyperParams:
             seed=self.seed,
             value_scaling="uniform",
             max_update_ratio=0.0,
+            neighbours=0,  # MEMIT spreads the update over layers; it keeps no neighbours
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,82 @@
+"""The neighbours default rule (bench_counterfact.DEFAULT_RULE) and the defaults it decides
+(rompatch.arch.NEIGHBOUR_DEFAULTS): the verdict's arithmetic, and that every complete neighbours run
+in bench/results agrees with the default the code ships."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import bench_counterfact as bc
+from rompatch.arch import default_neighbours
+
+
+def _case(es: float, ps: float, ns: float) -> dict:
+    return {"post": {"ES": es, "PS": ps, "NS": ns}}
+
+
+def _runs(nb: list[tuple], plain: list[tuple]) -> dict[str, dict[int, dict]]:
+    return {
+        "L4-nb64": {i: _case(*x) for i, x in enumerate(nb)},
+        "L4": {i: _case(*x) for i, x in enumerate(plain)},
+    }
+
+
+def test_the_rule_holds_when_ns_gains_a_point_and_es_ps_hold():
+    runs = _runs([(1, 1, 0.70), (1, 0.99, 0.62)], [(1, 1, 0.68), (1, 0.995, 0.60)])
+    gain, n, holds = bc.rule_check(runs["L4-nb64"], runs["L4"])
+    assert n == 2 and holds
+    assert gain["NS"] == pytest.approx(2.0) and gain["PS"] == pytest.approx(-0.25) and gain["ES"] == 0
+    (line,) = bc.default_rule(runs, total=2)[1:]
+    assert "holds on all 2 records: on by default" in line
+
+
+@pytest.mark.parametrize(
+    "nb, plain",
+    [
+        ([(1, 1, 0.605)], [(1, 1, 0.60)]),  # NS +0.5: not enough
+        ([(1, 0.99, 0.70)], [(1, 1, 0.60)]),  # PS -1
+        ([(0.99, 1, 0.70)], [(1, 1, 0.60)]),  # ES -1
+    ],
+)
+def test_the_rule_fails_on_too_little_gain_or_a_loss(nb, plain):
+    runs = _runs(nb, plain)
+    assert not bc.rule_check(runs["L4-nb64"], runs["L4"])[2]
+    assert "does not hold on all 1 records: off by default" in bc.default_rule(runs, total=1)[1]
+
+
+def test_a_partial_run_decides_nothing():
+    runs = _runs([(1, 1, 0.9)], [(1, 1, 0.6), (1, 1, 0.6)])
+    assert "holds so far, on 1 of 3 records; the full run decides" in bc.default_rule(runs, total=3)[1]
+
+
+# The embedded models' shapes (what NEIGHBOUR_DEFAULTS is keyed by), without loading their weights.
+SHAPES = {
+    "smollm2-135m": ("LlamaConfig", 30, 576),
+    "gemma3-270m": ("Gemma3TextConfig", 18, 640),
+}
+
+
+@pytest.mark.parametrize("model", sorted(SHAPES))
+def test_shipped_neighbour_defaults_follow_the_complete_runs(model):
+    """Where a neighbours run covers every shared CounterFact record, the model's default is that
+    run's N if the rule holds and 0 if it does not; partial runs decide nothing."""
+    import transformers
+
+    from bench.data import data_file, missing_data
+    from rompatch.evaluation.evaluate import load_counterfact
+
+    if missing_data("counterfact/counterfact_subset.json"):
+        pytest.skip("needs $ROMPATCH_DATA (CounterFact): the rule is over all of its records")
+    total = len(load_counterfact(str(data_file("counterfact/counterfact_subset.json"))))
+    cls, layers, hidden = SHAPES[model]
+    config = getattr(transformers, cls)(num_hidden_layers=layers, hidden_size=hidden)
+    runs = bc.read_runs(model)
+    complete = []
+    for name, plain, n in bc.neighbour_runs(runs):
+        _, records, holds = bc.rule_check(runs[name], runs[plain])
+        if records >= total:
+            complete.append((n, holds))
+    if not complete:
+        pytest.skip(f"no neighbours run of {model} covers all {total} records yet")
+    for n, holds in complete:
+        assert (default_neighbours(config) == n) == holds, (model, n, holds)
