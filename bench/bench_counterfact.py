@@ -61,6 +61,11 @@ def run_model(name: str) -> str:
 DEFAULT_RULE = {"NS": 1.0, "ES": -0.5, "PS": -0.5}
 
 
+def at_size_cap(case: dict) -> bool:
+    """Whether the edit's update ends at the size cap ‖ΔW‖₂ = ‖W‖₂ (max_update_ratio 1)."""
+    return case["edit"]["update_spectral_norm"] >= 0.999 * case["edit"]["weight_spectral_norm"]
+
+
 def rule_check(run: dict[int, dict], plain: dict[int, dict]) -> tuple[dict[str, float], int, bool]:
     """A neighbours run against its plain run, on the records both hold: the mean change in points of
     each metric of ``DEFAULT_RULE``, how many records, and whether the rule holds on them."""
@@ -107,11 +112,32 @@ def default_rule(runs: dict[str, dict[int, dict]], total: int) -> list[str]:
             if n >= total
             else f"{does} so far, on {n} of {total} records; the full run decides"
         )
+        common = set(runs[name]) & set(runs[plain])
+
+        def mean(run: dict[int, dict], k: str, when: str = "post", ids: set = common) -> float:
+            return 100 * statistics.fmean(run[i][when][k] for i in ids)
+
+        levels = ", ".join(
+            f"{k} {mean(runs[plain], k):.1f} → {mean(runs[name], k):.1f}" for k in ("ES", "PS", "NS")
+        )
         out.append(
-            f"- {name} against {plain}: NS {gain['NS']:+.1f}, ES {gain['ES']:+.1f}, PS {gain['PS']:+.1f} "
+            f"- {name} against {plain} on their {n} common records: {levels} (unedited NS "
+            f"{mean(runs[plain], 'NS', 'pre'):.1f}); "
+            f"NS {gain['NS']:+.1f}, ES {gain['ES']:+.1f}, PS {gain['PS']:+.1f} "
             f"points. The default rule (NS ≥ +{DEFAULT_RULE['NS']:.0f}, ES and PS ≥ {DEFAULT_RULE['ES']:.1f}) "
             f"{verdict}."
         )
+        capped = {i for i in common if at_size_cap(runs[name][i])}
+        if capped and len(capped) < n:
+            part = {
+                k: 100 * sum(runs[name][i]["post"][k] - runs[plain][i]["post"][k] for i in capped) / n
+                for k in DEFAULT_RULE
+            }
+            out.append(
+                f"  Of these changes, the {len(capped)} edits whose update ends at the size cap with "
+                f"neighbours bring NS {part['NS']:+.1f}, ES {part['ES']:+.1f}, PS {part['PS']:+.1f} points; "
+                f"the other {n - len(capped)}, the rest."
+            )
     return ["", *out] if out else []
 
 
@@ -142,7 +168,7 @@ def compare_runs(model: str = "smollm2-135m", total: int | None = None) -> list[
         cs = [r[i] for i in common]
         es, ps, ns = (100 * statistics.fmean(c["post"][k] for c in cs) for k in ("ES", "PS", "NS"))
         pre = 100 * statistics.fmean(c["pre"]["NS"] for c in cs)
-        big = sum(c["edit"]["update_spectral_norm"] >= 0.999 * c["edit"]["weight_spectral_norm"] for c in cs)
+        big = sum(map(at_size_cap, cs))
         let_go = sum(bool(c["edit"].get("neighbours_released")) for c in cs) if "nb" in name else "—"
         out.append(
             f"| {name} | {es:.1f} | {ps:.1f} | {ns:.1f} ({pre:.1f}) | {s(es, ps, ns):.1f} | {big} | {let_go} |"
@@ -202,9 +228,7 @@ def run(
     cases = [done[r["case_id"]] for r in records if r["case_id"] in done]
     s = summarize(cases)
     big = [c for c in cases if update_too_large(c)]
-    at_cap = [
-        c for c in cases if c["edit"]["update_spectral_norm"] >= 0.999 * c["edit"]["weight_spectral_norm"]
-    ]
+    at_cap = [c for c in cases if at_size_cap(c)]
     ratios = sorted(c["edit"]["update_spectral_norm"] / c["edit"]["weight_spectral_norm"] for c in cases)
     secs = [c["edit"]["seconds"] for c in cases]
     pos0 = [c for c in cases if c["templates_dropped_position0"]]

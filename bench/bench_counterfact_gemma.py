@@ -14,36 +14,45 @@ FULL_ONLY = True
 skip_reason = bench_counterfact.skip_reason
 
 
+# The runs beside each other: label, file in bench/results (a missing or partial file is left out).
+BESIDE = (
+    ("Gemma-3-270m, layer 3", "counterfact-gemma3-270m-L3.jsonl"),
+    ("Gemma-3-270m, layer 3, `--neighbours 64` (its default)", "counterfact-gemma3-270m-L3-nb64.jsonl"),
+    ("SmolLM2-135M, layer 4 (its default)", "counterfact-L4.jsonl"),
+    ("SmolLM2-135M, layer 4, `--neighbours 64`", "counterfact-L4-nb64.jsonl"),
+)
+
+
 def beside_smollm2(cases: list[dict]) -> str:
-    """Gemma's scores next to SmolLM2's (layer 4) on the same records, from the two runs' files."""
-    path = bench_counterfact.WORK / "counterfact-L4.jsonl"
-    if not path.is_file():
-        return ""
-    smol = {c["case_id"]: c for c in map(json.loads, path.read_text().splitlines())}
-    common = [c for c in cases if c["case_id"] in smol]
-    if not common:
+    """Gemma's scores next to SmolLM2's (layer 4), plain and with neighbours, on the records every run
+    holds, from the runs' files."""
+    runs = []
+    for label, name in BESIDE:
+        path = bench_counterfact.WORK / name
+        if path.is_file():
+            runs.append((label, {c["case_id"]: c for c in map(json.loads, path.read_text().splitlines())}))
+    ids = [c["case_id"] for c in cases if all(c["case_id"] in r for _, r in runs)]
+    if len(runs) < 2 or not ids:
         return ""
 
     def pct(cs: list[dict], when: str, k: str) -> float:
         return 100 * statistics.fmean(c[when][k] for c in cs)
 
     def capped(cs: list[dict]) -> int:
-        return sum(c["edit"]["update_spectral_norm"] >= 0.999 * c["edit"]["weight_spectral_norm"] for c in cs)
+        return sum(map(bench_counterfact.at_size_cap, cs))
 
     rows = [
         "",
-        f"Beside SmolLM2-135M (layer 4) on the same {len(common)} records:",
+        f"Beside SmolLM2-135M (layer 4) on the same {len(ids)} records:",
         "",
         "| model | ES | PS | NS unedited → edited | NS change | updates at the cap ‖ΔW‖₂ = ‖W‖₂ |",
         "| --- | ---: | ---: | --- | ---: | ---: |",
     ]
-    for name, cs in (
-        ("Gemma-3-270m, layer 3", common),
-        ("SmolLM2-135M, layer 4", [smol[c["case_id"]] for c in common]),
-    ):
+    for label, r in runs:
+        cs = [r[i] for i in ids]
         pre, post = pct(cs, "pre", "NS"), pct(cs, "post", "NS")
         rows.append(
-            f"| {name} | {pct(cs, 'post', 'ES'):.1f} | {pct(cs, 'post', 'PS'):.1f} | {pre:.1f} → {post:.1f} | "
+            f"| {label} | {pct(cs, 'post', 'ES'):.1f} | {pct(cs, 'post', 'PS'):.1f} | {pre:.1f} → {post:.1f} | "
             f"{post - pre:+.1f} | {capped(cs)} of {len(cs)} |"
         )
     return "\n".join(rows)

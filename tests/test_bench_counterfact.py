@@ -10,8 +10,9 @@ from bench import bench_counterfact as bc
 from rompatch.arch import default_neighbours
 
 
-def _case(es: float, ps: float, ns: float) -> dict:
-    return {"post": {"ES": es, "PS": ps, "NS": ns}}
+def _case(es: float, ps: float, ns: float, pre_ns: float = 0.7, ratio: float = 0.5) -> dict:
+    edit = {"update_spectral_norm": ratio * 2.0, "weight_spectral_norm": 2.0}
+    return {"post": {"ES": es, "PS": ps, "NS": ns}, "pre": {"NS": pre_ns}, "edit": edit}
 
 
 def _runs(nb: list[tuple], plain: list[tuple]) -> dict[str, dict[int, dict]]:
@@ -26,8 +27,26 @@ def test_the_rule_holds_when_ns_gains_a_point_and_es_ps_hold():
     gain, n, holds = bc.rule_check(runs["L4-nb64"], runs["L4"])
     assert n == 2 and holds
     assert gain["NS"] == pytest.approx(2.0) and gain["PS"] == pytest.approx(-0.25) and gain["ES"] == 0
-    (line,) = bc.default_rule(runs, total=2)[1:]
+    (line,) = bc.default_rule(runs, total=2)[1:]  # no edit at the cap: no split
     assert "holds on all 2 records: on by default" in line
+    # the levels before and after, beside the changes (the comparison table covers only the records
+    # every run holds)
+    assert (
+        "on their 2 common records: ES 100.0 → 100.0, PS 99.8 → 99.5, NS 64.0 → 66.0 (unedited NS 70.0)"
+        in line
+    )
+
+
+def test_the_changes_are_split_between_edits_at_the_cap_and_the_rest():
+    # record 0 ends at the cap with neighbours and carries the whole NS gain and PS loss
+    runs = _runs([(1, 0.9, 0.8, 0.7, 1.0), (1, 1, 0.6)], [(1, 1, 0.6), (1, 1, 0.6)])
+    assert bc.at_size_cap(runs["L4-nb64"][0]) and not bc.at_size_cap(runs["L4-nb64"][1])
+    line, split = bc.default_rule(runs, total=2)[1:]
+    assert "NS +10.0, ES +0.0, PS -5.0 points" in line
+    assert split.strip() == (
+        "Of these changes, the 1 edits whose update ends at the size cap with neighbours bring "
+        "NS +10.0, ES +0.0, PS -5.0 points; the other 1, the rest."
+    )
 
 
 @pytest.mark.parametrize(
