@@ -138,7 +138,34 @@ def default_rule(runs: dict[str, dict[int, dict]], total: int) -> list[str]:
                 f"neighbours bring NS {part['NS']:+.1f}, ES {part['ES']:+.1f}, PS {part['PS']:+.1f} points; "
                 f"the other {n - len(capped)}, the rest."
             )
+            estimates = [
+                f"{t:g}: {k} edits, NS {g['NS']:+.1f}, ES {g['ES']:+.1f}, PS {g['PS']:+.1f} ({'holds' if ok else 'fails'})"
+                for t, k, g, ok in let_go_estimate(runs[name], runs[plain])
+            ]
+            out.append(
+                "  Estimate of a higher `neighbour_min_p` t (every edit at the cap whose P(target) on its prompt "
+                "after the edit is below t takes its plain edit instead): " + "; ".join(estimates) + "."
+            )
     return ["", *out] if out else []
+
+
+LET_GO_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
+
+
+def let_go_estimate(
+    run: dict[int, dict], plain: dict[int, dict], thresholds: tuple[float, ...] = LET_GO_THRESHOLDS
+) -> list[tuple[float, int, dict[str, float], bool]]:
+    """What a higher ``neighbour_min_p`` would give, estimated from the two runs without new edits:
+    each edit of ``run`` at the size cap whose P(target) on its prompt after the edit is below t is
+    replaced by its ``plain`` edit (the edit that lets go of all its names). Per t: t, how many edits
+    are replaced, the changes against ``plain`` (``rule_check``) and whether the rule holds."""
+    out = []
+    for t in thresholds:
+        swap = {i for i in run if i in plain and at_size_cap(run[i]) and run[i]["edit"]["p_new_after"] < t}
+        mixed = {i: plain[i] if i in swap else c for i, c in run.items()}
+        gain, _, holds = rule_check(mixed, plain)
+        out.append((t, len(swap), gain, holds))
+    return out
 
 
 def compare_runs(model: str = "smollm2-135m", total: int | None = None) -> list[str]:

@@ -10,8 +10,10 @@ from bench import bench_counterfact as bc
 from rompatch.arch import default_neighbours
 
 
-def _case(es: float, ps: float, ns: float, pre_ns: float = 0.7, ratio: float = 0.5) -> dict:
-    edit = {"update_spectral_norm": ratio * 2.0, "weight_spectral_norm": 2.0}
+def _case(
+    es: float, ps: float, ns: float, pre_ns: float = 0.7, ratio: float = 0.5, p_new: float = 0.9
+) -> dict:
+    edit = {"update_spectral_norm": ratio * 2.0, "weight_spectral_norm": 2.0, "p_new_after": p_new}
     return {"post": {"ES": es, "PS": ps, "NS": ns}, "pre": {"NS": pre_ns}, "edit": edit}
 
 
@@ -41,12 +43,27 @@ def test_the_changes_are_split_between_edits_at_the_cap_and_the_rest():
     # record 0 ends at the cap with neighbours and carries the whole NS gain and PS loss
     runs = _runs([(1, 0.9, 0.8, 0.7, 1.0), (1, 1, 0.6)], [(1, 1, 0.6), (1, 1, 0.6)])
     assert bc.at_size_cap(runs["L4-nb64"][0]) and not bc.at_size_cap(runs["L4-nb64"][1])
-    line, split = bc.default_rule(runs, total=2)[1:]
+    line, split, _ = bc.default_rule(runs, total=2)[1:]
     assert "NS +10.0, ES +0.0, PS -5.0 points" in line
     assert split.strip() == (
         "Of these changes, the 1 edits whose update ends at the size cap with neighbours bring "
         "NS +10.0, ES +0.0, PS -5.0 points; the other 1, the rest."
     )
+
+
+def test_the_let_go_estimate_takes_the_plain_edit_below_the_threshold_at_the_cap_only():
+    nb = [
+        (1, 0.9, 0.8, 0.7, 1.0, 0.6),  # at the cap, P(target) 0.6: replaced from t = 0.7 up
+        (1, 0.95, 0.7, 0.7, 1.0, 0.95),  # at the cap, P(target) 0.95: replaced only at t = 1
+        (1, 0.5, 0.9, 0.7, 0.5, 0.1),  # not at the cap: never replaced
+    ]
+    runs = _runs(nb, [(1, 1, 0.6), (1, 1, 0.6), (1, 1, 0.6)])
+    est = {t: (k, g) for t, k, g, _ in bc.let_go_estimate(runs["L4-nb64"], runs["L4"], (0.5, 0.7, 1.0))}
+    assert est[0.5][0] == 0 and est[0.5][1]["PS"] == pytest.approx(-100 * 0.65 / 3)
+    assert est[0.7][0] == 1 and est[0.7][1]["PS"] == pytest.approx(-100 * 0.55 / 3)
+    assert est[0.7][1]["NS"] == pytest.approx(100 * 0.4 / 3)
+    assert est[1.0][0] == 2 and est[1.0][1]["PS"] == pytest.approx(-100 * 0.5 / 3)
+    assert est[1.0][1]["NS"] == pytest.approx(100 * 0.3 / 3)
 
 
 @pytest.mark.parametrize(
