@@ -45,9 +45,25 @@ def _smollm2() -> dict[str, str]:
     return {r["metric"]: str(r["value"]) for r in rows if r["metric"].startswith("zsRE ")}
 
 
+def _spans(ids: list[int]) -> str:
+    """Case ids as ranges: [0, 1, 2, 5] -> '0-2, 5'; more than four ranges are summarised."""
+    ids = sorted(ids)
+    spans: list[list[int]] = []
+    for i in ids:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    text = [f"{a}-{b}" if a != b else f"{a}" for a, b in spans]
+    if len(text) > 4:
+        return f"ids {text[0]} and {len(ids) - (spans[0][1] - spans[0][0] + 1)} more up to {ids[-1]}"
+    return "ids " + ", ".join(text)
+
+
 def run() -> dict:
     cases = [json.loads(x) for x in (RUN / "cases.jsonl").read_text().splitlines() if x.strip()]
     n = len(cases)
+    ids = [c["case_id"] for c in cases]
 
     def pct(when: str, k: str) -> float:
         return 100 * statistics.fmean(c[when][k] for c in cases)
@@ -63,7 +79,7 @@ def run() -> dict:
                 "metric": label,
                 "value": f"{pct('pre', k):.1f} → {pct('post', k):.1f}",
                 "unit": "%",
-                "note": f"token accuracy, unedited → edited, records 0–{n - 1} of {TOTAL}; SmolLM2-135M (layer 4) "
+                "note": f"token accuracy, unedited → edited, {n} of {TOTAL} records; SmolLM2-135M (layer 4) "
                 f"on all {TOTAL}: {smol.get(label, '?')}",
             }
         )
@@ -85,12 +101,17 @@ def run() -> dict:
             "metric": "edit time, median",
             "value": statistics.median(secs) if secs else "?",
             "unit": "s",
-            "note": "CPU, 2 cores shared with the session's other jobs (the run was niced)",
+            "note": "CPU, 2 cores: one process with 2 threads (records 0-125, niced beside other jobs), then "
+            "two torchrun processes with 1 thread each",
         },
     ]
     return {
         "rows": rows,
         "setup": "Gemma-3-270m (base), default layer 3, statistics 100,000 WikiText-2 tokens, target answers[0] "
-        "(ROME's reference code), metrics as `rompatch eval` defines them (docs/evaluation.md). Partial: the "
-        f"first {n} of {TOTAL} records, in file order.",
+        "(ROME's reference code), metrics as `rompatch eval` defines them (docs/evaluation.md)."
+        + (
+            ""
+            if n >= TOTAL
+            else f" Partial: {n} of {TOTAL} records ({_spans(ids)}; torchrun deals out the rest in file order)."
+        ),
     }
