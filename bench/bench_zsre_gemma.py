@@ -89,7 +89,7 @@ def run() -> dict:
             "value": n,
             "unit": "records",
             "target": f"{TOTAL}",
-            "note": f"the run resumes: {COMMAND}",
+            "note": f"{'reproduce' if n == TOTAL else 'the run resumes'}: {COMMAND}",
         },
         {
             "metric": "updates at the size cap (‖ΔW‖₂ = ‖W‖₂)",
