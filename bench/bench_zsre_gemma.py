@@ -63,7 +63,7 @@ def _spans(ids: list[int]) -> str:
 def run() -> dict:
     cases = [json.loads(x) for x in (RUN / "cases.jsonl").read_text().splitlines() if x.strip()]
     n = len(cases)
-    ids = [c["case_id"] for c in cases]
+    complete = n >= TOTAL
 
     def pct(when: str, k: str) -> float:
         return 100 * statistics.fmean(c[when][k] for c in cases)
@@ -89,7 +89,7 @@ def run() -> dict:
             "value": n,
             "unit": "records",
             "target": f"{TOTAL}",
-            "note": f"{'reproduce' if n == TOTAL else 'the run resumes'}: {COMMAND}",
+            "note": f"{'reproduce' if complete else 'the run resumes'}: {COMMAND}",
         },
         {
             "metric": "updates at the size cap (‖ΔW‖₂ = ‖W‖₂)",
@@ -111,7 +111,8 @@ def run() -> dict:
         "(ROME's reference code), metrics as `rompatch eval` defines them (docs/evaluation.md)."
         + (
             ""
-            if n >= TOTAL
-            else f" Partial: {n} of {TOTAL} records ({_spans(ids)}; torchrun deals out the rest in file order)."
+            if complete
+            else f" Partial: {n} of {TOTAL} records ({_spans([c['case_id'] for c in cases])}; torchrun deals out "
+            "the rest in file order)."
         ),
     }
